@@ -12,6 +12,7 @@ two agree.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,3 +174,30 @@ def with_overrides(cfg: Config, section: str, **values: Any) -> Config:
     data = cfg.model_dump()
     data[section].update({k: v for k, v in values.items() if v is not None})
     return parse(data, "command line")
+
+
+def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every leaf key, for the README's reference."""
+    rows = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(reference_rows(ann, key + "."))
+            continue
+        default = f.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
+        rows.append((key, json.dumps(default), f.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | `{d}` | {desc} |" for k, d, desc in reference_rows()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # `python -m gateway.config` prints the reference table for the README.
+    print(reference_markdown())

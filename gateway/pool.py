@@ -262,6 +262,8 @@ class Pool:
         return worker
 
     def no_worker_error(self, model: str) -> RpcError:
+        """UNAVAILABLE naming each worker that could have served ``model`` ("" = any) and why it cannot."""
         tried = "; ".join(f"{w.address}: {w.last_error}" for w in self.workers
-                          if w.info is None or w.info.model == model)
-        return unavailable(f"no worker serving model {model!r} is reachable right now ({tried})", retry_after_s=1.0)
+                          if not model or w.info is None or w.info.model == model)
+        what = f"serving model {model!r}" if model else "(so no default model is known yet)"
+        return unavailable(f"no worker {what} is reachable right now; tried {tried}", retry_after_s=1.0)

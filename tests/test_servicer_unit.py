@@ -1,0 +1,176 @@
+"""Unit tests of the Gateway servicer with grpcio-testing (no network, no processes).
+
+grpcio-testing drives synchronous servicers, ours is grpc.aio; ``_SyncAdapter``
+runs the real async servicer on an event loop thread and hands its responses to
+grpcio-testing's fake server. The worker side is a real ``WorkerConnection``
+that is never connected: the test feeds it the frames a worker would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import grpc
+import grpc_testing
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.pool import Pool
+from gateway.service import GatewayService
+from gateway.v1 import gateway_pb2 as gpb
+from inference.v1 import worker_pb2 as wpb
+
+SERVICE = gpb.DESCRIPTOR.services_by_name["Gateway"]
+EXECUTE = SERVICE.methods_by_name["Execute"]
+
+
+class _AsyncContext:
+    """The async view of grpcio-testing's context that the servicer uses."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+
+    def time_remaining(self):
+        return self._ctx.time_remaining()
+
+    async def abort_with_status(self, status):
+        # grpcio-testing lacks abort_with_status; this is what it amounts to.
+        self._ctx.set_trailing_metadata(status.trailing_metadata)
+        self._ctx.abort(status.code, status.details)
+
+
+class _SyncAdapter:
+    def __init__(self, servicer, loop):
+        self.servicer, self.loop = servicer, loop
+
+    def Execute(self, request, context):
+        agen = self.servicer.Execute(request, _AsyncContext(context))
+        pending = None
+        # grpc.aio cancels the handler's task when the client goes away; do the same.
+        context.add_callback(lambda: pending is not None and pending.cancel())
+        try:
+            while True:
+                pending = asyncio.run_coroutine_threadsafe(agen.__anext__(), self.loop)
+                try:
+                    yield pending.result()
+                except (StopAsyncIteration, concurrent.futures.CancelledError):
+                    return
+        finally:
+            asyncio.run_coroutine_threadsafe(agen.aclose(), self.loop).result()
+
+    def ListModels(self, request, context):
+        return asyncio.run_coroutine_threadsafe(self.servicer.ListModels(request, context), self.loop).result()
+
+
+@pytest.fixture
+def harness():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make_pool():
+        # WorkerConnection makes asyncio objects: build it on the loop.
+        pool = Pool(GatewayConfig(workers=[{"address": "10.255.255.1:1"}]))
+        w = pool.workers[0]
+        w.info = wpb.WorkerInfo(name="w1", model="m", max_context_tokens=1000, max_concurrent_requests=4, engine="x")
+        w._set_ready(True)
+        return pool
+
+    pool = asyncio.run_coroutine_threadsafe(make_pool(), loop).result()
+    servicer = GatewayService(GatewayConfig(), pool)
+    server = grpc_testing.server_from_dictionary({SERVICE: _SyncAdapter(servicer, loop)},
+                                                 grpc_testing.strict_real_time())
+
+    def feed(*events):
+        loop.call_soon_threadsafe(pool.workers[0]._on_frame, wpb.WorkerFrame(events=list(events)))
+
+    yield server, pool.workers[0], feed
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def _wait(predicate, timeout=5.0):
+    import time
+
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.005)
+
+
+def test_started_deltas_done_in_order(harness):
+    server, worker, feed = harness
+    rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r1"), None)
+    _wait(lambda: worker._submits)
+    sub = worker._submits[0]
+    assert sub.model == "m" and sub.sampling.max_tokens == 256 and sub.messages[-1].content == "hi"
+    feed(wpb.Event(request_id="r1", accepted=wpb.Accepted(prompt_tokens=7)),
+         wpb.Event(request_id="r1", delta=wpb.TokenDelta(text="he", tokens=1)))
+    first = rpc.take_response()
+    assert first.started == gpb.Started(request_id="r1", model="m", worker="w1", prompt_tokens=7)
+    assert rpc.take_response().delta == gpb.Delta(text="he", tokens=1)
+    feed(wpb.Event(request_id="r1", delta=wpb.TokenDelta(text="llo", tokens=2)),
+         wpb.Event(request_id="r1", finished=wpb.Finished(finish_reason=wpb.FINISH_REASON_STOP,
+                                                          prompt_tokens=7, completion_tokens=3)))
+    assert rpc.take_response().delta.text == "llo"
+    done = rpc.take_response().done
+    assert done.finish_reason == gpb.FINISH_REASON_STOP
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (7, 3)
+    _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert not worker.streams and worker.outstanding_tokens == 0
+
+
+def test_worker_validation_error_keeps_its_field(harness):
+    server, worker, feed = harness
+    rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r2"), None)
+    _wait(lambda: worker._submits)
+    feed(wpb.Event(request_id="r2", failed=wpb.Failed(code=3, message="prompt too long", field="task")))
+    _, code, details = rpc.termination()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "task: prompt too long"
+
+
+def test_client_cancel_sends_cancel_to_worker(harness):
+    server, worker, feed = harness
+    rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r3"), None)
+    _wait(lambda: worker._submits)
+    worker._submits.clear()  # pretend the writer sent it
+    feed(wpb.Event(request_id="r3", accepted=wpb.Accepted(prompt_tokens=1)),
+         wpb.Event(request_id="r3", delta=wpb.TokenDelta(text="x", tokens=1)))
+    rpc.take_response()
+    rpc.take_response()
+    rpc.cancel()
+    _wait(lambda: worker._cancels)
+    assert [c.request_id for c in worker._cancels] == ["r3"]
+    assert not worker.streams
+
+
+def test_slow_client_gets_merged_deltas(harness):
+    server, worker, feed = harness
+    rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r4"), None)
+    _wait(lambda: worker._submits)
+    feed(wpb.Event(request_id="r4", accepted=wpb.Accepted(prompt_tokens=1)))
+    assert rpc.take_response().WhichOneof("event") == "started"
+    # The adapter pulls one response at a time, so these pile up behind the first.
+    feed(*[wpb.Event(request_id="r4", delta=wpb.TokenDelta(text=str(i), tokens=1)) for i in range(5)])
+    feed(wpb.Event(request_id="r4", finished=wpb.Finished(finish_reason=wpb.FINISH_REASON_LENGTH,
+                                                          prompt_tokens=1, completion_tokens=5)))
+    texts, tokens = [], 0
+    while True:
+        r = rpc.take_response()
+        if r.WhichOneof("event") == "done":
+            break
+        texts.append(r.delta.text)
+        tokens += r.delta.tokens
+    assert "".join(texts) == "01234" and tokens == 5
+    assert len(texts) < 5
+
+
+def test_no_ready_worker_is_unavailable(harness):
+    server, worker, _ = harness
+    worker.ready = False
+    rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi"), None)
+    _, code, details = rpc.termination()
+    assert code == grpc.StatusCode.UNAVAILABLE and "10.255.255.1:1" in details
