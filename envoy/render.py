@@ -170,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
     parser.add_argument("--out", help="write here instead of stdout")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+    cfg = config_mod.load_or_exit(args.config)
     text = yaml.safe_dump(render(cfg), sort_keys=False)
     if args.out:
         Path(args.out).write_text(text)

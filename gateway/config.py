@@ -13,6 +13,7 @@ two agree.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,6 +175,16 @@ def with_overrides(cfg: Config, section: str, **values: Any) -> Config:
     data = cfg.model_dump()
     data[section].update({k: v for k, v in values.items() if v is not None})
     return parse(data, "command line")
+
+
+def load_or_exit(path: str | Path | None, section: str | None = None, **overrides: Any) -> Config:
+    """For command-line entry points: the config, or exit 2 with the message naming the key."""
+    try:
+        cfg = load(path)
+        return with_overrides(cfg, section, **overrides) if section else cfg
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -83,13 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="override gateway.listen")
     parser.add_argument("--worker", action="append", help="worker host:port (repeatable; overrides gateway.workers)")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-        workers = [{"address": a} for a in args.worker] if args.worker else None
-        cfg = config_mod.with_overrides(cfg, "gateway", listen=args.listen, workers=workers)
-    except config_mod.ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+    workers = [{"address": a} for a in args.worker] if args.worker else None
+    cfg = config_mod.load_or_exit(args.config, "gateway", listen=args.listen, workers=workers)
     setup_logging(component="gateway")
     asyncio.run(serve(cfg.gateway))
     return 0

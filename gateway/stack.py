@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,13 @@ from gateway import config as config_mod
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RENDER_SCRIPT = REPO_ROOT / "envoy" / "render.py"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (tests and benches)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_envoy_renderer():
@@ -102,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run worker + gateway + Envoy (the embedded default)")
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+    cfg = config_mod.load_or_exit(args.config)
     cfg_args = ["--config", args.config] if args.config else []
     py = sys.executable
     run_dir = Path(tempfile.mkdtemp(prefix="igw-stack-"))

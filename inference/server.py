@@ -280,12 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["vllm", "synthetic"], help="override worker.engine")
     parser.add_argument("--name", help="override worker.name")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-        cfg = config_mod.with_overrides(cfg, "worker", listen=args.listen, engine=args.engine, name=args.name)
-    except config_mod.ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+    cfg = config_mod.load_or_exit(args.config, "worker", listen=args.listen, engine=args.engine, name=args.name)
     setup_logging(component="worker")
     try:
         asyncio.run(serve(cfg.worker))

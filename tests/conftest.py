@@ -10,7 +10,6 @@ process fails to come up, the tail of its log is in the error.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ import pytest
 import yaml
 
 from gateway import stack
+from gateway.stack import free_port
 from gateway.config import EnvoyConfig
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from inference.v1 import worker_pb2 as wpb
 from inference.v1 import worker_pb2_grpc as wpb_grpc
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, n: int = 40) -> str:

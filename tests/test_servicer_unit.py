@@ -9,7 +9,8 @@ that is never connected: the test feeds it the frames a worker would send.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import queue
+import time
 import threading
 
 import grpc
@@ -42,23 +43,39 @@ class _AsyncContext:
 
 
 class _SyncAdapter:
+    """Runs the async handler on the loop; the sync generator grpcio-testing wants pulls from it.
+
+    Like grpc.aio, the handler waits for each response to be taken before it
+    continues, and is cancelled when the client cancels.
+    """
+
     def __init__(self, servicer, loop):
         self.servicer, self.loop = servicer, loop
 
     def Execute(self, request, context):
-        agen = self.servicer.Execute(request, _AsyncContext(context))
-        pending = None
-        # grpc.aio cancels the handler's task when the client goes away; do the same.
-        context.add_callback(lambda: pending is not None and pending.cancel())
-        try:
-            while True:
-                pending = asyncio.run_coroutine_threadsafe(agen.__anext__(), self.loop)
-                try:
-                    yield pending.result()
-                except (StopAsyncIteration, concurrent.futures.CancelledError):
-                    return
-        finally:
-            asyncio.run_coroutine_threadsafe(agen.aclose(), self.loop).result()
+        out: queue.Queue = queue.Queue()
+        taken = asyncio.Event()  # only touched on the loop
+
+        async def drive():
+            try:
+                async for resp in self.servicer.Execute(request, _AsyncContext(context)):
+                    out.put(("resp", resp))
+                    await taken.wait()
+                    taken.clear()
+                out.put(("end", None))
+            except BaseException as err:  # CancelledError included: the consumer must wake up
+                out.put(("error", err))
+
+        task = asyncio.run_coroutine_threadsafe(drive(), self.loop)
+        context.add_callback(task.cancel)
+        while True:
+            kind, value = out.get()
+            if kind == "end" or isinstance(value, asyncio.CancelledError):
+                return
+            if kind == "error":
+                raise value
+            yield value
+            self.loop.call_soon_threadsafe(taken.set)
 
     def ListModels(self, request, context):
         return asyncio.run_coroutine_threadsafe(self.servicer.ListModels(request, context), self.loop).result()
@@ -87,13 +104,19 @@ def harness():
         loop.call_soon_threadsafe(pool.workers[0]._on_frame, wpb.WorkerFrame(events=list(events)))
 
     yield server, pool.workers[0], feed
+
+    async def cancel_all():
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    asyncio.run_coroutine_threadsafe(cancel_all(), loop).result()
+    time.sleep(0.05)  # let the cancelled handlers report to their threads
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 
 
 def _wait(predicate, timeout=5.0):
-    import time
-
     t0 = time.monotonic()
     while not predicate():
         assert time.monotonic() - t0 < timeout
