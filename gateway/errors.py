@@ -8,6 +8,8 @@ clear message.
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -15,11 +17,12 @@ from grpc_status import rpc_status
 
 
 class RpcError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, details: tuple = ()):
+    def __init__(self, code: grpc.StatusCode, message: str, details: tuple = (), trailers: tuple = ()):
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
+        self.trailers = trailers  # extra trailing metadata, e.g. retry-after
 
     def to_status(self) -> grpc.Status:
         packed = []
@@ -27,7 +30,8 @@ class RpcError(Exception):
             a = any_pb2.Any()
             a.Pack(d)
             packed.append(a)
-        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message, details=packed))
+        status = rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message, details=packed))
+        return status._replace(trailing_metadata=tuple(status.trailing_metadata) + tuple(self.trailers))
 
 
 def invalid_argument(field: str, description: str) -> RpcError:
@@ -50,3 +54,18 @@ def unavailable(message: str, retry_after_s: float | None = None) -> RpcError:
         info.retry_delay.FromMilliseconds(int(retry_after_s * 1000))
         details = (info,)
     return RpcError(grpc.StatusCode.UNAVAILABLE, message, details)
+
+
+def resource_exhausted(message: str, retry_after_s: float | None, violations: list[tuple[str, str]]) -> RpcError:
+    """Quota denial: QuotaFailure names each budget; RetryInfo and `retry-after`
+    (whole seconds, rounded up) say when to come back, unless waiting cannot help."""
+    details: list = [error_details_pb2.QuotaFailure(violations=[
+        error_details_pb2.QuotaFailure.Violation(subject=subject, description=desc) for subject, desc in violations])]
+    trailers: tuple = ()
+    if retry_after_s is not None:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromMilliseconds(max(1, int(retry_after_s * 1000)))
+        details.insert(0, info)
+        trailers = (("retry-after", str(max(1, math.ceil(retry_after_s)))),)
+        message = f"{message}; retry in {retry_after_s:.1f} s"
+    return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, tuple(details), trailers)

@@ -16,8 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import config as config_mod
+from gateway.auth import Authenticator
 from gateway.logs import setup_logging
 from gateway.pool import Pool
+from gateway.quota import Quotas
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
@@ -40,7 +42,10 @@ class GatewayServer:
     def __init__(self, cfg: config_mod.GatewayConfig):
         self.cfg = cfg
         self.pool = Pool(cfg)
-        self.service = GatewayService(cfg, self.pool)
+        self.auth = Authenticator(cfg.auth)
+        self.quotas = Quotas(cfg.quota)
+        self.service = GatewayService(cfg, self.pool, self.auth, self.quotas)
+        self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         gpb_grpc.add_GatewayServicer_to_server(self.service, self.server)
@@ -52,6 +57,8 @@ class GatewayServer:
 
     async def start(self) -> None:
         self.pool.start()
+        if self.auth.key_file is not None:
+            self._watch = asyncio.create_task(self.auth.watch())
         await self.server.start()
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
@@ -61,16 +68,23 @@ class GatewayServer:
         """NOT_SERVING first (Envoy stops routing here), then let streams finish."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=self.cfg.drain_grace_s)
+        if self._watch:
+            self._watch.cancel()
+        await self.quotas.close()
         await self.pool.close()
 
 
 async def serve(cfg: config_mod.GatewayConfig) -> None:
-    gw = GatewayServer(cfg)
+    try:
+        gw = GatewayServer(cfg)
+    except (OSError, ValueError) as err:  # e.g. an unreadable key file or edge secret
+        raise SystemExit(f"gateway: cannot start: {err}") from None
     await gw.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gw.auth.reload)  # re-read the key file now
     await stop.wait()
     log.info("draining: up to %.0f s for in-flight streams", cfg.drain_grace_s)
     await gw.drain()

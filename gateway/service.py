@@ -1,7 +1,8 @@
 """The public ``gateway.v1.Gateway`` service.
 
-Execute walks the data path in order: validate -> resolve model -> dispatch
-to a worker -> stream ``started``, ``delta``s and ``done`` back. Whatever
+Execute walks the data path in order: authenticate -> validate -> resolve
+model (and check the caller may use it) -> reserve quota -> dispatch to a
+worker -> stream ``started``, ``delta``s and ``done`` back -> settle quota. Whatever
 ends the call early (client cancel, deadline, a failed write) cancels the
 request on the worker in the ``finally`` below.
 """
@@ -14,8 +15,11 @@ import grpc
 
 from gateway import validation
 from gateway.config import GatewayConfig
-from gateway.errors import RpcError, invalid_argument, model_not_found
+from gateway.auth import Authenticator, Principal, permission_denied_model
+from gateway.config import QuotaLimits
+from gateway.errors import RpcError, invalid_argument, model_not_found, resource_exhausted, unavailable
 from gateway.pool import Pool
+from gateway.quota import Budget, Denied, Quotas, StoreUnavailable, prompt_token_bound
 from gateway.streaming import RequestStream
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
@@ -27,17 +31,24 @@ _FINISH = {"stop": gpb.FINISH_REASON_STOP, "length": gpb.FINISH_REASON_LENGTH}
 
 
 class GatewayService(gpb_grpc.GatewayServicer):
-    def __init__(self, cfg: GatewayConfig, pool: Pool):
+    def __init__(self, cfg: GatewayConfig, pool: Pool, auth: Authenticator, quotas: Quotas):
         self.cfg = cfg
         self.pool = pool
+        self.auth = auth
+        self.quotas = quotas
 
     async def Execute(self, request: gpb.ExecuteRequest, context: grpc.aio.ServicerContext):
         stream: RequestStream | None = None
         worker = None
+        reservation = None
         try:
+            principal = self.auth.authenticate(context.invocation_metadata())
             valid = validation.validate(request, self.cfg.limits)
             model = self._resolve_model(valid.model)
+            if not principal.may_use(model):
+                raise permission_denied_model(principal, model)
             validation.check_fits_model(valid, model, self.pool.max_context_tokens(model), self.cfg.limits)
+            reservation = await self._reserve(principal, prompt_token_bound(valid.messages) + valid.sampling.max_tokens)
 
             stream = RequestStream(valid.request_id, model, valid.sampling.max_tokens)
             remaining = context.time_remaining()
@@ -54,6 +65,8 @@ class GatewayService(gpb_grpc.GatewayServicer):
             while True:
                 update = await stream.next()
                 if update.accepted_prompt_tokens is not None:
+                    # The real prompt is known: hold only prompt + max_tokens from now on.
+                    await self.quotas.trim(reservation, update.accepted_prompt_tokens + valid.sampling.max_tokens)
                     yield gpb.ExecuteResponse(started=gpb.Started(
                         request_id=stream.request_id, model=model, worker=stream.worker_name,
                         prompt_tokens=update.accepted_prompt_tokens))
@@ -73,6 +86,29 @@ class GatewayService(gpb_grpc.GatewayServicer):
             # Client gone, deadline passed, or we failed mid-way: free the engine.
             if stream is not None and worker is not None and not stream.finished:
                 worker.cancel(stream.request_id)
+            if reservation is not None:
+                used = stream.prompt_tokens + stream.completion_tokens if stream else 0
+                self.quotas.settle(reservation, used)
+
+    def _budgets(self, principal: Principal) -> list[Budget]:
+        budgets = []
+        if principal.key_id:
+            limits = principal.key_limits
+            if limits == QuotaLimits():
+                limits = self.cfg.quota.default_key_limits
+            budgets.append(Budget("key", principal.key_id, limits))
+        budgets.append(Budget("tenant", principal.tenant, principal.tenant_limits))
+        return budgets
+
+    async def _reserve(self, principal: Principal, tokens: int):
+        try:
+            return await self.quotas.reserve(self._budgets(principal), tokens)
+        except Denied as denied:
+            raise resource_exhausted(
+                f"quota exceeded: {denied}", denied.retry_after_s,
+                [(v.budget.subject, v.description) for v in denied.violations]) from None
+        except StoreUnavailable:
+            raise unavailable("the quota store is unreachable and this gateway fails closed; retry shortly", 1.0) from None
 
     def _resolve_model(self, asked: str) -> str:
         models = self.pool.models()
@@ -99,6 +135,26 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 total_ms=stream.ms_since_created(None),
             ),
         )
+
+    async def GetQuota(self, request, context):
+        try:
+            principal = self.auth.authenticate(context.invocation_metadata())
+            budgets = [b for b in self._budgets(principal) if b.limits != QuotaLimits()]
+            left = await self.quotas.remaining(budgets) if budgets else []
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
+        except StoreUnavailable:
+            await context.abort_with_status(unavailable("the quota store is unreachable; retry shortly", 1.0).to_status())
+        return gpb.GetQuotaResponse(tenant=principal.tenant, budgets=[
+            gpb.QuotaBudget(
+                scope=r.budget.scope, name=r.budget.name,
+                requests_per_minute=r.budget.limits.requests_per_minute,
+                tokens_per_minute=r.budget.limits.tokens_per_minute,
+                concurrent_streams=r.budget.limits.concurrent_streams,
+                requests_available=int(r.requests_available) if r.budget.limits.requests_per_minute else 0,
+                tokens_available=int(r.tokens_available) if r.budget.limits.tokens_per_minute else 0,
+                concurrent_streams_in_use=r.concurrent_in_use,
+            ) for r in left])
 
     async def ListModels(self, request, context):
         default = self.pool.default_model()

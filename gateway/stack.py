@@ -72,7 +72,10 @@ def wait_healthy(address: str, timeout_s: float, service: str = "", proc: subpro
     """Block until grpc.health.v1 at ``address`` reports SERVING."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    # gRPC's reconnect backoff grows to minutes while a slow server (vLLM) loads; cap it.
+    options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+    with grpc.insecure_channel(address, options=options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

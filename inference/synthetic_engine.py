@@ -65,9 +65,18 @@ class SyntheticEngine(Engine):
         self._active += 1
         try:
             words = itertools.cycle(self._words)
+            text = ""
             for i in range(sampling.max_tokens):
                 await self._next_step()
+                word = next(words) + " "
+                # Stop strings work as in vLLM: the output ends before the stop string.
+                hit = min((p for p in (f"{text}{word}".find(s, max(0, len(text) - len(s))) for s in sampling.stop)
+                           if p >= 0), default=-1)
+                if hit >= 0:
+                    yield Step(text=f"{text}{word}"[len(text):hit], tokens=1, finish_reason="stop")
+                    return
+                text += word
                 last = i == sampling.max_tokens - 1
-                yield Step(text=next(words) + " ", tokens=1, finish_reason="length" if last else None)
+                yield Step(text=word, tokens=1, finish_reason="length" if last else None)
         finally:
             self._active -= 1

@@ -75,9 +75,11 @@ class Stack:
         self.start_process("worker", [PY, "-m", "inference.server", "--config", str(self.config_path)],
                            self.worker, 600)
 
-    def start_gateway(self) -> None:
-        self.start_process("gateway", [PY, "-m", "gateway.server", "--config", str(self.config_path)],
-                           self.gateway, 30)
+    def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
+        """Start a gateway replica (several may share the config, each on its own port)."""
+        extra = ["--listen", listen] if listen else []
+        self.start_process(name, [PY, "-m", "gateway.server", "--config", str(self.config_path), *extra],
+                           listen or self.gateway, 30)
 
     def start_envoy(self) -> None:
         rendered = self.dir / "envoy.yaml"
@@ -87,10 +89,10 @@ class Stack:
                            service="gateway.v1.Gateway")
 
     def stop(self) -> None:
-        for name in ("envoy", "gateway", "worker"):
-            proc = self.procs.pop(name, None)
-            if proc is not None:
-                stack.stop(proc, 20)
+        # Edge first, workers last, as in production.
+        order = sorted(self.procs, key=lambda n: (n != "envoy", n.startswith("worker")))
+        for name in order:
+            stack.stop(self.procs.pop(name), 20)
 
     # --- clients -----------------------------------------------------------------
 
@@ -165,3 +167,48 @@ def synthetic_stack(tmp_path_factory):
         yield s
     finally:
         s.stop()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, dir: Path):
+        self.dir = dir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)], stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        import redis
+
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert self.proc.poll() is None, tail(self.dir / "redis.log")
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    r = RedisServer(tmp_path_factory.mktemp("redis"))
+    r.start()
+    yield r
+    r.stop()

@@ -17,8 +17,10 @@ import grpc
 import grpc_testing
 import pytest
 
+from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.pool import Pool
+from gateway.quota import Quotas
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from inference.v1 import worker_pb2 as wpb
@@ -35,6 +37,9 @@ class _AsyncContext:
 
     def time_remaining(self):
         return self._ctx.time_remaining()
+
+    def invocation_metadata(self):
+        return self._ctx.invocation_metadata()
 
     async def abort_with_status(self, status):
         # grpcio-testing lacks abort_with_status; this is what it amounts to.
@@ -96,7 +101,8 @@ def harness():
         return pool
 
     pool = asyncio.run_coroutine_threadsafe(make_pool(), loop).result()
-    servicer = GatewayService(GatewayConfig(), pool)
+    cfg = GatewayConfig()
+    servicer = GatewayService(cfg, pool, Authenticator(cfg.auth), Quotas(cfg.quota))
     server = grpc_testing.server_from_dictionary({SERVICE: _SyncAdapter(servicer, loop)},
                                                  grpc_testing.strict_real_time())
 
