@@ -39,6 +39,7 @@ HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocol
 JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
 HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 TLS_DOWNSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -136,7 +137,16 @@ def render(cfg: config_mod.Config) -> dict:
     e = cfg.envoy
     upstreams = e.upstreams or [cfg.gateway.listen]
 
-    route: dict = {"cluster": "gateway", "timeout": "0s"}  # 0s = no route timeout
+    route: dict = {
+        "cluster": "gateway",
+        "timeout": "0s",  # 0s = no route timeout
+        # Retried only before the upstream has answered, so a stream is never replayed:
+        # a replica that refuses (draining) or vanishes sends the call to another one.
+        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset,unavailable", "num_retries": 2,
+                         "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                                   "typed_config": {"@type": PREVIOUS_HOSTS}}],
+                         "host_selection_retry_max_attempts": 3},
+    }
     if e.max_stream_duration_s:
         route["max_stream_duration"] = {"max_stream_duration": _seconds(e.max_stream_duration_s)}
 
@@ -190,6 +200,9 @@ def render(cfg: config_mod.Config) -> dict:
         "type": "STATIC" if all(_is_ip(_split(u)[0]) for u in upstreams) else "STRICT_DNS",
         "connect_timeout": f"{e.connect_timeout_ms / 1000:g}s",
         "lb_policy": "LEAST_REQUEST",
+        # Never send to a replica that failed its health check (Envoy's default panic
+        # mode would, once half of them are unhealthy, e.g. one of two while it drains).
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": HTTP_OPTS,
@@ -206,6 +219,9 @@ def render(cfg: config_mod.Config) -> dict:
         "health_checks": [{
             "timeout": "1s",
             "interval": f"{e.health_check_interval_ms / 1000:g}s",
+            # Envoy checks idle clusters only every 60 s by default; a replica that
+            # starts draining must be noticed within one interval regardless.
+            "no_traffic_interval": f"{e.health_check_interval_ms / 1000:g}s",
             "unhealthy_threshold": 1,
             "healthy_threshold": 1,
             "grpc_health_check": {"service_name": GATEWAY_SERVICE},

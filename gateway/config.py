@@ -98,6 +98,13 @@ class QuotaConfig(_Section):
     default_key_limits: QuotaLimits = Field(default_factory=QuotaLimits, description="limits of keys that set none")
 
 
+class QueueConfig(_Section):
+    max_queued: int = Field(256, ge=0, description="requests that may wait for a worker; more are refused at once (RESOURCE_EXHAUSTED)")
+    drr_quantum_tokens: int = Field(1_024, gt=0, description="deficit round robin: tokens of credit a tenant gets per round")
+    retry_before_first_token: int = Field(2, ge=0, description="times a request whose worker failed before its first token is retried on another worker")
+    affinity_entries: int = Field(100_000, gt=0, description="session/prefix -> worker entries remembered for affinity (LRU)")
+
+
 class GatewayConfig(_Section):
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address of the gateway")
     name: str = Field("", description="replica name for logs; empty = the listen address")
@@ -109,9 +116,13 @@ class GatewayConfig(_Section):
     worker_connect_timeout_ms: int = Field(2_000, gt=0, description="time to reach a worker before it counts as down")
     worker_reconnect_backoff_ms: int = Field(500, gt=0, description="first wait before reconnecting a lost worker (doubles, capped at 10 s)")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight streams get to finish")
+    drain_notice_s: float = Field(2.0, ge=0, description="on SIGTERM, time NOT_SERVING is announced while new calls are still accepted (> Envoy's health check interval)")
+    worker_dns: list[str] = Field(default_factory=list, description="host:port names re-resolved periodically (e.g. a Kubernetes headless Service); every address is a worker")
+    worker_dns_refresh_s: float = Field(10.0, gt=0, description="how often worker_dns names are re-resolved")
     limits: Limits = Field(default_factory=Limits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
 
     _addr = field_validator("listen")(lambda cls, v: _check_hostport(v))
 
@@ -130,6 +141,7 @@ class SyntheticConfig(_Section):
     tokens_per_s: float = Field(100.0, gt=0, description="per-request generation rate; steps are shared by all requests")
     max_context_tokens: int = Field(2_048, gt=0, description="context window it reports")
     text: str = Field("lorem ipsum dolor sit amet ", min_length=1, description="words it cycles through, one token each")
+    first_token_delay_ms: int = Field(0, ge=0, description="simulated prefill time before a request's first token")
 
 
 class WorkerConfig(_Section):

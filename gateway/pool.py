@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import grpc
 
-from gateway import routing
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gateway.config import GatewayConfig
 from gateway.errors import RpcError, unavailable
+from gateway.routing import Router
+from gateway.scheduler import Ticket
 from gateway.streaming import RequestStream
 from inference.v1 import worker_pb2 as wpb
 from inference.v1 import worker_pb2_grpc as wpb_grpc
@@ -41,9 +45,10 @@ class WorkerConnection:
         self.cfg = cfg
         self.info: wpb.WorkerInfo | None = None
         self.ready = False
+        self.draining = False  # the worker's health says NOT_SERVING: no new requests
         self.last_error = "not connected yet"
         self.streams: dict[str, RequestStream] = {}
-        self.outstanding_tokens = 0
+        self.on_change = lambda: None  # capacity or readiness changed (the scheduler pumps)
         self._submits: list[wpb.Submit] = []
         self._cancels: list[wpb.Cancel] = []
         self._wake = asyncio.Event()
@@ -53,6 +58,20 @@ class WorkerConnection:
     @property
     def name(self) -> str:
         return self.info.name if self.info and self.info.name else self.address
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return sum(s.cost_tokens for s in self.streams.values())
+
+    def has_room(self, cost_tokens: int) -> bool:
+        """Within the worker's reported capacity: concurrent requests and batch tokens."""
+        if not self.ready or self.draining or self.info is None:
+            return False
+        if len(self.streams) >= max(1, self.info.max_concurrent_requests):
+            return False
+        cap = self.info.max_batch_tokens
+        # An idle worker takes any request that fits its context, however large.
+        return not cap or not self.streams or self.outstanding_tokens + cost_tokens <= cap
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -99,9 +118,21 @@ class WorkerConnection:
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready
         if ready:
+            self.draining = False
             self._ready_event.set()
         else:
             self._ready_event.clear()
+        self.on_change()
+
+    async def _watch_health(self, channel) -> None:
+        """Follow the worker's gRPC health: NOT_SERVING (draining) stops new requests."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        async for resp in stub.Watch(health_pb2.HealthCheckRequest(service="inference.v1.Worker")):
+            draining = resp.status != health_pb2.HealthCheckResponse.SERVING
+            if draining != self.draining:
+                self.draining = draining
+                log.info("worker %s %s", self.name, "is draining" if draining else "is serving again")
+                self.on_change()
 
     async def _session(self) -> None:
         timeout = self.cfg.worker_connect_timeout_ms / 1000
@@ -112,6 +143,7 @@ class WorkerConnection:
             self.info = await stub.Info(wpb.InfoRequest(), timeout=timeout, wait_for_ready=True)
             call = stub.Session()
             writer = asyncio.create_task(self._write(call))
+            health = asyncio.create_task(self._watch_health(channel))
             self._set_ready(True)
             log.info("worker %s ready: model %s, %d-token context, engine %s",
                      self.name, self.info.model, self.info.max_context_tokens, self.info.engine)
@@ -120,9 +152,10 @@ class WorkerConnection:
                     self._on_frame(frame)
                 # The worker ended the session cleanly (it is draining).
             finally:
-                self._set_ready(False)
                 writer.cancel()
+                health.cancel()
                 call.cancel()
+                self._set_ready(False)
 
     async def _write(self, call) -> None:
         while True:
@@ -138,7 +171,7 @@ class WorkerConnection:
 
     def submit(self, stream: RequestStream, submit: wpb.Submit) -> None:
         self.streams[stream.request_id] = stream
-        self.outstanding_tokens += stream.max_tokens
+        stream.worker = self
         stream.worker_name = self.name
         stream.dispatched_at = time.monotonic()
         self._submits.append(submit)
@@ -148,7 +181,7 @@ class WorkerConnection:
         stream = self.streams.pop(request_id, None)
         if stream is None:
             return
-        self.outstanding_tokens -= stream.max_tokens
+        self.on_change()
         # A submit still waiting for the writer never needs to reach the worker.
         for i, s in enumerate(self._submits):
             if s.request_id == request_id:
@@ -160,7 +193,7 @@ class WorkerConnection:
     def _release(self, request_id: str) -> RequestStream | None:
         stream = self.streams.pop(request_id, None)
         if stream is not None:
-            self.outstanding_tokens -= stream.max_tokens
+            self.on_change()
         return stream
 
     def _on_frame(self, frame: wpb.WorkerFrame) -> None:
@@ -174,6 +207,7 @@ class WorkerConnection:
                 stream = self.streams.get(ev.request_id)
                 if stream is not None:
                     stream.on_accepted(ev.accepted.prompt_tokens)
+                    self.on_change()  # its cost shrank to the real prompt + max_tokens
             else:
                 stream = self._release(ev.request_id)
                 if stream is None:
@@ -199,9 +233,11 @@ class WorkerConnection:
             if stream.completion_tokens:
                 msg = (f"{message}; the stream was cut after {stream.completion_tokens} tokens "
                        "and is incomplete")
+                stream.on_error(grpc.StatusCode.UNAVAILABLE, msg)
+            elif stream.retries_left > 0:
+                stream.on_retry(self)  # nothing was sent yet: the client need not know
             else:
-                msg = f"{message} before it answered; retrying is safe"
-            stream.on_error(grpc.StatusCode.UNAVAILABLE, msg)
+                stream.on_error(grpc.StatusCode.UNAVAILABLE, f"{message} before it answered; retrying is safe")
         self._submits.clear()
         self._cancels.clear()
 
@@ -218,13 +254,54 @@ class Pool:
 
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
-        self.workers = [WorkerConnection(w.address, cfg) for w in cfg.workers]
+        # With DNS names configured, the static list is only a starting point.
+        self.workers = [WorkerConnection(w.address, cfg) for w in cfg.workers] if not cfg.worker_dns else []
+        self.router = Router(cfg.queue.affinity_entries)
+        self._on_change = lambda: None
+        self._resolver: asyncio.Task | None = None
+
+    def set_on_change(self, callback) -> None:
+        self._on_change = callback
+        for w in self.workers:
+            w.on_change = callback
+
+    async def _resolve_forever(self) -> None:
+        """Re-resolve ``gateway.worker_dns`` (a headless Service lists one address per pod)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            found: set[str] = set()
+            try:
+                for name in self.cfg.worker_dns:
+                    host, _, port = name.rpartition(":")
+                    for family, _, _, _, sa in await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+                        found.add(f"[{sa[0]}]:{sa[1]}" if family == socket.AF_INET6 else f"{sa[0]}:{sa[1]}")
+            except OSError as err:
+                log.warning("worker DNS lookup failed, keeping %d known workers: %s", len(self.workers), err)
+                found = {w.address for w in self.workers}
+            known = {w.address for w in self.workers}
+            for addr in sorted(found - known):
+                log.info("worker %s discovered by DNS", addr)
+                w = WorkerConnection(addr, self.cfg)
+                w.on_change = self._on_change
+                self.workers.append(w)
+                w.start()
+            for w in [w for w in self.workers if w.address not in found]:
+                # Gone from DNS: no new requests; its in-flight ones finish or fail over.
+                log.info("worker %s left DNS", w.address)
+                self.workers.remove(w)
+                asyncio.create_task(w.close())
+            self._on_change()
+            await asyncio.sleep(self.cfg.worker_dns_refresh_s)
 
     def start(self) -> None:
         for w in self.workers:
             w.start()
+        if self.cfg.worker_dns:
+            self._resolver = asyncio.create_task(self._resolve_forever())
 
     async def close(self) -> None:
+        if self._resolver:
+            self._resolver.cancel()
         await asyncio.gather(*(w.close() for w in self.workers))
 
     async def wait_ready(self, timeout_s: float) -> bool:
@@ -253,13 +330,15 @@ class Pool:
         sizes = [w.info.max_context_tokens for w in self.workers if w.info is not None and w.info.model == model]
         return min(sizes) if sizes else None
 
-    def dispatch(self, stream: RequestStream, submit: wpb.Submit) -> WorkerConnection:
-        candidates = self.models().get(submit.model, [])
-        worker = routing.choose(candidates)
-        if worker is None:
-            raise self.no_worker_error(submit.model)
-        worker.submit(stream, submit)
-        return worker
+    def place(self, ticket: Ticket) -> WorkerConnection | None:
+        """A worker with room for the ticket (affinity first, then least loaded), or None."""
+        candidates = [w for w in self.models().get(ticket.model, [])
+                      if w not in ticket.exclude and w.has_room(ticket.cost_tokens)]
+        return self.router.choose(ticket.affinity, candidates)
+
+    def can_serve(self, model: str, exclude=()) -> bool:
+        """Some ready, non-draining worker serves the model (it may be busy)."""
+        return any(not w.draining and w not in exclude for w in self.models().get(model, []))
 
     def no_worker_error(self, model: str) -> RpcError:
         """UNAVAILABLE naming each worker that could have served ``model`` ("" = any) and why it cannot."""

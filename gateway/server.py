@@ -20,6 +20,7 @@ from gateway.auth import Authenticator
 from gateway.logs import setup_logging
 from gateway.pool import Pool
 from gateway.quota import Quotas
+from gateway.scheduler import Scheduler
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
@@ -44,7 +45,10 @@ class GatewayServer:
         self.pool = Pool(cfg)
         self.auth = Authenticator(cfg.auth)
         self.quotas = Quotas(cfg.quota)
-        self.service = GatewayService(cfg, self.pool, self.auth, self.quotas)
+        self.scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, self.pool.place)
+        # Whenever a worker frees room or (re)joins, the queue moves.
+        self.pool.set_on_change(self.scheduler.pump)
+        self.service = GatewayService(cfg, self.pool, self.auth, self.quotas, self.scheduler)
         self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -65,8 +69,10 @@ class GatewayServer:
         log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.pool.workers))
 
     async def drain(self) -> None:
-        """NOT_SERVING first (Envoy stops routing here), then let streams finish."""
+        """NOT_SERVING first, still accepting calls until Envoy's health checks have
+        seen it (drain_notice_s), then refuse new calls and let streams finish."""
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.cfg.drain_notice_s)
         await self.server.stop(grace=self.cfg.drain_grace_s)
         if self._watch:
             self._watch.cancel()

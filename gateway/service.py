@@ -1,14 +1,17 @@
 """The public ``gateway.v1.Gateway`` service.
 
 Execute walks the data path in order: authenticate -> validate -> resolve
-model (and check the caller may use it) -> reserve quota -> dispatch to a
-worker -> stream ``started``, ``delta``s and ``done`` back -> settle quota. Whatever
+model (and check the caller may use it) -> reserve quota -> queue until a
+worker has room (``scheduler``) -> submit to it -> stream ``started``,
+``delta``s and ``done`` back -> settle quota. Whatever
 ends the call early (client cancel, deadline, a failed write) cancels the
 request on the worker in the ``finally`` below.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -18,7 +21,9 @@ from gateway.config import GatewayConfig
 from gateway.auth import Authenticator, Principal, permission_denied_model
 from gateway.config import QuotaLimits
 from gateway.errors import RpcError, invalid_argument, model_not_found, resource_exhausted, unavailable
-from gateway.pool import Pool
+from gateway.pool import Pool, WorkerConnection
+from gateway.routing import affinity_key
+from gateway.scheduler import QueueFull, Scheduler, Ticket
 from gateway.quota import Budget, Denied, Quotas, StoreUnavailable, prompt_token_bound
 from gateway.streaming import RequestStream
 from gateway.v1 import gateway_pb2 as gpb
@@ -31,64 +36,106 @@ _FINISH = {"stop": gpb.FINISH_REASON_STOP, "length": gpb.FINISH_REASON_LENGTH}
 
 
 class GatewayService(gpb_grpc.GatewayServicer):
-    def __init__(self, cfg: GatewayConfig, pool: Pool, auth: Authenticator, quotas: Quotas):
+    def __init__(self, cfg: GatewayConfig, pool: Pool, auth: Authenticator, quotas: Quotas, scheduler: Scheduler):
         self.cfg = cfg
         self.pool = pool
         self.auth = auth
         self.quotas = quotas
+        self.scheduler = scheduler
 
     async def Execute(self, request: gpb.ExecuteRequest, context: grpc.aio.ServicerContext):
         stream: RequestStream | None = None
-        worker = None
         reservation = None
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
             valid = validation.validate(request, self.cfg.limits)
+            priority = validation.priority(request, principal.priority_max)
             model = self._resolve_model(valid.model)
             if not principal.may_use(model):
                 raise permission_denied_model(principal, model)
             validation.check_fits_model(valid, model, self.pool.max_context_tokens(model), self.cfg.limits)
-            reservation = await self._reserve(principal, prompt_token_bound(valid.messages) + valid.sampling.max_tokens)
+            cost = prompt_token_bound(valid.messages) + valid.sampling.max_tokens
+            reservation = await self._reserve(principal, cost)
 
-            stream = RequestStream(valid.request_id, model, valid.sampling.max_tokens)
+            stream = RequestStream(valid.request_id, model, valid.sampling.max_tokens, cost,
+                                   retries=self.cfg.queue.retry_before_first_token)
+            ticket = Ticket(model=model, tenant=principal.tenant, priority=priority, cost_tokens=cost,
+                            affinity=affinity_key(request.session_id, valid.messages))
+            started_sent = False
+            loop = asyncio.get_running_loop()
             remaining = context.time_remaining()
-            submit = wpb.Submit(
-                request_id=valid.request_id,
-                model=model,
-                messages=valid.messages,
-                sampling=valid.sampling,
-                # The worker aborts on its own too, should our cancel be lost.
-                timeout_ms=max(1, int(remaining * 1000)) if remaining is not None else 0,
-            )
-            worker = self.pool.dispatch(stream, submit)
+            deadline = loop.time() + remaining if remaining is not None else None
 
-            while True:
-                update = await stream.next()
-                if update.accepted_prompt_tokens is not None:
-                    # The real prompt is known: hold only prompt + max_tokens from now on.
-                    await self.quotas.trim(reservation, update.accepted_prompt_tokens + valid.sampling.max_tokens)
-                    yield gpb.ExecuteResponse(started=gpb.Started(
-                        request_id=stream.request_id, model=model, worker=stream.worker_name,
-                        prompt_tokens=update.accepted_prompt_tokens))
-                elif update.error is not None:
-                    code, message, field = update.error
-                    if code == grpc.StatusCode.INVALID_ARGUMENT and field:
-                        raise invalid_argument(field, message)
-                    raise RpcError(code, message)
-                elif update.finish_reason is not None:
-                    yield gpb.ExecuteResponse(done=self._done(stream, update.finish_reason))
-                    return
-                else:
-                    yield gpb.ExecuteResponse(delta=gpb.Delta(text=update.text, tokens=update.tokens))
+            def submit_to(worker: WorkerConnection) -> None:
+                left_ms = int((deadline - loop.time()) * 1000) if deadline is not None else 0
+                worker.submit(stream, wpb.Submit(
+                    request_id=valid.request_id, model=model, messages=valid.messages, sampling=valid.sampling,
+                    # The worker aborts on its own too, should our cancel be lost.
+                    timeout_ms=max(1, left_ms) if deadline is not None else 0))
+
+            ticket.on_grant = submit_to
+            while True:  # once, plus once per retry after a worker failed before answering
+                await self._wait_for_worker(ticket, context)
+                while True:
+                    update = await stream.next()
+                    if update.accepted_prompt_tokens is not None:
+                        # The real prompt is known: hold only prompt + max_tokens from now on.
+                        await self.quotas.trim(reservation, update.accepted_prompt_tokens + valid.sampling.max_tokens)
+                        if not started_sent:
+                            started_sent = True
+                            yield gpb.ExecuteResponse(started=gpb.Started(
+                                request_id=stream.request_id, model=model, worker=stream.worker_name,
+                                prompt_tokens=update.accepted_prompt_tokens))
+                    elif update.retry_from is not None:
+                        log.warning("request %s: worker %s failed before the first token; retrying elsewhere",
+                                    stream.request_id, update.retry_from.name)
+                        ticket = dataclasses.replace(ticket, exclude=ticket.exclude | {update.retry_from},
+                                                     granted=loop.create_future())
+                        stream.resume()
+                        break
+                    elif update.error is not None:
+                        code, message, field = update.error
+                        if code == grpc.StatusCode.INVALID_ARGUMENT and field:
+                            raise invalid_argument(field, message)
+                        # Usage so far rides in the trailers, e.g. for a stream cut by a dead worker.
+                        raise RpcError(code, message, trailers=(
+                            ("igw-prompt-tokens", str(stream.prompt_tokens)),
+                            ("igw-completion-tokens", str(stream.completion_tokens))))
+                    elif update.finish_reason is not None:
+                        yield gpb.ExecuteResponse(done=self._done(stream, update.finish_reason))
+                        return
+                    else:
+                        yield gpb.ExecuteResponse(delta=gpb.Delta(text=update.text, tokens=update.tokens))
         except RpcError as err:
             await context.abort_with_status(err.to_status())
         finally:
             # Client gone, deadline passed, or we failed mid-way: free the engine.
-            if stream is not None and worker is not None and not stream.finished:
-                worker.cancel(stream.request_id)
+            if stream is not None and stream.worker is not None and not stream.finished:
+                stream.worker.cancel(stream.request_id)
             if reservation is not None:
                 used = stream.prompt_tokens + stream.completion_tokens if stream else 0
                 self.quotas.settle(reservation, used)
+
+    async def _wait_for_worker(self, ticket: Ticket, context) -> WorkerConnection:
+        """Queue until a worker has room. Cancel or deadline while queued: out of the queue at once."""
+        if not self.pool.can_serve(ticket.model, ticket.exclude):
+            raise self.pool.no_worker_error(ticket.model)
+        try:
+            self.scheduler.enqueue(ticket)
+        except QueueFull:
+            raise resource_exhausted(
+                f"the gateway's queue is full ({self.scheduler.max_queued} requests waiting)", 1.0,
+                [("gateway:queue", "admission queue full")]) from None
+        remaining = context.time_remaining()
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket.granted), remaining)
+        except TimeoutError:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "the deadline passed while the request waited for a worker; it never started") from None
+        finally:
+            if not ticket.granted.done():
+                self.scheduler.cancel(ticket)
+                ticket.granted.cancel()
 
     def _budgets(self, principal: Principal) -> list[Budget]:
         budgets = []

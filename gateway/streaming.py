@@ -25,13 +25,19 @@ class Update:
     tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" when the request is done
     error: tuple[grpc.StatusCode, str, str] | None = None  # (code, message, field)
+    retry_from: object | None = None  # the worker failed before the first token: place it again
 
 
 class RequestStream:
-    def __init__(self, request_id: str, model: str, max_tokens: int):
+    def __init__(self, request_id: str, model: str, max_tokens: int, cost_tokens: int, retries: int = 0):
         self.request_id = request_id
         self.model = model
         self.max_tokens = max_tokens
+        # Tokens this request may occupy on its worker: an upper bound of the
+        # prompt + max_tokens until the worker reports the real prompt size.
+        self.cost_tokens = cost_tokens
+        self.retries_left = retries
+        self.worker = None  # the WorkerConnection serving it
         self.worker_name = ""
         self.created = time.monotonic()
         self.dispatched_at: float | None = None
@@ -49,8 +55,21 @@ class RequestStream:
 
     def on_accepted(self, prompt_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
+        self.cost_tokens = prompt_tokens + self.max_tokens
         self._accepted = prompt_tokens
         self._wake.set()
+
+    def on_retry(self, failed_worker) -> None:
+        """The worker failed before any token: the handler places the request again."""
+        self.retries_left -= 1
+        self.worker = None
+        self._final = Update(retry_from=failed_worker)
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Back in play after a retry was taken."""
+        self._final = None
+        self.ended = False
 
     def on_delta(self, text: str, tokens: int) -> None:
         if tokens and self.first_token_at is None:

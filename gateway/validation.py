@@ -13,10 +13,11 @@ import re
 import uuid
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf import json_format
 
 from gateway.config import Limits
-from gateway.errors import invalid_argument
+from gateway.errors import RpcError, invalid_argument
 from gateway.v1 import gateway_pb2 as gpb
 from inference.v1 import worker_pb2 as wpb
 
@@ -41,6 +42,8 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
     else:
         request_id = uuid.uuid4().hex
 
+    if len(req.session_id) > 128:
+        raise invalid_argument("session_id", f"{len(req.session_id)} characters is over the limit of 128")
     if len(req.task) > limits.max_task_chars:
         raise invalid_argument("task", f"{len(req.task)} characters is over the limit of {limits.max_task_chars}")
     if not req.task.strip() and not req.messages:
@@ -117,3 +120,19 @@ def check_fits_model(v: ValidRequest, model: str, max_context_tokens: int, limit
             f"{v.sampling.max_tokens} tokens leaves no room for the prompt in model {model}'s "
             f"{max_context_tokens}-token context (from {field}); ask for fewer",
         )
+
+
+_PRIORITY = {gpb.PRIORITY_UNSPECIFIED: None, gpb.PRIORITY_INTERACTIVE: "interactive", gpb.PRIORITY_BATCH: "batch"}
+
+
+def priority(req: gpb.ExecuteRequest, cap: str) -> str:
+    """The scheduling class: the one asked for, or the key's cap when unset."""
+    if req.priority not in _PRIORITY:
+        raise invalid_argument("priority", f"unknown priority value {req.priority}")
+    asked = _PRIORITY[req.priority]
+    if asked is None:
+        return cap
+    if asked == "interactive" and cap == "batch":
+        raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
+                       "priority: this API key may only send batch requests (its priority_max is batch)")
+    return asked

@@ -55,6 +55,7 @@ class Engine(abc.ABC):
     name: str  # "vllm" or "synthetic"
     model: str
     max_context_tokens: int
+    max_batch_tokens: int = 0  # tokens the engine holds at once (KV cache); 0 = unknown
 
     async def start(self) -> None:
         """Load the model; called once before serving."""

@@ -208,6 +208,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             max_context_tokens=self.engine.max_context_tokens,
             max_concurrent_requests=self.max_concurrent_requests,
             engine=self.engine.name,
+            max_batch_tokens=self.engine.max_batch_tokens,
         )
 
     async def Load(self, request, context):

@@ -25,6 +25,7 @@ class SyntheticEngine(Engine):
         self.model = model
         self.max_context_tokens = cfg.max_context_tokens
         self._interval_s = 1.0 / cfg.tokens_per_s
+        self._prefill_s = cfg.first_token_delay_ms / 1000
         self._words = cfg.text.split() or ["token"]
         self._active = 0
         self._step: asyncio.Future[None] | None = None
@@ -64,6 +65,8 @@ class SyntheticEngine(Engine):
     async def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:
         self._active += 1
         try:
+            if self._prefill_s:
+                await asyncio.sleep(self._prefill_s)
             words = itertools.cycle(self._words)
             text = ""
             for i in range(sampling.max_tokens):

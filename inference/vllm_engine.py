@@ -76,6 +76,9 @@ class VllmEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         # The engine may have settled on a smaller window than asked for.
         self.max_context_tokens = int(self._llm.model_config.max_model_len)
+        cache = self._llm.vllm_config.cache_config
+        if cache.num_gpu_blocks:  # set by the engine core once it has sized the KV cache
+            self.max_batch_tokens = int(cache.num_gpu_blocks) * int(cache.block_size)
 
     async def close(self) -> None:
         if self._llm is not None:

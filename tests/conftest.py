@@ -71,9 +71,10 @@ class Stack:
         except (TimeoutError, RuntimeError) as err:
             raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
 
-    def start_worker(self) -> None:
-        self.start_process("worker", [PY, "-m", "inference.server", "--config", str(self.config_path)],
-                           self.worker, 600)
+    def start_worker(self, name: str = "worker", listen: str | None = None) -> None:
+        extra = ["--listen", listen, "--name", listen] if listen else []
+        self.start_process(name, [PY, "-m", "inference.server", "--config", str(self.config_path), *extra],
+                           listen or self.worker, 600)
 
     def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
         """Start a gateway replica (several may share the config, each on its own port)."""
@@ -100,8 +101,8 @@ class Stack:
         addr = self.envoy if via == "envoy" else self.gateway
         return gpb_grpc.GatewayStub(grpc.insecure_channel(addr))
 
-    def worker_load(self) -> wpb.WorkerLoad:
-        with grpc.insecure_channel(self.worker) as ch:
+    def worker_load(self, address: str | None = None) -> wpb.WorkerLoad:
+        with grpc.insecure_channel(address or self.worker) as ch:
             return wpb_grpc.WorkerStub(ch).Load(wpb.LoadRequest(), timeout=5)
 
     def wait_worker_idle(self, timeout_s: float = 5.0) -> tuple[wpb.WorkerLoad, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from gateway import stack
 from gateway.config import EnvoyConfig
-from tests.conftest import PY, build_stack, free_port, make_config
+from tests.conftest import PY, build_stack, make_config
 
 BIN = Path(sys.executable).parent
 

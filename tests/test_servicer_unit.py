@@ -21,6 +21,7 @@ from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.pool import Pool
 from gateway.quota import Quotas
+from gateway.scheduler import Scheduler
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from inference.v1 import worker_pb2 as wpb
@@ -102,7 +103,9 @@ def harness():
 
     pool = asyncio.run_coroutine_threadsafe(make_pool(), loop).result()
     cfg = GatewayConfig()
-    servicer = GatewayService(cfg, pool, Authenticator(cfg.auth), Quotas(cfg.quota))
+    scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, pool.place)
+    pool.set_on_change(scheduler.pump)
+    servicer = GatewayService(cfg, pool, Authenticator(cfg.auth), Quotas(cfg.quota), scheduler)
     server = grpc_testing.server_from_dictionary({SERVICE: _SyncAdapter(servicer, loop)},
                                                  grpc_testing.strict_real_time())
 
