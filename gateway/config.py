@@ -102,6 +102,7 @@ class QueueConfig(_Section):
     max_queued: int = Field(256, ge=0, description="requests that may wait for a worker; more are refused at once (RESOURCE_EXHAUSTED)")
     drr_quantum_tokens: int = Field(1_024, gt=0, description="deficit round robin: tokens of credit a tenant gets per round")
     retry_before_first_token: int = Field(2, ge=0, description="times a request whose worker failed before its first token is retried on another worker")
+    max_in_flight_per_worker: int = Field(0, ge=0, description="cap on this gateway's requests in flight per worker; 0 = the worker's reported capacity")
     affinity_entries: int = Field(100_000, gt=0, description="session/prefix -> worker entries remembered for affinity (LRU)")
 
 

@@ -67,7 +67,10 @@ class WorkerConnection:
         """Within the worker's reported capacity: concurrent requests and batch tokens."""
         if not self.ready or self.draining or self.info is None:
             return False
-        if len(self.streams) >= max(1, self.info.max_concurrent_requests):
+        limit = max(1, self.info.max_concurrent_requests)
+        if self.cfg.queue.max_in_flight_per_worker:
+            limit = min(limit, self.cfg.queue.max_in_flight_per_worker)
+        if len(self.streams) >= limit:
             return False
         cap = self.info.max_batch_tokens
         # An idle worker takes any request that fits its context, however large.

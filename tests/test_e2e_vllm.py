@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from grpc_status import rpc_status
 from google.rpc import error_details_pb2
 
 from gateway.v1 import gateway_pb2 as gpb
+from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 
 pytestmark = pytest.mark.vllm
 
@@ -254,3 +256,52 @@ def test_list_models(vllm_stack):
     assert [(m.name, m.max_context_tokens, m.ready_workers, m.is_default) for m in resp.models] == [
         ("smollm2-135m-instruct", 2048, 1, True)
     ]
+
+
+def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
+    """A second gateway on the same vLLM worker, allowed one request in flight: the next waits
+    in the gateway; an interactive request overtakes a queued batch one; a deadline that passes
+    in the queue never reaches vLLM."""
+    import yaml
+
+    from gateway.stack import free_port
+
+    cfg = yaml.safe_load(vllm_stack.config_path.read_text())
+    cfg["gateway"]["listen"] = f"127.0.0.1:{free_port()}"
+    cfg["gateway"]["queue"] = {"max_in_flight_per_worker": 1}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from gateway import stack
+
+    proc = stack.start([sys.executable, "-m", "gateway.server", "--config", str(path)], log_path=tmp_path / "gw.log")
+    try:
+        stack.wait_healthy(cfg["gateway"]["listen"], 30, proc=proc)
+        stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["listen"]))
+        long = gpb.ExecuteRequest(task="Count from 1 to 300.", sampling=gpb.SamplingParams(max_tokens=200, temperature=0))
+        blocker = stub.Execute(long, timeout=120)
+        next(iter(blocker))
+        before = vllm_stack.worker_load()
+        with pytest.raises(grpc.RpcError) as info:
+            collect(stub, gpb.ExecuteRequest(task="hi", sampling=gpb.SamplingParams(max_tokens=4)), timeout=1.0)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert vllm_stack.worker_load().requests_total == before.requests_total  # vLLM never saw it
+
+        order, lock = [], threading.Lock()
+
+        def one(name, prio):
+            events, _, done = collect(stub, gpb.ExecuteRequest(
+                task=f"Say {name}.", priority=prio, sampling=gpb.SamplingParams(max_tokens=4, temperature=0)))
+            with lock:
+                order.append((name, done.timings.queue_ms))
+
+        with ThreadPoolExecutor(2) as ex:
+            b = ex.submit(one, "batch", gpb.PRIORITY_BATCH)
+            time.sleep(0.3)
+            i = ex.submit(one, "interactive", gpb.PRIORITY_INTERACTIVE)
+            time.sleep(0.3)
+            blocker.cancel()
+            b.result(), i.result()
+        assert [n for n, _ in order] == ["interactive", "batch"], order
+        assert all(q > 0 for _, q in order)  # both really waited in the gateway's queue
+    finally:
+        stack.stop(proc, 20)
