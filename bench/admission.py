@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                               "--tenant", "bench", "--rpm", "10000000", "--tpm", "1000000000", "--concurrent", "10000"],
                              capture_output=True, text=True, check=True).stdout.strip()
         worker = f"127.0.0.1:{stack.free_port()}"
-        base = {"worker": {"listen": worker, "engine": "synthetic", "synthetic": {"tokens_per_s": 1000}},
-                "gateway": {"workers": [{"address": worker}]}}
+        base = {"worker": {"listen": worker, "engine": "synthetic", "synthetic": {"tokens_per_s": 1000},
+                           "metrics_listen": ""},
+                "gateway": {"workers": [{"address": worker}], "metrics_listen": ""}}
         variants = {
             "off": {},
             "local": {"auth": {"mode": "api_key", "key_file": str(keys)}},

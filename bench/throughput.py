@@ -107,8 +107,8 @@ async def run(worker: str, target: str, n: int, max_tokens: int, rounds: int, mo
 
 def start_stack(engine: str, workdir: Path) -> tuple[dict, list]:
     cfg = {
-        "gateway": {"listen": f"127.0.0.1:{stack.free_port()}"},
-        "worker": {"listen": f"127.0.0.1:{stack.free_port()}", "engine": engine,
+        "gateway": {"listen": f"127.0.0.1:{stack.free_port()}", "metrics_listen": ""},
+        "worker": {"listen": f"127.0.0.1:{stack.free_port()}", "engine": engine, "metrics_listen": "",
                    "synthetic": {"tokens_per_s": 200}},
         "envoy": {"listen": f"127.0.0.1:{stack.free_port()}", "admin_listen": f"127.0.0.1:{stack.free_port()}",
                   "access_log_path": str(workdir / "access.log")},

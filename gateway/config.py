@@ -98,6 +98,12 @@ class QuotaConfig(_Section):
     default_key_limits: QuotaLimits = Field(default_factory=QuotaLimits, description="limits of keys that set none")
 
 
+class TracingConfig(_Section):
+    enabled: bool = Field(False, description="export OpenTelemetry spans")
+    exporter: Literal["otlp", "console"] = Field("otlp", description='"otlp" (gRPC) or "console" (stdout, for debugging)')
+    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector endpoint")
+
+
 class QueueConfig(_Section):
     max_queued: int = Field(256, ge=0, description="requests that may wait for a worker; more are refused at once (RESOURCE_EXHAUSTED)")
     drr_quantum_tokens: int = Field(1_024, gt=0, description="deficit round robin: tokens of credit a tenant gets per round")
@@ -117,6 +123,9 @@ class GatewayConfig(_Section):
     worker_connect_timeout_ms: int = Field(2_000, gt=0, description="time to reach a worker before it counts as down")
     worker_reconnect_backoff_ms: int = Field(500, gt=0, description="first wait before reconnecting a lost worker (doubles, capped at 10 s)")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight streams get to finish")
+    metrics_listen: str = Field("127.0.0.1:9464", description='Prometheus /metrics endpoint (host:port); "" = off')
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level (JSON lines on stderr)")
+    log_prompts: bool = Field(False, description="put the task text in the per-request log line (debugging only: it may hold secrets)")
     drain_notice_s: float = Field(2.0, ge=0, description="on SIGTERM, time NOT_SERVING is announced while new calls are still accepted (> Envoy's health check interval)")
     worker_dns: list[str] = Field(default_factory=list, description="host:port names re-resolved periodically (e.g. a Kubernetes headless Service); every address is a worker")
     worker_dns_refresh_s: float = Field(10.0, gt=0, description="how often worker_dns names are re-resolved")
@@ -124,6 +133,7 @@ class GatewayConfig(_Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     _addr = field_validator("listen")(lambda cls, v: _check_hostport(v))
 
@@ -151,9 +161,12 @@ class WorkerConfig(_Section):
     engine: Literal["vllm", "synthetic"] = Field("vllm", description="engine adapter")
     model_name: str = Field("smollm2-135m-instruct", description="model name clients ask for")
     max_concurrent_requests: int = Field(64, gt=0, description="capacity reported to gateways")
+    metrics_listen: str = Field("127.0.0.1:9465", description='Prometheus /metrics endpoint (host:port); "" = off')
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level (JSON lines on stderr)")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish")
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     _addr = field_validator("listen")(lambda cls, v: _check_hostport(v))
 

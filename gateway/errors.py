@@ -23,6 +23,7 @@ class RpcError(Exception):
         self.message = message
         self.details = details
         self.trailers = trailers  # extra trailing metadata, e.g. retry-after
+        self.reason = ""  # for metrics: why a request was refused (quota_tokens, queue_full, ...)
 
     def to_status(self) -> grpc.Status:
         packed = []

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
 from gateway.errors import RpcError, unavailable
 from gateway.routing import Router
 from gateway.scheduler import Ticket
@@ -40,9 +41,11 @@ CHANNEL_OPTIONS = [
 
 
 class WorkerConnection:
-    def __init__(self, address: str, cfg: GatewayConfig):
+    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.address = address
         self.cfg = cfg
+        self.metrics = metrics
+        self._cancelled_at: dict[str, float] = {}  # request id -> when we sent its cancel
         self.info: wpb.WorkerInfo | None = None
         self.ready = False
         self.draining = False  # the worker's health says NOT_SERVING: no new requests
@@ -180,10 +183,13 @@ class WorkerConnection:
         self._submits.append(submit)
         self._wake.set()
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
         stream = self.streams.pop(request_id, None)
         if stream is None:
             return
+        if self.metrics:
+            self.metrics.aborts.labels(reason).inc()
+        self._cancelled_at[request_id] = time.monotonic()
         self.on_change()
         # A submit still waiting for the writer never needs to reach the worker.
         for i, s in enumerate(self._submits):
@@ -206,6 +212,8 @@ class WorkerConnection:
                 stream = self.streams.get(ev.request_id)
                 if stream is not None:
                     stream.on_delta(ev.delta.text, ev.delta.tokens)
+                elif self.metrics and ev.request_id in self._cancelled_at:
+                    self.metrics.tokens_after_cancel.inc(ev.delta.tokens)
             elif kind == "accepted":
                 stream = self.streams.get(ev.request_id)
                 if stream is not None:
@@ -213,8 +221,11 @@ class WorkerConnection:
                     self.on_change()  # its cost shrank to the real prompt + max_tokens
             else:
                 stream = self._release(ev.request_id)
-                if stream is None:
-                    continue  # cancelled by us; this is the worker's acknowledgement
+                if stream is None:  # cancelled by us; this is the worker's acknowledgement
+                    at = self._cancelled_at.pop(ev.request_id, None)
+                    if kind == "aborted" and at is not None and self.metrics:
+                        self.metrics.abort_latency.observe(time.monotonic() - at)
+                    continue
                 if kind == "finished":
                     f = ev.finished
                     stream.on_finished(_FINISH.get(f.finish_reason, "stop"), f.prompt_tokens, f.completion_tokens)
@@ -233,6 +244,8 @@ class WorkerConnection:
             stream = self._release(rid)
             if stream is None:
                 continue
+            if self.metrics:
+                self.metrics.aborts.labels("worker_lost").inc()
             if stream.completion_tokens:
                 msg = (f"{message}; the stream was cut after {stream.completion_tokens} tokens "
                        "and is incomplete")
@@ -243,6 +256,7 @@ class WorkerConnection:
                 stream.on_error(grpc.StatusCode.UNAVAILABLE, f"{message} before it answered; retrying is safe")
         self._submits.clear()
         self._cancels.clear()
+        self._cancelled_at.clear()
 
 
 def _grpc_code(value: int) -> grpc.StatusCode:
@@ -255,10 +269,11 @@ def _grpc_code(value: int) -> grpc.StatusCode:
 class Pool:
     """All workers this gateway knows, by address."""
 
-    def __init__(self, cfg: GatewayConfig):
+    def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.cfg = cfg
+        self.metrics = metrics
         # With DNS names configured, the static list is only a starting point.
-        self.workers = [WorkerConnection(w.address, cfg) for w in cfg.workers] if not cfg.worker_dns else []
+        self.workers = [WorkerConnection(w.address, cfg, metrics) for w in cfg.workers] if not cfg.worker_dns else []
         self.router = Router(cfg.queue.affinity_entries)
         self._on_change = lambda: None
         self._resolver: asyncio.Task | None = None
@@ -284,7 +299,7 @@ class Pool:
             known = {w.address for w in self.workers}
             for addr in sorted(found - known):
                 log.info("worker %s discovered by DNS", addr)
-                w = WorkerConnection(addr, self.cfg)
+                w = WorkerConnection(addr, self.cfg, self.metrics)
                 w.on_change = self._on_change
                 self.workers.append(w)
                 w.start()

@@ -331,13 +331,14 @@ class RedisStore(Store):
 class Quotas:
     """The admission side: picks the store, applies the Redis failure policy, counts."""
 
-    def __init__(self, cfg: QuotaConfig):
+    def __init__(self, cfg: QuotaConfig, on_store_failure=lambda: None):
         self.cfg = cfg
+        self._on_store_failure = on_store_failure
         self.local = LocalStore()
         self.shared: Store | None = None
         if cfg.store == "redis":
             self.shared = RedisStore(cfg.redis_url, cfg.redis_key_prefix, cfg.redis_timeout_ms / 1000)
-        self.store_failures = 0  # also exported as a metric by the metrics module
+        self.store_failures = 0
         self._tasks: set[asyncio.Task] = set()
 
     async def _on(self, op: str, fn):
@@ -347,6 +348,7 @@ class Quotas:
             return await fn(self.shared), self.shared
         except StoreUnavailable as err:
             self.store_failures += 1
+            self._on_store_failure()
             if self.cfg.redis_failure_mode == "closed":
                 log.error("quota store unreachable on %s; refusing (fail closed): %s", op, err)
                 raise
@@ -382,6 +384,7 @@ class Quotas:
             await r.store.refund(r.budgets, tokens, lease_id)
         except StoreUnavailable as err:
             self.store_failures += 1
+            self._on_store_failure()
             log.warning("quota refund of %d tokens lost, store unreachable: %s", tokens, err)
 
     async def remaining(self, budgets: list[Budget]) -> list[Remaining]:

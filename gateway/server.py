@@ -16,11 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import config as config_mod
+from gateway import tracing
 from gateway.auth import Authenticator
 from gateway.logs import setup_logging
+from gateway.metrics import GatewayMetrics, PoolCollector
 from gateway.pool import Pool
 from gateway.quota import Quotas
-from gateway.scheduler import Scheduler
+from gateway.scheduler import PRIORITIES, Scheduler
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
@@ -40,15 +42,20 @@ SERVER_OPTIONS = [
 class GatewayServer:
     """The gateway's gRPC server and its pool; start() and drain() for tests and main."""
 
-    def __init__(self, cfg: config_mod.GatewayConfig):
+    def __init__(self, cfg: config_mod.GatewayConfig, tracer_provider=None):
         self.cfg = cfg
-        self.pool = Pool(cfg)
+        self.metrics = GatewayMetrics()
+        self.pool = Pool(cfg, self.metrics)
         self.auth = Authenticator(cfg.auth)
-        self.quotas = Quotas(cfg.quota)
+        self.quotas = Quotas(cfg.quota, on_store_failure=self.metrics.quota_store_failures.inc)
         self.scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, self.pool.place)
         # Whenever a worker frees room or (re)joins, the queue moves.
         self.pool.set_on_change(self.scheduler.pump)
-        self.service = GatewayService(cfg, self.pool, self.auth, self.quotas, self.scheduler)
+        self.metrics.registry.register(PoolCollector(self.pool))
+        for prio in PRIORITIES:
+            self.metrics.queue_depth.labels(prio).set_function(lambda p=prio: self.scheduler.depth(p))
+        self.service = GatewayService(cfg, self.pool, self.auth, self.quotas, self.scheduler, self.metrics,
+                                      tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider))
         self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -60,6 +67,8 @@ class GatewayServer:
             raise SystemExit(f"gateway: cannot listen on {cfg.listen} (gateway.listen)")
 
     async def start(self) -> None:
+        if self.cfg.metrics_listen:
+            self.metrics.serve(self.cfg.metrics_listen)
         self.pool.start()
         if self.auth.key_file is not None:
             self._watch = asyncio.create_task(self.auth.watch())
@@ -102,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
     parser.add_argument("--listen", help="override gateway.listen")
     parser.add_argument("--worker", action="append", help="worker host:port (repeatable; overrides gateway.workers)")
+    parser.add_argument("--metrics-listen", help='override gateway.metrics_listen ("" = off)')
     args = parser.parse_args(argv)
     workers = [{"address": a} for a in args.worker] if args.worker else None
-    cfg = config_mod.load_or_exit(args.config, "gateway", listen=args.listen, workers=workers)
-    setup_logging(component="gateway")
+    cfg = config_mod.load_or_exit(args.config, "gateway", listen=args.listen, workers=workers,
+                                  metrics_listen=args.metrics_listen)
+    setup_logging(component="gateway", level=cfg.gateway.log_level)
     asyncio.run(serve(cfg.gateway))
     return 0
 

@@ -11,16 +11,19 @@ request on the worker in the ``finally`` below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import time
 
 import grpc
 
-from gateway import validation
+from gateway import tracing, validation
 from gateway.config import GatewayConfig
 from gateway.auth import Authenticator, Principal, permission_denied_model
 from gateway.config import QuotaLimits
 from gateway.errors import RpcError, invalid_argument, model_not_found, resource_exhausted, unavailable
+from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool, WorkerConnection
 from gateway.routing import affinity_key
 from gateway.scheduler import QueueFull, Scheduler, Ticket
@@ -31,13 +34,85 @@ from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from inference.v1 import worker_pb2 as wpb
 
 log = logging.getLogger("gateway.service")
+request_log = logging.getLogger("gateway.requests")  # one line per finished request
+
+# Rejection reasons by status, where the raising site did not name one.
+_REJECTION = {
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.NOT_FOUND: "invalid_argument",
+    grpc.StatusCode.UNAVAILABLE: "no_worker",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_in_queue",
+}
+
+
+class _Trace:
+    """The spans of one Execute: igw.execute with children auth, queue, dispatch, generate.
+
+    Spans are passed explicitly rather than made "current": the handler is an
+    async generator, and attaching contexts across its yields is fragile.
+    """
+
+    def __init__(self, tracer, metadata):
+        self.root = tracer.start_span("igw.execute", context=tracing.extract(metadata), kind=tracing.SpanKind.SERVER)
+        self._tracer = tracer
+        self._ctx = tracing.set_span_in_context(self.root)
+        self._child = None
+        self.current_name = ""
+
+    def begin(self, name: str, **attrs) -> None:
+        """End the current phase's span and start the next."""
+        if self._child is not None:
+            self._child.end()
+        self._child = self._tracer.start_span(name, context=self._ctx, attributes=attrs)
+        self.current_name = name
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        self.begin(name)
+        yield
+        self._child.end()
+        self._child, self.current_name = None, ""
+
+    def event(self, name: str, **attrs) -> None:
+        (self._child or self.root).add_event(name, attrs)
+
+    def carrier(self) -> dict[str, str]:
+        return tracing.inject(self._child or self.root)
+
+    def finish(self, rec: "_Record") -> None:
+        if self._child is not None:
+            self._child.end()
+        self.root.set_attribute("igw.request_id", rec.request_id)
+        self.root.set_attribute("igw.tenant", rec.tenant)
+        self.root.set_attribute("gen_ai.request.model", rec.model)
+        self.root.set_attribute("rpc.grpc.status_code", rec.code.value[0])
+        self.root.end()
+
+
+@dataclasses.dataclass
+class _Record:
+    """What the request log line and metrics say about one call."""
+
+    request_id: str
+    tenant: str = ""
+    key_id: str = ""
+    model: str = ""
+    priority: str = ""
+    finish_reason: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
 
 _FINISH = {"stop": gpb.FINISH_REASON_STOP, "length": gpb.FINISH_REASON_LENGTH}
 
 
 class GatewayService(gpb_grpc.GatewayServicer):
-    def __init__(self, cfg: GatewayConfig, pool: Pool, auth: Authenticator, quotas: Quotas, scheduler: Scheduler):
+    def __init__(self, cfg: GatewayConfig, pool: Pool, auth: Authenticator, quotas: Quotas, scheduler: Scheduler,
+                 metrics: GatewayMetrics, tracer=None):
         self.cfg = cfg
+        self.metrics = metrics
+        self.tracer = tracer or tracing.tracer(None, "igw-gateway")
         self.pool = pool
         self.auth = auth
         self.quotas = quotas
@@ -46,15 +121,22 @@ class GatewayService(gpb_grpc.GatewayServicer):
     async def Execute(self, request: gpb.ExecuteRequest, context: grpc.aio.ServicerContext):
         stream: RequestStream | None = None
         reservation = None
+        rec = _Record(request_id=request.request_id)
+        self.metrics.active_streams.inc()
+        trace = _Trace(self.tracer, context.invocation_metadata())
         try:
-            principal = self.auth.authenticate(context.invocation_metadata())
+            with trace.span("igw.auth"):
+                principal = self.auth.authenticate(context.invocation_metadata())
+            rec.tenant, rec.key_id = principal.tenant, principal.key_id
             valid = validation.validate(request, self.cfg.limits)
-            priority = validation.priority(request, principal.priority_max)
-            model = self._resolve_model(valid.model)
+            rec.request_id = valid.request_id
+            priority = rec.priority = validation.priority(request, principal.priority_max)
+            model = rec.model = self._resolve_model(valid.model)
             if not principal.may_use(model):
                 raise permission_denied_model(principal, model)
             validation.check_fits_model(valid, model, self.pool.max_context_tokens(model), self.cfg.limits)
             cost = prompt_token_bound(valid.messages) + valid.sampling.max_tokens
+            trace.begin("igw.queue")
             reservation = await self._reserve(principal, cost)
 
             stream = RequestStream(valid.request_id, model, valid.sampling.max_tokens, cost,
@@ -68,7 +150,8 @@ class GatewayService(gpb_grpc.GatewayServicer):
 
             def submit_to(worker: WorkerConnection) -> None:
                 left_ms = int((deadline - loop.time()) * 1000) if deadline is not None else 0
-                worker.submit(stream, wpb.Submit(
+                trace.begin("igw.dispatch", worker=worker.address)
+                worker.submit(stream, wpb.Submit(trace_context=trace.carrier(),
                     request_id=valid.request_id, model=model, messages=valid.messages, sampling=valid.sampling,
                     # The worker aborts on its own too, should our cancel be lost.
                     timeout_ms=max(1, left_ms) if deadline is not None else 0))
@@ -89,6 +172,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                     elif update.retry_from is not None:
                         log.warning("request %s: worker %s failed before the first token; retrying elsewhere",
                                     stream.request_id, update.retry_from.name)
+                        self.metrics.retries.inc()
                         ticket = dataclasses.replace(ticket, exclude=ticket.exclude | {update.retry_from},
                                                      granted=loop.create_future())
                         stream.resume()
@@ -102,19 +186,67 @@ class GatewayService(gpb_grpc.GatewayServicer):
                             ("igw-prompt-tokens", str(stream.prompt_tokens)),
                             ("igw-completion-tokens", str(stream.completion_tokens))))
                     elif update.finish_reason is not None:
+                        rec.finish_reason = update.finish_reason
+                        trace.event("finish", finish_reason=update.finish_reason)
                         yield gpb.ExecuteResponse(done=self._done(stream, update.finish_reason))
                         return
                     else:
+                        if trace.current_name == "igw.dispatch":
+                            trace.event("first_token")
+                            trace.begin("igw.generate")
                         yield gpb.ExecuteResponse(delta=gpb.Delta(text=update.text, tokens=update.tokens))
         except RpcError as err:
+            rec.code, rec.reason = err.code, err.reason or _REJECTION.get(err.code, "")
             await context.abort_with_status(err.to_status())
+        except Exception:
+            rec.code = grpc.StatusCode.INTERNAL  # a bug: grpc answers INTERNAL; the log has the traceback
+            log.exception("request %s failed", rec.request_id)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            rec.code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+                else grpc.StatusCode.CANCELLED
+            raise
         finally:
             # Client gone, deadline passed, or we failed mid-way: free the engine.
             if stream is not None and stream.worker is not None and not stream.finished:
-                stream.worker.cancel(stream.request_id)
+                stream.worker.cancel(stream.request_id,
+                                     "deadline" if rec.code == grpc.StatusCode.DEADLINE_EXCEEDED else "cancelled")
             if reservation is not None:
                 used = stream.prompt_tokens + stream.completion_tokens if stream else 0
                 self.quotas.settle(reservation, used)
+            self.metrics.active_streams.dec()
+            self._account(rec, stream, request)
+            trace.finish(rec)
+
+    def _account(self, rec: "_Record", stream: RequestStream | None, request: gpb.ExecuteRequest) -> None:
+        """Metrics and the one JSON log line of a finished request."""
+        m, code = self.metrics, rec.code.name
+        m.requests.labels(rec.model, rec.tenant, code).inc()
+        if rec.reason and (stream is None or stream.dispatched_at is None):
+            m.rejections.labels(rec.reason, rec.tenant).inc()
+        fields = {"event": "request", "request_id": rec.request_id, "tenant": rec.tenant, "key_id": rec.key_id,
+                  "model": rec.model, "priority": rec.priority, "status": code, "finish_reason": rec.finish_reason}
+        if stream is not None:
+            now = time.monotonic()
+            if stream.dispatched_at is not None:
+                m.queue_wait.labels(rec.model, rec.priority).observe(stream.dispatched_at - stream.created)
+            if stream.first_token_at is not None:
+                m.ttft.labels(rec.model).observe(stream.first_token_at - stream.created)
+            for per_token, n in stream.itl_samples:
+                for _ in range(n):
+                    m.itl.labels(rec.model).observe(per_token)
+            m.duration.labels(rec.model).observe(now - stream.created)
+            m.tokens.labels(rec.tenant, rec.model, "input").inc(stream.prompt_tokens)
+            m.tokens.labels(rec.tenant, rec.model, "output").inc(stream.completion_tokens)
+            fields.update(worker=stream.worker_name, prompt_tokens=stream.prompt_tokens,
+                          completion_tokens=stream.completion_tokens,
+                          queue_ms=stream.ms_since_created(stream.dispatched_at) if stream.dispatched_at else None,
+                          ttft_ms=stream.ms_since_created(stream.first_token_at) if stream.first_token_at else None,
+                          total_ms=stream.ms_since_created(None))
+        if self.cfg.log_prompts:
+            fields["task"] = request.task
+        request_log.info("request %s %s", rec.request_id, code, extra={"fields": fields})
 
     async def _wait_for_worker(self, ticket: Ticket, context) -> WorkerConnection:
         """Queue until a worker has room. Cancel or deadline while queued: out of the queue at once."""
@@ -123,9 +255,11 @@ class GatewayService(gpb_grpc.GatewayServicer):
         try:
             self.scheduler.enqueue(ticket)
         except QueueFull:
-            raise resource_exhausted(
+            err = resource_exhausted(
                 f"the gateway's queue is full ({self.scheduler.max_queued} requests waiting)", 1.0,
-                [("gateway:queue", "admission queue full")]) from None
+                [("gateway:queue", "admission queue full")])
+            err.reason = "queue_full"
+            raise err from None
         remaining = context.time_remaining()
         try:
             return await asyncio.wait_for(asyncio.shield(ticket.granted), remaining)
@@ -151,9 +285,11 @@ class GatewayService(gpb_grpc.GatewayServicer):
         try:
             return await self.quotas.reserve(self._budgets(principal), tokens)
         except Denied as denied:
-            raise resource_exhausted(
+            err = resource_exhausted(
                 f"quota exceeded: {denied}", denied.retry_after_s,
-                [(v.budget.subject, v.description) for v in denied.violations]) from None
+                [(v.budget.subject, v.description) for v in denied.violations])
+            err.reason = "quota_" + denied.violations[0].kind
+            raise err from None
         except StoreUnavailable:
             raise unavailable("the quota store is unreachable and this gateway fails closed; retry shortly", 1.0) from None
 

@@ -42,6 +42,8 @@ class RequestStream:
         self.created = time.monotonic()
         self.dispatched_at: float | None = None
         self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.itl_samples: list[tuple[float, int]] = []  # (seconds per token, tokens) between deltas
         self.prompt_tokens = 0
         self.completion_tokens = 0  # tokens received from the worker
         self._accepted: int | None = None
@@ -72,8 +74,13 @@ class RequestStream:
         self.ended = False
 
     def on_delta(self, text: str, tokens: int) -> None:
-        if tokens and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+        if tokens:
+            now = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            else:
+                self.itl_samples.append(((now - self.last_token_at) / tokens, tokens))
+            self.last_token_at = now
         self.completion_tokens += tokens
         self._text.append(text)
         self._tokens += tokens

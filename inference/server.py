@@ -25,8 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import config as config_mod
+from gateway import tracing
 from gateway.logs import setup_logging
 from inference.engine import Engine, InvalidRequest, SamplingSpec
+from inference.metrics import WorkerMetrics
 from inference.v1 import worker_pb2 as pb
 from inference.v1 import worker_pb2_grpc as pb_grpc
 
@@ -50,10 +52,14 @@ class Counters:
 class _Session:
     """One gateway connection: its requests and its outgoing frames."""
 
-    def __init__(self, session_id: int, engine: Engine, counters: Counters):
+    def __init__(self, session_id: int, engine: Engine, counters: Counters, metrics: WorkerMetrics | None = None,
+                 tracer=None):
         self.id = session_id
+        self.tracer = tracer or tracing.tracer(None, "igw-worker")
         self.engine = engine
         self.counters = counters
+        self.metrics = metrics
+        self.abort_started: dict[str, float] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.abort_reasons: dict[str, str] = {}
         self._outbox: list[pb.Event] = []
@@ -88,6 +94,7 @@ class _Session:
         task = self.tasks.get(request_id)
         if task is not None and not task.done():
             self.abort_reasons.setdefault(request_id, reason)
+            self.abort_started.setdefault(request_id, time.monotonic())
             task.cancel()
 
     def abort_all(self, reason: str) -> None:
@@ -97,6 +104,13 @@ class _Session:
     # --- one request ----------------------------------------------------------
 
     async def _run(self, sub: pb.Submit) -> None:
+        # Continue the gateway's trace (W3C traceparent in Submit.trace_context).
+        with self.tracer.start_as_current_span("igw.worker.request", context=tracing.extract(sub.trace_context),
+                                               kind=tracing.SpanKind.SERVER) as span:
+            span.set_attribute("igw.request_id", sub.request_id)
+            await self._run_traced(sub, span)
+
+    async def _run_traced(self, sub: pb.Submit, span) -> None:
         rid = sub.request_id
         completion = 0
         self.counters.requests_total += 1
@@ -126,6 +140,8 @@ class _Session:
                     if step.tokens or step.text:
                         self._emit(pb.Event(request_id=rid, delta=pb.TokenDelta(text=step.text, tokens=step.tokens)))
                     if step.finish_reason is not None:
+                        span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
+                        span.set_attribute("gen_ai.usage.output_tokens", completion)
                         self._emit(pb.Event(request_id=rid, finished=pb.Finished(
                             finish_reason=_FINISH[step.finish_reason],
                             prompt_tokens=prompt.num_tokens, completion_tokens=completion)))
@@ -138,6 +154,9 @@ class _Session:
         except TimeoutError:
             self._aborted(rid, completion, "timeout")
         except asyncio.CancelledError:
+            # The engine's generator has been closed (vLLM aborted it) by the time we get here.
+            if self.metrics and rid in self.abort_started:
+                self.metrics.abort_latency.observe(time.monotonic() - self.abort_started[rid])
             self._aborted(rid, completion, self.abort_reasons.get(rid, "cancelled"))
         except Exception:
             log.exception("request %s failed in the engine", rid)
@@ -147,6 +166,7 @@ class _Session:
             self.counters.active_requests -= 1
             self.tasks.pop(rid, None)
             self.abort_reasons.pop(rid, None)
+            self.abort_started.pop(rid, None)
             self._wake.set()
 
     def _aborted(self, rid: str, completion: int, reason: str) -> None:
@@ -180,16 +200,18 @@ class _Session:
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, engine: Engine, name: str, max_concurrent_requests: int):
+    def __init__(self, engine: Engine, name: str, max_concurrent_requests: int, tracer=None):
         self.engine = engine
+        self.tracer = tracer or tracing.tracer(None, "igw-worker")
         self.name = name
         self.max_concurrent_requests = max_concurrent_requests
         self.counters = Counters()
+        self.metrics = WorkerMetrics(self.counters, engine, max_concurrent_requests)
         self.sessions: set[_Session] = set()
         self._ids = itertools.count(1)
 
     async def Session(self, request_iterator, context):
-        session = _Session(next(self._ids), self.engine, self.counters)
+        session = _Session(next(self._ids), self.engine, self.counters, self.metrics, self.tracer)
         self.sessions.add(session)
         reader = asyncio.create_task(session.read(request_iterator))
         try:
@@ -233,43 +255,61 @@ def make_engine(cfg: config_mod.WorkerConfig) -> Engine:
     return VllmEngine(cfg.model_name, cfg.vllm)
 
 
+class WorkerServer:
+    """The worker's gRPC server around a started engine; start() and drain() for tests and main."""
+
+    def __init__(self, cfg: config_mod.WorkerConfig, engine: Engine, tracer_provider=None):
+        self.cfg = cfg
+        self.engine = engine
+        self.name = cfg.name or cfg.listen
+        self.servicer = WorkerServicer(engine, self.name, cfg.max_concurrent_requests,
+                                       tracing.tracer(cfg.tracing, "igw-worker", tracer_provider))
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server()
+        pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        if self.server.add_insecure_port(cfg.listen) == 0:
+            raise SystemExit(f"worker: cannot listen on {cfg.listen} (worker.listen)")
+
+    async def start(self) -> None:
+        if self.cfg.metrics_listen:
+            self.servicer.metrics.serve(self.cfg.metrics_listen)
+        await self.server.start()
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("worker %s serving %s on %s", self.name, self.cfg.model_name, self.cfg.listen)
+
+    async def drain(self) -> None:
+        """NOT_SERVING so gateways stop sending, let running requests finish within
+        the grace period, then stop (which aborts the rest)."""
+        c = self.servicer.counters
+        log.info("draining: up to %.0f s for %d active requests", self.cfg.drain_grace_s, c.active_requests)
+        await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.drain_grace_s
+        while c.active_requests and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(grace=1.0)
+
+
 async def serve(cfg: config_mod.WorkerConfig) -> None:
     engine = make_engine(cfg)
     t0 = time.monotonic()
     log.info("starting %s engine for model %s", engine.name, cfg.model_name)
     await engine.start()
     log.info("engine ready in %.1f s", time.monotonic() - t0)
-
-    name = cfg.name or cfg.listen
-    servicer = WorkerServicer(engine, name, cfg.max_concurrent_requests)
-    health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server()
-    pb_grpc.add_WorkerServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
-    if server.add_insecure_port(cfg.listen) == 0:
-        raise SystemExit(f"worker: cannot listen on {cfg.listen} (worker.listen)")
-    await server.start()
-    for svc in ("", SERVICE_NAME):
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    log.info("worker %s serving %s on %s", name, cfg.model_name, cfg.listen)
+    worker = WorkerServer(cfg, engine)
+    await worker.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-
-    # Drain: say NOT_SERVING so gateways stop sending, let running requests
-    # finish within the grace period, then stop (which aborts the rest).
-    log.info("draining: up to %.0f s for %d active requests", cfg.drain_grace_s, servicer.counters.active_requests)
-    await health_servicer.enter_graceful_shutdown()
-    deadline = loop.time() + cfg.drain_grace_s
-    while servicer.counters.active_requests and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    await server.stop(grace=1.0)
+    await worker.drain()
     await engine.close()
     log.info("worker stopped")
 
@@ -280,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="override worker.listen")
     parser.add_argument("--engine", choices=["vllm", "synthetic"], help="override worker.engine")
     parser.add_argument("--name", help="override worker.name")
+    parser.add_argument("--metrics-listen", help='override worker.metrics_listen ("" = off)')
     args = parser.parse_args(argv)
-    cfg = config_mod.load_or_exit(args.config, "worker", listen=args.listen, engine=args.engine, name=args.name)
-    setup_logging(component="worker")
+    cfg = config_mod.load_or_exit(args.config, "worker", listen=args.listen, engine=args.engine, name=args.name,
+                                  metrics_listen=args.metrics_listen)
+    setup_logging(component="worker", level=cfg.worker.log_level)
     try:
         asyncio.run(serve(cfg.worker))
     except config_mod.ConfigError as err:

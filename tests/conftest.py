@@ -72,13 +72,13 @@ class Stack:
             raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
 
     def start_worker(self, name: str = "worker", listen: str | None = None) -> None:
-        extra = ["--listen", listen, "--name", listen] if listen else []
+        extra = ["--listen", listen, "--name", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
         self.start_process(name, [PY, "-m", "inference.server", "--config", str(self.config_path), *extra],
                            listen or self.worker, 600)
 
     def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
         """Start a gateway replica (several may share the config, each on its own port)."""
-        extra = ["--listen", listen] if listen else []
+        extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
         self.start_process(name, [PY, "-m", "gateway.server", "--config", str(self.config_path), *extra],
                            listen or self.gateway, 30)
 
@@ -119,8 +119,10 @@ class Stack:
 
 def make_config(engine: str, **overrides) -> dict:
     cfg = {
-        "gateway": {"listen": f"127.0.0.1:{free_port()}", "drain_grace_s": 5},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}", "drain_grace_s": 5,
+                    "metrics_listen": f"127.0.0.1:{free_port()}"},
         "worker": {"listen": f"127.0.0.1:{free_port()}", "engine": engine, "drain_grace_s": 5,
+                   "metrics_listen": f"127.0.0.1:{free_port()}",
                    "vllm": {"max_model_len": 2048, "kv_cache_space_gib": 1}},
         "envoy": {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"},
     }

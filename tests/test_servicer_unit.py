@@ -19,6 +19,7 @@ import pytest
 
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool
 from gateway.quota import Quotas
 from gateway.scheduler import Scheduler
@@ -105,7 +106,7 @@ def harness():
     cfg = GatewayConfig()
     scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, pool.place)
     pool.set_on_change(scheduler.pump)
-    servicer = GatewayService(cfg, pool, Authenticator(cfg.auth), Quotas(cfg.quota), scheduler)
+    servicer = GatewayService(cfg, pool, Authenticator(cfg.auth), Quotas(cfg.quota), scheduler, GatewayMetrics())
     server = grpc_testing.server_from_dictionary({SERVICE: _SyncAdapter(servicer, loop)},
                                                  grpc_testing.strict_real_time())
 

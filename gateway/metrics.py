@@ -1,0 +1,84 @@
+"""Prometheus metrics of the gateway (prometheus-client), served on ``gateway.metrics_listen``.
+
+Names follow Prometheus conventions (base units, ``_total`` counters,
+``_seconds`` histograms). Where OpenTelemetry's GenAI semantic conventions
+name the same quantity, the help text says which. Labels never carry a key,
+a hash or prompt text: tenant and key id at most.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+# Latency buckets from 5 ms to 60 s: interactive completions care about the low end.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "igw_requests", "Execute calls by final gRPC status code.", ["model", "tenant", "code"], registry=r)
+        self.ttft = Histogram(
+            "igw_time_to_first_token_seconds",
+            "Time from receiving a request to its first generated token "
+            "(OTel GenAI: gen_ai.server.time_to_first_token).", ["model"], buckets=_LATENCY, registry=r)
+        self.itl = Histogram(
+            "igw_inter_token_latency_seconds",
+            "Time between successive tokens of a stream, per token, as the gateway receives them "
+            "(OTel GenAI: gen_ai.server.time_per_output_token).", ["model"], buckets=_ITL, registry=r)
+        self.queue_wait = Histogram(
+            "igw_queue_wait_seconds", "Time a request waited in the admission queue for a worker.",
+            ["model", "priority"], buckets=_LATENCY, registry=r)
+        self.duration = Histogram(
+            "igw_request_duration_seconds",
+            "Time from receiving a request to the end of its stream (OTel GenAI: gen_ai.server.request.duration).",
+            ["model"], buckets=_LATENCY, registry=r)
+        self.tokens = Counter(
+            "igw_tokens", "Tokens used, by type input (prompt) or output (completion) "
+            "(OTel GenAI: gen_ai.client.token.usage with gen_ai.token.type).", ["tenant", "model", "type"], registry=r)
+        self.active_streams = Gauge("igw_active_streams", "Execute streams open now (queued or generating).", registry=r)
+        self.queue_depth = Gauge("igw_queue_depth", "Requests waiting for a worker.", ["priority"], registry=r)
+        self.rejections = Counter(
+            "igw_rejections", "Requests refused before reaching a worker, by reason "
+            "(quota_requests, quota_tokens, quota_concurrent, queue_full, unauthenticated, permission_denied, "
+            "invalid_argument, no_worker).", ["reason", "tenant"], registry=r)
+        self.aborts = Counter("igw_aborts", "Requests aborted on a worker, by reason (cancelled, deadline, worker_lost).",
+                              ["reason"], registry=r)
+        self.abort_latency = Histogram(
+            "igw_abort_latency_seconds", "Time from sending a cancel to the worker confirming the abort.",
+            buckets=_ITL, registry=r)
+        self.tokens_after_cancel = Counter(
+            "igw_tokens_after_cancel", "Tokens a worker generated for a request after the gateway cancelled it.",
+            registry=r)
+        self.retries = Counter("igw_retries", "Requests placed again after their worker failed before the first token.",
+                               registry=r)
+        self.quota_store_failures = Counter(
+            "igw_quota_store_failures", "Calls to the shared quota store (Redis) that failed.", registry=r)
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host, registry=self.registry)
+
+
+class PoolCollector:
+    """Worker health and load, read from the pool at scrape time (workers come and go with DNS)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def collect(self):
+        up = GaugeMetricFamily("igw_worker_up", "1 if the worker is connected and not draining, else 0.",
+                               labels=["worker"])
+        in_flight = GaugeMetricFamily("igw_worker_in_flight_requests", "This gateway's requests on the worker.",
+                                      labels=["worker"])
+        outstanding = GaugeMetricFamily("igw_worker_outstanding_tokens",
+                                        "Prompt + max_tokens of this gateway's requests on the worker.",
+                                        labels=["worker"])
+        for w in list(self.pool.workers):
+            up.add_metric([w.address], 1.0 if w.ready and not w.draining else 0.0)
+            in_flight.add_metric([w.address], len(w.streams))
+            outstanding.add_metric([w.address], w.outstanding_tokens)
+        yield from (up, in_flight, outstanding)
