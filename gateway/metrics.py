@@ -41,6 +41,7 @@ class GatewayMetrics:
             "(OTel GenAI: gen_ai.client.token.usage with gen_ai.token.type).", ["tenant", "model", "type"], registry=r)
         self.active_streams = Gauge("igw_active_streams", "Execute streams open now (queued or generating).", registry=r)
         self.queue_depth = Gauge("igw_queue_depth", "Requests waiting for a worker.", ["priority"], registry=r)
+        self.queue_limit = Gauge("igw_queue_limit", "Requests that may wait (gateway.queue.max_queued).", registry=r)
         self.rejections = Counter(
             "igw_rejections", "Requests refused before reaching a worker, by reason "
             "(quota_requests, quota_tokens, quota_concurrent, queue_full, unauthenticated, permission_denied, "

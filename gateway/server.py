@@ -52,6 +52,7 @@ class GatewayServer:
         # Whenever a worker frees room or (re)joins, the queue moves.
         self.pool.set_on_change(self.scheduler.pump)
         self.metrics.registry.register(PoolCollector(self.pool))
+        self.metrics.queue_limit.set(cfg.queue.max_queued)
         for prio in PRIORITIES:
             self.metrics.queue_depth.labels(prio).set_function(lambda p=prio: self.scheduler.depth(p))
         self.service = GatewayService(cfg, self.pool, self.auth, self.quotas, self.scheduler, self.metrics,
