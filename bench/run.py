@@ -1,0 +1,259 @@
+"""``make bench``: what the gateway costs, as ratios measured in one run.
+
+Every scenario runs three ways in the same run, in rotating order so machine
+noise hits all alike: straight to a worker ("direct"), through the gateway,
+and through Envoy and the gateway.
+
+- Synthetic engine (no model, so the gateway is what is measured) at
+  concurrency 1, 16, 64, 256: added TTFT p50/p99, inter-token latency
+  p50/p99, delivered tokens/s, gateway CPU seconds per 1,000 tokens, gateway
+  RSS per stream.
+- The real vLLM CPU worker with SmolLM2 at concurrency 1, 8, 32: TTFT and
+  output tokens/s, gateway vs direct.
+
+Writes ``report.md``, ``report.json`` and ``ttft.png`` (TTFT distributions)
+to ``--out``. ``--short`` is the CI-sized form that ``make test`` runs.
+
+    python -m bench.run [--short] [--out DIR] [--skip-vllm]
+    python -m bench.run --vllm-worker H:P --vllm-target H:P   # reuse a running vLLM stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from bench import load
+from gateway import config as config_mod
+from gateway import stack
+
+MODEL = "smollm2-135m-instruct"
+
+
+class Stack:
+    """worker + gateway + Envoy as child processes on free loopback ports."""
+
+    def __init__(self, engine: str, workdir: Path, synthetic_rate: float = 1000.0):
+        self.dir = workdir
+        self.cfg = {
+            "gateway": {"listen": f"127.0.0.1:{stack.free_port()}", "metrics_listen": "", "log_level": "warning",
+                        "queue": {"max_queued": 4096}},
+            "worker": {"listen": f"127.0.0.1:{stack.free_port()}", "engine": engine, "metrics_listen": "",
+                       "max_concurrent_requests": 512, "log_level": "warning",
+                       "synthetic": {"tokens_per_s": synthetic_rate}},
+            "envoy": {"listen": f"127.0.0.1:{stack.free_port()}", "admin_listen": f"127.0.0.1:{stack.free_port()}",
+                      "access_log_path": "/dev/null"},
+        }
+        self.cfg["gateway"]["workers"] = [{"address": self.cfg["worker"]["listen"]}]
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
+        path = self.dir / "config.yaml"
+        path.write_text(yaml.safe_dump(self.cfg))
+        py = sys.executable
+        self.procs["worker"] = stack.start([py, "-m", "inference.server", "--config", str(path)],
+                                           log_path=self.dir / "worker.log")
+        stack.wait_healthy(self.cfg["worker"]["listen"], 900, proc=self.procs["worker"])
+        self.procs["gateway"] = stack.start([py, "-m", "gateway.server", "--config", str(path)],
+                                            log_path=self.dir / "gateway.log")
+        stack.wait_healthy(self.cfg["gateway"]["listen"], 60, proc=self.procs["gateway"])
+        boot = self.dir / "envoy.yaml"
+        boot.write_text(yaml.safe_dump(stack.load_envoy_renderer().render(config_mod.parse(self.cfg))))
+        self.procs["envoy"] = stack.start(stack.envoy_command(config_mod.EnvoyConfig(), boot),
+                                          log_path=self.dir / "envoy.log")
+        stack.wait_healthy(self.cfg["envoy"]["listen"], 30, service="gateway.v1.Gateway", proc=self.procs["envoy"])
+
+    def stop(self) -> None:
+        for name in ("envoy", "gateway", "worker"):
+            if name in self.procs:
+                stack.stop(self.procs.pop(name), 20)
+
+    @property
+    def targets(self) -> dict[str, str]:
+        return {"direct": self.cfg["worker"]["listen"], "gateway": self.cfg["gateway"]["listen"],
+                "envoy+gateway": self.cfg["envoy"]["listen"]}
+
+
+class ProcSampler:
+    """CPU seconds and peak RSS of a process over a run (psutil, sampled every 20 ms)."""
+
+    def __init__(self, pid: int | None):
+        self.proc = psutil.Process(pid) if pid else None
+        self.peak_rss = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.proc:
+            self.idle_rss = self.proc.memory_info().rss
+            self.cpu0 = sum(self.proc.cpu_times()[:2])
+            self._t = threading.Thread(target=self._sample, daemon=True)
+            self._t.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self._stop.set()
+            self._t.join()
+            self.cpu_s = sum(self.proc.cpu_times()[:2]) - self.cpu0
+
+
+def run_path(path: str, addr: str, concurrency: int, requests: int, max_tokens: int, gateway_pid: int | None) -> dict:
+    sampler_pid = gateway_pid if path != "direct" else None
+    with ProcSampler(sampler_pid) as sampler:
+        if path == "direct":
+            result = asyncio.run(load.direct(addr, MODEL, concurrency, requests, max_tokens))
+        else:
+            result = asyncio.run(load.via_gateway(addr, concurrency, requests, max_tokens))
+    out = load.summary(result)
+    if sampler_pid:
+        out["gateway_cpu_s_per_1k_tokens"] = round(sampler.cpu_s / max(1, result.tokens) * 1000, 4)
+        out["gateway_rss_kib_per_stream"] = round(max(0, sampler.peak_rss - sampler.idle_rss) / 1024 / concurrency, 1)
+    return out
+
+
+def scenario(targets: dict[str, str], concurrency: int, requests: int, max_tokens: int, rounds: int,
+             gateway_pid: int | None) -> dict:
+    paths = list(targets)
+    per_path: dict[str, list[dict]] = {p: [] for p in paths}
+    for r in range(rounds):
+        for p in paths[r % len(paths):] + paths[:r % len(paths)]:
+            per_path[p].append(run_path(p, targets[p], concurrency, requests, max_tokens, gateway_pid))
+    merged = {}
+    for p, runs in per_path.items():
+        m = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "ttft_ms_all"}
+        m["ttft_ms_all"] = [t for x in runs for t in x["ttft_ms_all"]]
+        merged[p] = m
+    d = merged["direct"]
+    for p in paths[1:]:
+        g = merged[p]
+        g["added_ttft_p50_ms"] = round(g["ttft_p50_ms"] - d["ttft_p50_ms"], 2)
+        g["added_ttft_p99_ms"] = round(g["ttft_p99_ms"] - d["ttft_p99_ms"], 2)
+        g["tokens_per_s_vs_direct"] = round(g["tokens_per_s"] / d["tokens_per_s"], 3) if d["tokens_per_s"] else None
+    return merged
+
+
+def report_md(results: dict) -> str:
+    lines = ["# Gateway benchmark", "", f"{results['machine']}; {results['mode']} mode; "
+             f"each figure is the median of {results['rounds']} rounds, paths in rotating order.", ""]
+    for name, title in (("synthetic", "Synthetic engine (gateway overhead)"), ("vllm", "vLLM CPU worker, SmolLM2-135M")):
+        if name not in results:
+            continue
+        lines += [f"## {title}", "", "| concurrency | path | tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | added TTFT p50/p99 ms "
+                  "| ITL p50 ms | ITL p99 ms | gateway CPU s / 1k tok | gateway RSS KiB / stream | errors |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c, paths in results[name]["scenarios"].items():
+            for p, m in paths.items():
+                added = f"{m['added_ttft_p50_ms']:+.1f} / {m['added_ttft_p99_ms']:+.1f}" if "added_ttft_p50_ms" in m else ""
+                lines.append(
+                    f"| {c} | {p} | {m['tokens_per_s']:.0f} | {m.get('tokens_per_s_vs_direct') or ''} | "
+                    f"{m['ttft_p50_ms']:.1f} | {m['ttft_p99_ms']:.1f} | {added} | {m['itl_p50_ms']:.2f} | "
+                    f"{m['itl_p99_ms']:.2f} | {m.get('gateway_cpu_s_per_1k_tokens', '')} | "
+                    f"{m.get('gateway_rss_kib_per_stream', '')} | {m['errors']:.0f} |")
+        lines += ["", results[name]["setup"], ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(n, c) for n in ("synthetic", "vllm") if n in results for c in [list(results[n]["scenarios"])[-1]]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, c) in zip(axes[0], panels):
+        for p, m in results[name]["scenarios"][c].items():
+            xs = sorted(m["ttft_ms_all"])
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=p)
+        ax.set_title(f"{name}: TTFT distribution at concurrency {c}")
+        ax.set_xlabel("time to first token (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="gateway overhead benchmark (ratios vs straight-to-worker)")
+    p.add_argument("--short", action="store_true", help="CI-sized: fewer levels, requests and rounds")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--vllm-worker", help="worker of a running vLLM stack (else one is started)")
+    p.add_argument("--vllm-target", help="Envoy of that stack")
+    args = p.parse_args(argv)
+
+    short = args.short
+    rounds = 1 if short else 3
+    results = {"mode": "short" if short else "full", "rounds": rounds,
+               "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="igw-bench-"))
+
+    levels, tokens = ([1, 16], 16) if short else ([1, 16, 64, 256], 64)
+    rate = 1000.0  # "full speed": 1 ms engine steps, so the gateway's own cost dominates
+    print(f"synthetic: {rate:g} tokens/s per stream, max_tokens={tokens}, levels {levels}", flush=True)
+    s = Stack("synthetic", work / "synthetic", synthetic_rate=rate)
+    (work / "synthetic").mkdir()
+    try:
+        s.start()
+        pid = s.procs["gateway"].pid
+        results["synthetic"] = {"setup": f"Synthetic worker at {rate:g} tokens/s per stream, {tokens} tokens per "
+                                         f"request, requests per level = max(2 x concurrency, 16).", "scenarios": {}}
+        for c in levels:
+            n = max(c if short else 2 * c, 8 if short else 16)
+            results["synthetic"]["scenarios"][c] = scenario(s.targets, c, n, tokens, rounds, pid)
+            print(f"  concurrency {c}: done", flush=True)
+    finally:
+        s.stop()
+
+    if not args.skip_vllm:
+        vlevels, vtokens = ([1, 8], 16) if short else ([1, 8, 32], 64)
+        v = None
+        if args.vllm_worker and args.vllm_target:
+            targets, vpid = {"direct": args.vllm_worker, "envoy+gateway": args.vllm_target}, None
+        else:
+            print("vllm: starting the worker (about a minute) ...", flush=True)
+            v = Stack("vllm", work / "vllm")
+            (work / "vllm").mkdir()
+            v.start()
+            targets = {"direct": v.targets["direct"], "envoy+gateway": v.targets["envoy+gateway"]}
+            vpid = v.procs["gateway"].pid
+        try:
+            results["vllm"] = {"setup": f"vLLM CPU worker (SmolLM2-135M-Instruct, bf16), {vtokens} tokens per "
+                                        "request, temperature 0.", "scenarios": {}}
+            for c in vlevels:
+                n = max(c if short else 2 * c, 4 if short else 8)
+                results["vllm"]["scenarios"][c] = scenario(targets, c, n, vtokens, rounds, vpid)
+                print(f"  vllm concurrency {c}: done", flush=True)
+        finally:
+            if v:
+                v.stop()
+
+    (args.out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "report.md").write_text(report_md(results))
+    plot(results, args.out / "ttft.png")
+    print(report_md(results))
+    print(f"wrote {args.out}/report.md, report.json, ttft.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
