@@ -125,6 +125,7 @@ class GatewayConfig(_Section):
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight streams get to finish")
     metrics_listen: str = Field("127.0.0.1:9464", description='Prometheus /metrics endpoint (host:port); "" = off')
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level (JSON lines on stderr)")
+    event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop of the gateway process")
     log_prompts: bool = Field(False, description="put the task text in the per-request log line (debugging only: it may hold secrets)")
     drain_notice_s: float = Field(2.0, ge=0, description="on SIGTERM, time NOT_SERVING is announced while new calls are still accepted (> Envoy's health check interval)")
     worker_dns: list[str] = Field(default_factory=list, description="host:port names re-resolved periodically (e.g. a Kubernetes headless Service); every address is a worker")

@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_mod.load_or_exit(args.config, "gateway", listen=args.listen, workers=workers,
                                   metrics_listen=args.metrics_listen)
     setup_logging(component="gateway", level=cfg.gateway.log_level)
-    asyncio.run(serve(cfg.gateway))
+    if cfg.gateway.event_loop == "uvloop":
+        import uvloop  # ~18% more streamed tokens/s per core than asyncio's loop (README, Performance)
+
+        uvloop.run(serve(cfg.gateway))
+    else:
+        asyncio.run(serve(cfg.gateway))
     return 0
 
 

@@ -233,9 +233,10 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 m.queue_wait.labels(rec.model, rec.priority).observe(stream.dispatched_at - stream.created)
             if stream.first_token_at is not None:
                 m.ttft.labels(rec.model).observe(stream.first_token_at - stream.created)
+            itl = m.itl.labels(rec.model)  # one label lookup, not one per token
             for per_token, n in stream.itl_samples:
                 for _ in range(n):
-                    m.itl.labels(rec.model).observe(per_token)
+                    itl.observe(per_token)
             m.duration.labels(rec.model).observe(now - stream.created)
             m.tokens.labels(rec.tenant, rec.model, "input").inc(stream.prompt_tokens)
             m.tokens.labels(rec.tenant, rec.model, "output").inc(stream.completion_tokens)

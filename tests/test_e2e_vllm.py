@@ -269,6 +269,7 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     cfg = yaml.safe_load(vllm_stack.config_path.read_text())
     cfg["gateway"]["listen"] = f"127.0.0.1:{free_port()}"
     cfg["gateway"]["queue"] = {"max_in_flight_per_worker": 1}
+    cfg["gateway"]["metrics_listen"] = ""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     from gateway import stack
