@@ -98,6 +98,13 @@ class QuotaConfig(_Section):
     default_key_limits: QuotaLimits = Field(default_factory=QuotaLimits, description="limits of keys that set none")
 
 
+class PoolConfig(_Section):
+    name: str = Field(min_length=1, description="pool name, e.g. stable / canary or blue / green (metrics label `pool`)")
+    weight: int = Field(100, ge=0, description="share of traffic relative to the other pools; reloaded on SIGHUP")
+    workers: list[WorkerEndpoint] = Field(default_factory=list, description="static workers of the pool")
+    worker_dns: list[str] = Field(default_factory=list, description="host:port names re-resolved periodically")
+
+
 class TracingConfig(_Section):
     enabled: bool = Field(False, description="export OpenTelemetry spans")
     exporter: Literal["otlp", "console"] = Field("otlp", description='"otlp" (gRPC) or "console" (stdout, for debugging)')
@@ -129,6 +136,8 @@ class GatewayConfig(_Section):
     log_prompts: bool = Field(False, description="put the task text in the per-request log line (debugging only: it may hold secrets)")
     drain_notice_s: float = Field(2.0, ge=0, description="on SIGTERM, time NOT_SERVING is announced while new calls are still accepted (> Envoy's health check interval)")
     worker_dns: list[str] = Field(default_factory=list, description="host:port names re-resolved periodically (e.g. a Kubernetes headless Service); every address is a worker")
+    pools: list[PoolConfig] = Field(default_factory=list, description="weighted worker pools (canary, blue-green); empty = one pool of `workers`/`worker_dns`")
+    pool_affinity: Literal["tenant", "session"] = Field("session", description="what keeps a user on one pool: the tenant, or the session id (the tenant when a request has none)")
     worker_dns_refresh_s: float = Field(10.0, gt=0, description="how often worker_dns names are re-resolved")
     limits: Limits = Field(default_factory=Limits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -277,7 +286,13 @@ def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tu
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(reference_rows(ann, key + "."))
             continue
-        default = f.get_default(call_default_factory=True)
+        item = next(iter(getattr(ann, "__args__", ())), None)
+        if isinstance(item, type) and issubclass(item, BaseModel) and item is not WorkerEndpoint:
+            default = f.get_default(call_default_factory=True)
+            rows.append((key, json.dumps([d.model_dump() for d in default]), f.description or ""))
+            rows.extend(reference_rows(item, key + "[]."))
+            continue
+        default = "(required)" if f.is_required() else f.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
         rows.append((key, json.dumps(default), f.description or ""))

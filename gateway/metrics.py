@@ -20,11 +20,12 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "igw_requests", "Execute calls by final gRPC status code.", ["model", "tenant", "code"], registry=r)
+            "igw_requests", "Execute calls by final gRPC status code and worker pool (\"\" if refused before a pool).",
+            ["model", "tenant", "code", "pool"], registry=r)
         self.ttft = Histogram(
             "igw_time_to_first_token_seconds",
             "Time from receiving a request to its first generated token "
-            "(OTel GenAI: gen_ai.server.time_to_first_token).", ["model"], buckets=_LATENCY, registry=r)
+            "(OTel GenAI: gen_ai.server.time_to_first_token).", ["model", "pool"], buckets=_LATENCY, registry=r)
         self.itl = Histogram(
             "igw_inter_token_latency_seconds",
             "Time between successive tokens of a stream, per token, as the gateway receives them "
@@ -35,7 +36,7 @@ class GatewayMetrics:
         self.duration = Histogram(
             "igw_request_duration_seconds",
             "Time from receiving a request to the end of its stream (OTel GenAI: gen_ai.server.request.duration).",
-            ["model"], buckets=_LATENCY, registry=r)
+            ["model", "pool"], buckets=_LATENCY, registry=r)
         self.tokens = Counter(
             "igw_tokens", "Tokens used, by type input (prompt) or output (completion) "
             "(OTel GenAI: gen_ai.client.token.usage with gen_ai.token.type).", ["tenant", "model", "type"], registry=r)
@@ -72,14 +73,14 @@ class PoolCollector:
 
     def collect(self):
         up = GaugeMetricFamily("igw_worker_up", "1 if the worker is connected and not draining, else 0.",
-                               labels=["worker"])
+                               labels=["worker", "pool"])
         in_flight = GaugeMetricFamily("igw_worker_in_flight_requests", "This gateway's requests on the worker.",
                                       labels=["worker"])
         outstanding = GaugeMetricFamily("igw_worker_outstanding_tokens",
                                         "Prompt + max_tokens of this gateway's requests on the worker.",
                                         labels=["worker"])
         for w in list(self.pool.workers):
-            up.add_metric([w.address], 1.0 if w.ready and not w.draining else 0.0)
+            up.add_metric([w.address, w.pool], 1.0 if w.ready and not w.draining else 0.0)
             in_flight.add_metric([w.address], len(w.streams))
             outstanding.add_metric([w.address], w.outstanding_tokens)
         yield from (up, in_flight, outstanding)

@@ -10,9 +10,11 @@ as one batch. Frames coming back are demultiplexed onto ``RequestStream``s.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -41,8 +43,9 @@ CHANNEL_OPTIONS = [
 
 
 class WorkerConnection:
-    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
+    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
         self.address = address
+        self.pool = pool
         self.cfg = cfg
         self.metrics = metrics
         self._cancelled_at: dict[str, float] = {}  # request id -> when we sent its cancel
@@ -266,14 +269,29 @@ def _grpc_code(value: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+@dataclass
+class PoolSpec:
+    """A named group of workers (e.g. stable and canary) with a traffic weight."""
+
+    name: str
+    weight: int
+    addresses: list[str]
+    dns: list[str]
+
+
 class Pool:
-    """All workers this gateway knows, by address."""
+    """All workers this gateway knows, in one or more weighted pools."""
 
     def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        # With DNS names configured, the static list is only a starting point.
-        self.workers = [WorkerConnection(w.address, cfg, metrics) for w in cfg.workers] if not cfg.worker_dns else []
+        self.specs = [PoolSpec(p.name, p.weight, [w.address for w in p.workers], list(p.worker_dns))
+                      for p in cfg.pools] or \
+            [PoolSpec("default", 100, [w.address for w in cfg.workers], list(cfg.worker_dns))]
+        self.weights = {spec.name: spec.weight for spec in self.specs}
+        # With DNS names configured, a pool's static list is only a starting point.
+        self.workers = [WorkerConnection(a, cfg, metrics, pool=spec.name)
+                        for spec in self.specs if not spec.dns for a in spec.addresses]
         self.router = Router(cfg.queue.affinity_entries)
         self._on_change = lambda: None
         self._resolver: asyncio.Task | None = None
@@ -283,29 +301,57 @@ class Pool:
         for w in self.workers:
             w.on_change = callback
 
+    def set_weights(self, weights: dict[str, int]) -> None:
+        """New traffic weights (config reload). Streams in flight are untouched; new requests follow."""
+        unknown = set(weights) - set(self.weights)
+        if unknown:
+            raise ValueError(f"unknown pools {sorted(unknown)}; pools themselves change only on restart")
+        self.weights.update(weights)
+        log.info("pool weights now %s", self.weights)
+
+    def choose_pool(self, model: str, key: str) -> str:
+        """The pool for a request: a stable hash of ``key`` (tenant or session) over the weights, so
+        one user stays on one pool until the weights change, and a change moves only the users in the
+        shifted range. "" (any pool) when the chosen pool cannot serve the model right now."""
+        serving = {w.pool for w in self.models().get(model, []) if not w.draining}
+        pools = [spec.name for spec in self.specs if self.weights.get(spec.name, 0) > 0]
+        total = sum(self.weights[p] for p in pools)
+        if len(self.specs) == 1 or not total:
+            return ""
+        point = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 1_000_000
+        point = point * total / 1_000_000
+        for p in pools:
+            point -= self.weights[p]
+            if point < 0:
+                return p if p in serving else ""
+        return ""
+
     async def _resolve_forever(self) -> None:
-        """Re-resolve ``gateway.worker_dns`` (a headless Service lists one address per pod)."""
+        """Re-resolve each pool's ``worker_dns`` (a headless Service lists one address per pod)."""
         loop = asyncio.get_running_loop()
         while True:
-            found: set[str] = set()
+            found: set[tuple[str, str]] = set()
             try:
-                for name in self.cfg.worker_dns:
-                    host, _, port = name.rpartition(":")
-                    for family, _, _, _, sa in await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
-                        found.add(f"[{sa[0]}]:{sa[1]}" if family == socket.AF_INET6 else f"{sa[0]}:{sa[1]}")
+                for spec in self.specs:
+                    for name in spec.dns:
+                        host, _, port = name.rpartition(":")
+                        for family, _, _, _, sa in await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+                            addr = f"[{sa[0]}]:{sa[1]}" if family == socket.AF_INET6 else f"{sa[0]}:{sa[1]}"
+                            found.add((spec.name, addr))
             except OSError as err:
                 log.warning("worker DNS lookup failed, keeping %d known workers: %s", len(self.workers), err)
-                found = {w.address for w in self.workers}
-            known = {w.address for w in self.workers}
-            for addr in sorted(found - known):
-                log.info("worker %s discovered by DNS", addr)
-                w = WorkerConnection(addr, self.cfg, self.metrics)
+                found = {(w.pool, w.address) for w in self.workers}
+            static = {(spec.name, a) for spec in self.specs if not spec.dns for a in spec.addresses}
+            known = {(w.pool, w.address) for w in self.workers}
+            for pool, addr in sorted(found - known):
+                log.info("worker %s (pool %s) discovered by DNS", addr, pool)
+                w = WorkerConnection(addr, self.cfg, self.metrics, pool=pool)
                 w.on_change = self._on_change
                 self.workers.append(w)
                 w.start()
-            for w in [w for w in self.workers if w.address not in found]:
+            for w in [w for w in self.workers if (w.pool, w.address) not in found | static]:
                 # Gone from DNS: no new requests; its in-flight ones finish or fail over.
-                log.info("worker %s left DNS", w.address)
+                log.info("worker %s (pool %s) left DNS", w.address, w.pool)
                 self.workers.remove(w)
                 asyncio.create_task(w.close())
             self._on_change()
@@ -314,7 +360,7 @@ class Pool:
     def start(self) -> None:
         for w in self.workers:
             w.start()
-        if self.cfg.worker_dns:
+        if any(spec.dns for spec in self.specs):
             self._resolver = asyncio.create_task(self._resolve_forever())
 
     async def close(self) -> None:
@@ -351,7 +397,8 @@ class Pool:
     def place(self, ticket: Ticket) -> WorkerConnection | None:
         """A worker with room for the ticket (affinity first, then least loaded), or None."""
         candidates = [w for w in self.models().get(ticket.model, [])
-                      if w not in ticket.exclude and w.has_room(ticket.cost_tokens)]
+                      if w not in ticket.exclude and (not ticket.pool or w.pool == ticket.pool)
+                      and w.has_room(ticket.cost_tokens)]
         return self.router.choose(ticket.affinity, candidates)
 
     def can_serve(self, model: str, exclude=()) -> bool:

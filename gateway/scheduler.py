@@ -44,6 +44,7 @@ class Ticket:
     cost_tokens: int
     affinity: str = ""  # session id or prompt-prefix hash: prefer the worker that served it before
     exclude: frozenset = frozenset()  # workers that already failed this request
+    pool: str = ""  # the worker pool it must go to ("" = any)
     # Called with the worker at the moment of the grant, before anything else is
     # placed, so the worker's capacity accounts for this request at once.
     on_grant: Callable[[object], None] = lambda worker: None

@@ -90,7 +90,19 @@ class GatewayServer:
         await self.pool.close()
 
 
-async def serve(cfg: config_mod.GatewayConfig) -> None:
+def reload(gw: "GatewayServer", config_path: str | None) -> None:
+    """SIGHUP: re-read the key file and the pools' weights (other changes need a restart)."""
+    gw.auth.reload()
+    if not config_path:
+        return
+    try:
+        new = config_mod.load(config_path)
+        gw.pool.set_weights({p.name: p.weight for p in new.gateway.pools})
+    except (config_mod.ConfigError, ValueError) as err:
+        log.error("config not reloaded, previous weights stay in force: %s", err)
+
+
+async def serve(cfg: config_mod.GatewayConfig, config_path: str | None = None) -> None:
     try:
         gw = GatewayServer(cfg)
     except (OSError, ValueError) as err:  # e.g. an unreadable key file or edge secret
@@ -100,7 +112,7 @@ async def serve(cfg: config_mod.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gw.auth.reload)  # re-read the key file now
+    loop.add_signal_handler(signal.SIGHUP, reload, gw, config_path)
     await stop.wait()
     log.info("draining: up to %.0f s for in-flight streams", cfg.drain_grace_s)
     await gw.drain()
@@ -121,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gateway.event_loop == "uvloop":
         import uvloop  # ~18% more streamed tokens/s per core than asyncio's loop (README, Performance)
 
-        uvloop.run(serve(cfg.gateway))
+        uvloop.run(serve(cfg.gateway, args.config))
     else:
-        asyncio.run(serve(cfg.gateway))
+        asyncio.run(serve(cfg.gateway, args.config))
     return 0
 
 

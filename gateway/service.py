@@ -101,6 +101,7 @@ class _Record:
     model: str = ""
     priority: str = ""
     finish_reason: str = ""
+    pool: str = ""
     code: grpc.StatusCode = grpc.StatusCode.OK
     reason: str = ""
 
@@ -141,8 +142,10 @@ class GatewayService(gpb_grpc.GatewayServicer):
 
             stream = RequestStream(valid.request_id, model, valid.sampling.max_tokens, cost,
                                    retries=self.cfg.queue.retry_before_first_token)
+            sticky = principal.tenant if self.cfg.pool_affinity == "tenant" else request.session_id or principal.tenant
             ticket = Ticket(model=model, tenant=principal.tenant, priority=priority, cost_tokens=cost,
-                            affinity=affinity_key(request.session_id, valid.messages))
+                            affinity=affinity_key(request.session_id, valid.messages),
+                            pool=self.pool.choose_pool(model, sticky))
             started_sent = False
             loop = asyncio.get_running_loop()
             remaining = context.time_remaining()
@@ -151,6 +154,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
             def submit_to(worker: WorkerConnection) -> None:
                 left_ms = int((deadline - loop.time()) * 1000) if deadline is not None else 0
                 trace.begin("igw.dispatch", worker=worker.address)
+                rec.pool = worker.pool
                 worker.submit(stream, wpb.Submit(trace_context=trace.carrier(),
                     request_id=valid.request_id, model=model, messages=valid.messages, sampling=valid.sampling,
                     # The worker aborts on its own too, should our cancel be lost.
@@ -174,7 +178,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                                     stream.request_id, update.retry_from.name)
                         self.metrics.retries.inc()
                         ticket = dataclasses.replace(ticket, exclude=ticket.exclude | {update.retry_from},
-                                                     granted=loop.create_future())
+                                                     granted=loop.create_future(), pool="")  # any pool now
                         stream.resume()
                         break
                     elif update.error is not None:
@@ -222,22 +226,22 @@ class GatewayService(gpb_grpc.GatewayServicer):
     def _account(self, rec: "_Record", stream: RequestStream | None, request: gpb.ExecuteRequest) -> None:
         """Metrics and the one JSON log line of a finished request."""
         m, code = self.metrics, rec.code.name
-        m.requests.labels(rec.model, rec.tenant, code).inc()
+        m.requests.labels(rec.model, rec.tenant, code, rec.pool).inc()
         if rec.reason and (stream is None or stream.dispatched_at is None):
             m.rejections.labels(rec.reason, rec.tenant).inc()
         fields = {"event": "request", "request_id": rec.request_id, "tenant": rec.tenant, "key_id": rec.key_id,
-                  "model": rec.model, "priority": rec.priority, "status": code, "finish_reason": rec.finish_reason}
+                  "model": rec.model, "priority": rec.priority, "pool": rec.pool, "status": code, "finish_reason": rec.finish_reason}
         if stream is not None:
             now = time.monotonic()
             if stream.dispatched_at is not None:
                 m.queue_wait.labels(rec.model, rec.priority).observe(stream.dispatched_at - stream.created)
             if stream.first_token_at is not None:
-                m.ttft.labels(rec.model).observe(stream.first_token_at - stream.created)
+                m.ttft.labels(rec.model, rec.pool).observe(stream.first_token_at - stream.created)
             itl = m.itl.labels(rec.model)  # one label lookup, not one per token
             for per_token, n in stream.itl_samples:
                 for _ in range(n):
                     itl.observe(per_token)
-            m.duration.labels(rec.model).observe(now - stream.created)
+            m.duration.labels(rec.model, rec.pool).observe(now - stream.created)
             m.tokens.labels(rec.tenant, rec.model, "input").inc(stream.prompt_tokens)
             m.tokens.labels(rec.tenant, rec.model, "output").inc(stream.completion_tokens)
             fields.update(worker=stream.worker_name, prompt_tokens=stream.prompt_tokens,

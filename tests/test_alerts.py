@@ -33,8 +33,9 @@ def exported_series() -> set[str]:
     gm = GatewayMetrics()
     gm.registry.register(PoolCollector(Pool()))
     gm.queue_depth.labels("interactive").set(0)
-    for h in (gm.ttft, gm.itl, gm.duration):
-        h.labels("m").observe(1)
+    for h in (gm.ttft, gm.duration):
+        h.labels("m", "p").observe(1)
+    gm.itl.labels("m").observe(1)
     gm.queue_wait.labels("m", "interactive").observe(1)
     wm = WorkerMetrics(Counters(), Engine(), 1)
     names = set()

@@ -1,0 +1,130 @@
+"""Canary and blue-green pools: 2 gateways behind Envoy, 2 pools of synthetic workers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import yaml
+
+from gateway.v1 import gateway_pb2 as gpb
+from tests.conftest import build_stack, free_port, make_config
+
+
+@pytest.fixture
+def pools(tmp_path):
+    """Pools a (stable / blue) and b (canary / green), one synthetic worker each; 2 gateways; Envoy."""
+    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    g2 = f"127.0.0.1:{free_port()}"
+    cfg = make_config("synthetic", worker={"synthetic": {"tokens_per_s": 200}, "max_concurrent_requests": 256},
+                      gateway={"pools": [{"name": "a", "weight": 90, "workers": [{"address": a}]},
+                                         {"name": "b", "weight": 10, "workers": [{"address": b}]}],
+                               "pool_affinity": "session"},
+                      envoy={"health_check_interval_ms": 500})
+    cfg["envoy"]["upstreams"] = [cfg["gateway"]["listen"], g2]
+    s = build_stack(tmp_path, cfg)
+    try:
+        s.start_worker("worker_a", a)
+        s.start_worker("worker_b", b)
+        s.start_gateway("gateway0", cfg["gateway"]["listen"])
+        s.start_gateway("gateway1", g2)
+        s.start_envoy()
+        yield s, {a: "a", b: "b"}
+    finally:
+        s.stop()
+
+
+def set_weights(s, a: int, b: int) -> None:
+    s.config["gateway"]["pools"][0]["weight"] = a
+    s.config["gateway"]["pools"][1]["weight"] = b
+    s.config_path.write_text(yaml.safe_dump(s.config))
+    for name in ("gateway0", "gateway1"):
+        s.procs[name].send_signal(signal.SIGHUP)
+
+
+def one(stub, session, max_tokens=1):
+    out = list(stub.Execute(gpb.ExecuteRequest(task="hi", session_id=session,
+                                               sampling=gpb.SamplingParams(max_tokens=max_tokens)), timeout=30))
+    assert out[-1].done.usage.completion_tokens == max_tokens
+    return out[0].started.worker
+
+
+def test_weighted_split_stickiness_and_live_reweighting(pools):
+    s, pool_of = pools
+    stub = s.gateway_stub("envoy")
+    with ThreadPoolExecutor(16) as ex:
+        workers = list(ex.map(lambda i: one(stub, f"user-{i}"), range(1000)))
+    share_b = sum(pool_of[w] == "b" for w in workers) / len(workers)
+    print(f"canary share over 1000 sessions at 90/10: {share_b:.3f}")
+    # Binomial sd at n=1000, p=0.1 is 0.0095: 3 sd either side.
+    assert 0.07 <= share_b <= 0.13
+    # Sticky: a session stays in its pool (whichever gateway replica Envoy picks).
+    for i in range(20):
+        assert {pool_of[one(stub, f"user-{i}")] for _ in range(5)} == {pool_of[workers[i]]}
+
+    # Reweight to 50/50 in the middle of continuous load: no stream is lost.
+    stop, results, lock = threading.Event(), [], threading.Lock()
+
+    def load(k):
+        i = 0
+        while not stop.is_set():
+            try:
+                w = one(stub, f"live-{k}-{i}", max_tokens=10)
+                r = ("ok", pool_of[w], time.monotonic())
+            except (grpc.RpcError, AssertionError) as err:
+                r = ("error", str(err), time.monotonic())
+            with lock:
+                results.append(r)
+            i += 1
+
+    with ThreadPoolExecutor(8) as ex:
+        fs = [ex.submit(load, k) for k in range(8)]
+        time.sleep(1.5)
+        t_change = time.monotonic()
+        set_weights(s, 50, 50)
+        time.sleep(3)
+        stop.set()
+        for f in fs:
+            f.result()
+    assert [r for r in results if r[0] != "ok"] == []
+    after = [r[1] for r in results if r[2] > t_change + 0.5]
+    assert len(after) > 100
+    assert 0.35 <= after.count("b") / len(after) <= 0.65
+
+
+def test_blue_green_switch_under_load(pools):
+    s, pool_of = pools
+    set_weights(s, 100, 0)  # all blue (a)
+    time.sleep(0.5)
+    stub = s.gateway_stub("envoy")
+    assert {pool_of[one(stub, f"pre-{i}")] for i in range(30)} == {"a"}
+    stop, results, lock = threading.Event(), [], threading.Lock()
+
+    def load(k):
+        i = 0
+        while not stop.is_set():
+            try:
+                w = one(stub, f"bg-{k}-{i}", max_tokens=40)  # 0.2 s streams: some in flight at the switch
+                r = ("ok", pool_of[w], time.monotonic())
+            except (grpc.RpcError, AssertionError) as err:
+                r = ("error", str(err), time.monotonic())
+            with lock:
+                results.append(r)
+            i += 1
+
+    with ThreadPoolExecutor(8) as ex:
+        fs = [ex.submit(load, k) for k in range(8)]
+        time.sleep(1.5)
+        t_switch = time.monotonic()
+        set_weights(s, 0, 100)  # switch to green (b)
+        time.sleep(2.5)
+        stop.set()
+        for f in fs:
+            f.result()
+    assert [r for r in results if r[0] != "ok"] == []  # zero failed streams
+    assert {r[1] for r in results if r[2] < t_switch} == {"a"}
+    assert {r[1] for r in results if r[2] > t_switch + 0.8} == {"b"}
