@@ -99,7 +99,7 @@ def test_no_secret_values_in_plain_manifests():
     assert secret_refs == {"igw-api-keys", "igw-tls"}
     readme = (ROOT / "README.md").read_text()
     for name in secret_refs:
-        assert f"kubectl -n igw create secret" in readme and name in readme
+        assert "kubectl -n igw create secret" in readme and name in readme
 
 
 @pytest.mark.parametrize("name, ports, script", [

@@ -53,6 +53,35 @@ def one(stub, session, max_tokens=1):
     return out[0].started.worker
 
 
+def load_during(stub, pool_of, prefix, max_tokens, change, before_s=1.5, after_s=3.0):
+    """8 clients stream continuously; ``change()`` runs in the middle. Returns (results, time of change):
+    results are (ok|error, pool or message, completion time)."""
+    stop, results, lock = threading.Event(), [], threading.Lock()
+
+    def load(k):
+        i = 0
+        while not stop.is_set():
+            try:
+                w = one(stub, f"{prefix}-{k}-{i}", max_tokens=max_tokens)
+                r = ("ok", pool_of[w], time.monotonic())
+            except (grpc.RpcError, AssertionError) as err:
+                r = ("error", str(err), time.monotonic())
+            with lock:
+                results.append(r)
+            i += 1
+
+    with ThreadPoolExecutor(8) as ex:
+        fs = [ex.submit(load, k) for k in range(8)]
+        time.sleep(before_s)
+        t_change = time.monotonic()
+        change()
+        time.sleep(after_s)
+        stop.set()
+        for f in fs:
+            f.result()
+    return results, t_change
+
+
 def test_weighted_split_stickiness_and_live_reweighting(pools):
     s, pool_of = pools
     stub = s.gateway_stub("envoy")
@@ -67,29 +96,7 @@ def test_weighted_split_stickiness_and_live_reweighting(pools):
         assert {pool_of[one(stub, f"user-{i}")] for _ in range(5)} == {pool_of[workers[i]]}
 
     # Reweight to 50/50 in the middle of continuous load: no stream is lost.
-    stop, results, lock = threading.Event(), [], threading.Lock()
-
-    def load(k):
-        i = 0
-        while not stop.is_set():
-            try:
-                w = one(stub, f"live-{k}-{i}", max_tokens=10)
-                r = ("ok", pool_of[w], time.monotonic())
-            except (grpc.RpcError, AssertionError) as err:
-                r = ("error", str(err), time.monotonic())
-            with lock:
-                results.append(r)
-            i += 1
-
-    with ThreadPoolExecutor(8) as ex:
-        fs = [ex.submit(load, k) for k in range(8)]
-        time.sleep(1.5)
-        t_change = time.monotonic()
-        set_weights(s, 50, 50)
-        time.sleep(3)
-        stop.set()
-        for f in fs:
-            f.result()
+    results, t_change = load_during(stub, pool_of, "live", 10, lambda: set_weights(s, 50, 50))
     assert [r for r in results if r[0] != "ok"] == []
     after = [r[1] for r in results if r[2] > t_change + 0.5]
     assert len(after) > 100
@@ -102,29 +109,8 @@ def test_blue_green_switch_under_load(pools):
     time.sleep(0.5)
     stub = s.gateway_stub("envoy")
     assert {pool_of[one(stub, f"pre-{i}")] for i in range(30)} == {"a"}
-    stop, results, lock = threading.Event(), [], threading.Lock()
-
-    def load(k):
-        i = 0
-        while not stop.is_set():
-            try:
-                w = one(stub, f"bg-{k}-{i}", max_tokens=40)  # 0.2 s streams: some in flight at the switch
-                r = ("ok", pool_of[w], time.monotonic())
-            except (grpc.RpcError, AssertionError) as err:
-                r = ("error", str(err), time.monotonic())
-            with lock:
-                results.append(r)
-            i += 1
-
-    with ThreadPoolExecutor(8) as ex:
-        fs = [ex.submit(load, k) for k in range(8)]
-        time.sleep(1.5)
-        t_switch = time.monotonic()
-        set_weights(s, 0, 100)  # switch to green (b)
-        time.sleep(2.5)
-        stop.set()
-        for f in fs:
-            f.result()
+    # 40 tokens = 0.2 s streams: some are in flight at the switch.
+    results, t_switch = load_during(stub, pool_of, "bg", 40, lambda: set_weights(s, 0, 100), after_s=2.5)
     assert [r for r in results if r[0] != "ok"] == []  # zero failed streams
     assert {r[1] for r in results if r[2] < t_switch} == {"a"}
     assert {r[1] for r in results if r[2] > t_switch + 0.8} == {"b"}
