@@ -52,6 +52,7 @@ class WorkerConnection:
         self.info: wpb.WorkerInfo | None = None
         self.ready = False
         self.draining = False  # the worker's health says NOT_SERVING: no new requests
+        self.retiring = False  # gone from DNS: no new requests, closed once its streams end
         self.last_error = "not connected yet"
         self.streams: dict[str, RequestStream] = {}
         self.on_change = lambda: None  # capacity or readiness changed (the scheduler pumps)
@@ -71,7 +72,7 @@ class WorkerConnection:
 
     def has_room(self, cost_tokens: int) -> bool:
         """Within the worker's reported capacity: concurrent requests and batch tokens."""
-        if not self.ready or self.draining or self.info is None:
+        if not self.ready or self.draining or self.retiring or self.info is None:
             return False
         limit = max(1, self.info.max_concurrent_requests)
         if self.cfg.queue.max_in_flight_per_worker:
@@ -295,6 +296,7 @@ class Pool:
         self.router = Router(cfg.queue.affinity_entries)
         self._on_change = lambda: None
         self._resolver: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     def set_on_change(self, callback) -> None:
         self._on_change = callback
@@ -313,7 +315,7 @@ class Pool:
         """The pool for a request: a stable hash of ``key`` (tenant or session) over the weights, so
         one user stays on one pool until the weights change, and a change moves only the users in the
         shifted range. "" (any pool) when the chosen pool cannot serve the model right now."""
-        serving = {w.pool for w in self.models().get(model, []) if not w.draining}
+        serving = {w.pool for w in self.models().get(model, []) if not (w.draining or w.retiring)}
         pools = [spec.name for spec in self.specs if self.weights.get(spec.name, 0) > 0]
         total = sum(self.weights[p] for p in pools)
         if len(self.specs) == 1 or not total:
@@ -328,15 +330,13 @@ class Pool:
 
     async def _resolve_forever(self) -> None:
         """Re-resolve each pool's ``worker_dns`` (a headless Service lists one address per pod)."""
-        loop = asyncio.get_running_loop()
         while True:
             found: set[tuple[str, str]] = set()
             try:
                 for spec in self.specs:
                     for name in spec.dns:
                         host, _, port = name.rpartition(":")
-                        for family, _, _, _, sa in await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
-                            addr = f"[{sa[0]}]:{sa[1]}" if family == socket.AF_INET6 else f"{sa[0]}:{sa[1]}"
+                        for addr in await self._lookup(host, int(port)):
                             found.add((spec.name, addr))
             except OSError as err:
                 log.warning("worker DNS lookup failed, keeping %d known workers: %s", len(self.workers), err)
@@ -349,13 +349,28 @@ class Pool:
                 w.on_change = self._on_change
                 self.workers.append(w)
                 w.start()
-            for w in [w for w in self.workers if (w.pool, w.address) not in found | static]:
-                # Gone from DNS: no new requests; its in-flight ones finish or fail over.
-                log.info("worker %s (pool %s) left DNS", w.address, w.pool)
-                self.workers.remove(w)
-                asyncio.create_task(w.close())
+            for w in [w for w in self.workers if (w.pool, w.address) not in found | static and not w.retiring]:
+                log.info("worker %s (pool %s) left DNS; retiring it once its streams end", w.address, w.pool)
+                w.retiring = True
+                self._tasks.add(asyncio.create_task(self._retire(w)))
             self._on_change()
             await asyncio.sleep(self.cfg.worker_dns_refresh_s)
+
+    async def _lookup(self, host: str, port: int) -> list[str]:
+        """The addresses a worker DNS name resolves to (tests replace this)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [f"[{sa[0]}]:{sa[1]}" if fam == socket.AF_INET6 else f"{sa[0]}:{sa[1]}" for fam, _, _, _, sa in infos]
+
+    async def _retire(self, w: WorkerConnection) -> None:
+        """A worker gone from DNS (scaled down, rescheduled) keeps its in-flight streams until they end,
+        within the drain grace period, like a worker that drains itself."""
+        deadline = time.monotonic() + self.cfg.drain_grace_s
+        while w.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if w in self.workers:
+            self.workers.remove(w)
+        await w.close()
+        self._on_change()
 
     def start(self) -> None:
         for w in self.workers:
@@ -366,6 +381,8 @@ class Pool:
     async def close(self) -> None:
         if self._resolver:
             self._resolver.cancel()
+        for t in self._tasks:
+            t.cancel()
         await asyncio.gather(*(w.close() for w in self.workers))
 
     async def wait_ready(self, timeout_s: float) -> bool:
@@ -403,7 +420,7 @@ class Pool:
 
     def can_serve(self, model: str, exclude=()) -> bool:
         """Some ready, non-draining worker serves the model (it may be busy)."""
-        return any(not w.draining and w not in exclude for w in self.models().get(model, []))
+        return any(not (w.draining or w.retiring) and w not in exclude for w in self.models().get(model, []))
 
     def no_worker_error(self, model: str) -> RpcError:
         """UNAVAILABLE naming each worker that could have served ``model`` ("" = any) and why it cannot."""

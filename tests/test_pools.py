@@ -114,3 +114,40 @@ def test_blue_green_switch_under_load(pools):
     assert [r for r in results if r[0] != "ok"] == []  # zero failed streams
     assert {r[1] for r in results if r[2] < t_switch} == {"a"}
     assert {r[1] for r in results if r[2] > t_switch + 0.8} == {"b"}
+
+
+def test_tenant_affinity_keeps_each_tenant_on_one_pool(tmp_path):
+    from gateway.auth import KeyEntry, KeyFile, hash_key, new_key, write_key_file
+
+    keys, kf = {}, KeyFile()
+    for i in range(30):
+        key_id, key = new_key()
+        kf.keys[key_id] = KeyEntry(sha256=hash_key(key), tenant=f"tenant-{i}")
+        keys[f"tenant-{i}"] = key
+    write_key_file(tmp_path / "keys.yaml", kf)
+    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    cfg = make_config("synthetic", worker={"synthetic": {"tokens_per_s": 500}},
+                      gateway={"pools": [{"name": "a", "weight": 50, "workers": [{"address": a}]},
+                                         {"name": "b", "weight": 50, "workers": [{"address": b}]}],
+                               "pool_affinity": "tenant",
+                               "auth": {"mode": "api_key", "key_file": str(tmp_path / "keys.yaml")}})
+    s = build_stack(tmp_path, cfg)
+    try:
+        s.start_worker("worker_a", a)
+        s.start_worker("worker_b", b)
+        s.start_gateway()
+        stub = s.gateway_stub("gateway")
+        pool_of = {a: "a", b: "b"}
+        per_tenant = {}
+        for tenant, key in keys.items():
+            pools = set()
+            for j in range(3):  # different sessions: the tenant, not the session, decides
+                out = list(stub.Execute(gpb.ExecuteRequest(task="hi", session_id=f"{tenant}-{j}",
+                                                           sampling=gpb.SamplingParams(max_tokens=1)),
+                                        metadata=[("authorization", f"Bearer {key}")], timeout=30))
+                pools.add(pool_of[out[0].started.worker])
+            assert len(pools) == 1, (tenant, pools)
+            per_tenant[tenant] = pools.pop()
+        assert set(per_tenant.values()) == {"a", "b"}  # 30 tenants at 50/50 use both pools
+    finally:
+        s.stop()
