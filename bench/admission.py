@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="igw-bench-adm-"))
-    procs: list[subprocess.Popen] = []
+    procs: list[stack.Processes] = []
+    redis = None
     try:
         redis_port = stack.free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                                      stdout=subprocess.DEVNULL))
+        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                                 stdout=subprocess.DEVNULL)
         keys = work / "keys.yaml"
         key = subprocess.run([str(Path(sys.executable).parent / "igw-keys"), "issue", "--file", str(keys),
                               "--tenant", "bench", "--rpm", "10000000", "--tpm", "1000000000", "--concurrent", "10000"],
@@ -77,17 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         cfg_path = work / "base.yaml"
         cfg_path.write_text(yaml.safe_dump(base))
-        w = stack.start([sys.executable, "-m", "inference.server", "--config", str(cfg_path)], log_path=work / "worker.log")
-        procs.append(w)
-        stack.wait_healthy(worker, 60, proc=w)
+        worker_procs = stack.Processes(cfg_path, log_dir=work)
+        procs.append(worker_procs)
+        worker_procs.start_worker()
         addrs = {}
         for name, gw in variants.items():
             addr = f"127.0.0.1:{stack.free_port()}"
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump({**base, "gateway": {**base["gateway"], "listen": addr, **gw}}))
-            g = stack.start([sys.executable, "-m", "gateway.server", "--config", str(path)], log_path=work / f"{name}.log")
-            procs.append(g)
-            stack.wait_healthy(addr, 30, proc=g)
+            gateway = stack.Processes(path, log_dir=work)
+            procs.append(gateway)
+            gateway.start_gateway(name=f"gateway-{name}")
             addrs[name] = addr
 
         lat: dict[str, list[float]] = {k: [] for k in variants}
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("local", "redis"):
             print(f"admission overhead ({name}): {(statistics.mean(lat[name]) - off_mean) * 1000:+.2f} ms per request (mean)")
     finally:
-        for proc in reversed(procs):
-            stack.stop(proc, 10)
+        for p in reversed(procs):  # gateways first, then the worker
+            p.stop()
+        if redis:
+            stack.stop(redis, 10)
     return 0
 
 

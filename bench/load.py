@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -81,12 +80,9 @@ async def direct(worker: str, model: str, concurrency: int, requests: int, max_t
     async with grpc.aio.insecure_channel(worker) as ch:
         call = wpb_grpc.WorkerStub(ch).Session()
         records: dict[str, Record] = {}
-        done = asyncio.Event()
         ids = iter(range(requests))
-        open_ = 0
 
         async def submit(n):
-            nonlocal open_
             subs = []
             for _ in range(n):
                 i = next(ids, None)
@@ -97,7 +93,6 @@ async def direct(worker: str, model: str, concurrency: int, requests: int, max_t
                 subs.append(wpb.Submit(request_id=rid, model=model,
                                        messages=[wpb.ChatMessage(role="user", content=f"{TASK} ({i})")],
                                        sampling=wpb.Sampling(max_tokens=max_tokens, temperature=0)))
-            open_ += len(subs)
             if subs:
                 await call.write(wpb.GatewayMessage(submits=subs))
 
@@ -115,13 +110,11 @@ async def direct(worker: str, model: str, concurrency: int, requests: int, max_t
                     records[ev.request_id].ok = kind == "finished"
                     finished += 1
             ended += finished
-            open_ -= finished
             if ended == requests:
                 break
             if finished:
                 await submit(finished)
         elapsed = time.monotonic() - t0
-        done.set()
         await call.done_writing()
         call.cancel()
     return Run(list(records.values()), elapsed)
@@ -152,7 +145,3 @@ async def via_gateway(target: str, concurrency: int, requests: int, max_tokens: 
         t0 = time.monotonic()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return Run(records, time.monotonic() - t0)
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,6 @@ import psutil
 import yaml
 
 from bench import load
-from gateway import config as config_mod
 from gateway import stack
 
 MODEL = "smollm2-135m-instruct"
@@ -56,28 +54,18 @@ class Stack:
                       "access_log_path": "/dev/null"},
         }
         self.cfg["gateway"]["workers"] = [{"address": self.cfg["worker"]["listen"]}]
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self) -> None:
         path = self.dir / "config.yaml"
         path.write_text(yaml.safe_dump(self.cfg))
-        py = sys.executable
-        self.procs["worker"] = stack.start([py, "-m", "inference.server", "--config", str(path)],
-                                           log_path=self.dir / "worker.log")
-        stack.wait_healthy(self.cfg["worker"]["listen"], 900, proc=self.procs["worker"])
-        self.procs["gateway"] = stack.start([py, "-m", "gateway.server", "--config", str(path)],
-                                            log_path=self.dir / "gateway.log")
-        stack.wait_healthy(self.cfg["gateway"]["listen"], 60, proc=self.procs["gateway"])
-        boot = self.dir / "envoy.yaml"
-        boot.write_text(yaml.safe_dump(stack.load_envoy_renderer().render(config_mod.parse(self.cfg))))
-        self.procs["envoy"] = stack.start(stack.envoy_command(config_mod.EnvoyConfig(), boot),
-                                          log_path=self.dir / "envoy.log")
-        stack.wait_healthy(self.cfg["envoy"]["listen"], 30, service="gateway.v1.Gateway", proc=self.procs["envoy"])
+        self.processes = stack.Processes(path, log_dir=self.dir)
+        self.procs = self.processes.procs
+
+    def start(self) -> None:
+        self.processes.start_worker()
+        self.processes.start_gateway()
+        self.processes.start_envoy()
 
     def stop(self) -> None:
-        for name in ("envoy", "gateway", "worker"):
-            if name in self.procs:
-                stack.stop(self.procs.pop(name), 20)
+        self.processes.stop()
 
     @property
     def targets(self) -> dict[str, str]:
@@ -210,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     levels, tokens = ([1, 16], 16) if short else ([1, 16, 64, 256], 64)
     rate = 1000.0  # "full speed": 1 ms engine steps, so the gateway's own cost dominates
     print(f"synthetic: {rate:g} tokens/s per stream, max_tokens={tokens}, levels {levels}", flush=True)
-    s = Stack("synthetic", work / "synthetic", synthetic_rate=rate)
     (work / "synthetic").mkdir()
+    s = Stack("synthetic", work / "synthetic", synthetic_rate=rate)
     try:
         s.start()
         pid = s.procs["gateway"].pid
@@ -231,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             targets, vpid = {"direct": args.vllm_worker, "envoy+gateway": args.vllm_target}, None
         else:
             print("vllm: starting the worker (about a minute) ...", flush=True)
-            v = Stack("vllm", work / "vllm")
             (work / "vllm").mkdir()
+            v = Stack("vllm", work / "vllm")
             v.start()
             targets = {"direct": v.targets["direct"], "envoy+gateway": v.targets["envoy+gateway"]}
             vpid = v.procs["gateway"].pid

@@ -338,7 +338,6 @@ class Quotas:
         self.shared: Store | None = None
         if cfg.store == "redis":
             self.shared = RedisStore(cfg.redis_url, cfg.redis_key_prefix, cfg.redis_timeout_ms / 1000)
-        self.store_failures = 0
         self._tasks: set[asyncio.Task] = set()
 
     async def _on(self, op: str, fn):
@@ -347,7 +346,6 @@ class Quotas:
         try:
             return await fn(self.shared), self.shared
         except StoreUnavailable as err:
-            self.store_failures += 1
             self._on_store_failure()
             if self.cfg.redis_failure_mode == "closed":
                 log.error("quota store unreachable on %s; refusing (fail closed): %s", op, err)
@@ -364,18 +362,23 @@ class Quotas:
         _, r.store = await self._on("reserve", lambda s: s.reserve(budgets, tokens, r.lease_id, self.cfg.lease_ttl_s))
         return r
 
-    async def trim(self, r: Reservation | None, tokens_now: int) -> None:
-        """Lower the reservation to ``tokens_now`` (the real prompt is known)."""
+    def trim(self, r: Reservation | None, tokens_now: int) -> None:
+        """Lower the reservation to ``tokens_now`` (the real prompt is known). The refund is written in
+        the background: the stream does not wait for the store before its first token."""
         if r is None or tokens_now >= r.tokens:
             return
         give_back, r.tokens = r.tokens - tokens_now, tokens_now
-        await self._settle_on(r, give_back, None)
+        self._background(self._settle_on(r, give_back, None))
 
     def settle(self, r: Reservation | None, used_tokens: int) -> None:
         """Refund what was reserved but not used and end the lease (in the background)."""
-        if r is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._settle_on(r, max(0, r.tokens - used_tokens), r.lease_id))
+        if r is not None:
+            self._background(self._settle_on(r, max(0, r.tokens - used_tokens), r.lease_id))
+
+    def _background(self, coro) -> None:
+        # Refunds only add back, so their order does not matter; settle() computes from the
+        # already-trimmed r.tokens.
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -383,7 +386,6 @@ class Quotas:
         try:
             await r.store.refund(r.budgets, tokens, lease_id)
         except StoreUnavailable as err:
-            self.store_failures += 1
             self._on_store_failure()
             log.warning("quota refund of %d tokens lost, store unreachable: %s", tokens, err)
 

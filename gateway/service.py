@@ -167,7 +167,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                     update = await stream.next()
                     if update.accepted_prompt_tokens is not None:
                         # The real prompt is known: hold only prompt + max_tokens from now on.
-                        await self.quotas.trim(reservation, update.accepted_prompt_tokens + valid.sampling.max_tokens)
+                        self.quotas.trim(reservation, update.accepted_prompt_tokens + valid.sampling.max_tokens)
                         if not started_sent:
                             started_sent = True
                             yield gpb.ExecuteResponse(started=gpb.Started(

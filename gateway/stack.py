@@ -109,23 +109,80 @@ def stop(proc: subprocess.Popen, timeout_s: float) -> int:
     return proc.returncode
 
 
+def tail(path: Path | None, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path else "(logged to the terminal)"
+    except OSError:
+        return "(no log)"
+
+
+class Processes:
+    """Worker, gateway and Envoy processes started from one config file.
+
+    ``igw-stack``, the tests and the benches all start their processes through
+    this: each start waits for gRPC health, and ``stop()`` stops Envoy first and
+    workers last, as in production. Several workers or gateways can share the
+    config, each on its own ``listen`` address (and a free metrics port).
+    """
+
+    def __init__(self, config_path: Path | str | None, log_dir: Path | None = None):
+        self.config_path = Path(config_path) if config_path else None
+        self.cfg = config_mod.load(self.config_path)
+        self.log_dir = log_dir  # None: children log to our terminal
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def _cfg_args(self) -> list[str]:
+        return ["--config", str(self.config_path)] if self.config_path else []
+
+    def start_process(self, name: str, args: list[str], health_addr: str, timeout_s: float, service: str = "") -> None:
+        self.procs[name] = proc = start(args, log_path=self.log(name))
+        try:
+            wait_healthy(health_addr, timeout_s, service=service, proc=proc)
+        except (TimeoutError, RuntimeError) as err:
+            raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
+
+    def start_worker(self, name: str = "worker", listen: str | None = None, timeout_s: float = 900) -> None:
+        extra = ["--listen", listen, "--name", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
+        self.start_process(name, [sys.executable, "-m", "inference.server", *self._cfg_args(), *extra],
+                           listen or self.cfg.worker.listen, timeout_s)
+
+    def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
+        extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
+        self.start_process(name, [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],
+                           listen or self.cfg.gateway.listen, 60)
+
+    def start_envoy(self, name: str = "envoy") -> None:
+        run_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="igw-envoy-"))
+        bootstrap = run_dir / f"{name}.yaml"
+        bootstrap.touch(mode=0o600)  # may hold the edge secret
+        bootstrap.write_text(yaml.safe_dump(load_envoy_renderer().render(self.cfg), sort_keys=False))
+        self.start_process(name, envoy_command(self.cfg.envoy, bootstrap), self.cfg.envoy.listen, 30,
+                           service="gateway.v1.Gateway")
+
+    def exited(self) -> str | None:
+        """The name of a process that has exited, if any."""
+        return next((n for n, p in self.procs.items() if p.poll() is not None), None)
+
+    def stop(self, report=lambda name, code: None) -> None:
+        grace = {"gateway": self.cfg.gateway.drain_notice_s + self.cfg.gateway.drain_grace_s + 5,
+                 "worker": self.cfg.worker.drain_grace_s + 15, "envoy": 10}
+        for name in sorted(self.procs, key=lambda n: (not n.startswith("envoy"), n.startswith("worker"))):
+            kind = next((k for k in grace if name.startswith(k)), "envoy")
+            report(name, stop(self.procs.pop(name), grace[kind]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run worker + gateway + Envoy (the embedded default)")
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
     args = parser.parse_args(argv)
-    cfg = config_mod.load_or_exit(args.config)
-    cfg_args = ["--config", args.config] if args.config else []
-    py = sys.executable
-    run_dir = Path(tempfile.mkdtemp(prefix="igw-stack-"))
-    envoy_yaml = run_dir / "envoy.yaml"
-    envoy_yaml.write_text(yaml.safe_dump(load_envoy_renderer().render(cfg), sort_keys=False))
-
-    procs: list[tuple[str, subprocess.Popen, float]] = []
-    stopping = False
+    config_mod.load_or_exit(args.config)
+    procs = Processes(args.config)
+    cfg = procs.cfg
 
     def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -133,38 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"igw-stack: starting {cfg.worker.engine} worker for {cfg.worker.model_name} "
               "(first start converts the model and compiles; allow a few minutes)", flush=True)
-        worker = start([py, "-m", "inference.server", *cfg_args])
-        procs.append(("worker", worker, cfg.worker.drain_grace_s + 15))
-        wait_healthy(cfg.worker.listen, 900, proc=worker)
-
-        gateway = start([py, "-m", "gateway.server", *cfg_args])
-        procs.append(("gateway", gateway, cfg.gateway.drain_grace_s + 5))
-        wait_healthy(cfg.gateway.listen, 60, proc=gateway)
-
-        envoy = start(envoy_command(cfg.envoy, envoy_yaml))
-        procs.append(("envoy", envoy, 10))
-        wait_healthy(cfg.envoy.listen, 30, service="gateway.v1.Gateway", proc=envoy)
-
+        procs.start_worker()
+        procs.start_gateway()
+        procs.start_envoy()
         print(f"\nigw-stack: ready in {time.monotonic() - t0:.0f} s. Envoy listens on {cfg.envoy.listen}; try\n"
               f"  .venv/bin/igw --target {cfg.envoy.listen} \"Write a Python function that reverses a string\"\n"
               "Ctrl-C stops everything.\n", flush=True)
-        while True:
-            for name, proc, _ in procs:
-                if proc.poll() is not None:
-                    print(f"igw-stack: {name} exited with code {proc.returncode}; stopping", file=sys.stderr)
-                    return 1
+        while (name := procs.exited()) is None:
             time.sleep(0.5)
+        print(f"igw-stack: {name} exited with code {procs.procs[name].returncode}; stopping", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        pass
+        return 0
     except (TimeoutError, RuntimeError) as err:
         print(f"igw-stack: {err}", file=sys.stderr)
         return 1
     finally:
-        for name, proc, grace in reversed(procs):
-            code = stop(proc, grace)
-            print(f"igw-stack: {name} stopped (exit {code})", flush=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return 0
+        procs.stop(report=lambda name, code: print(f"igw-stack: {name} stopped (exit {code})", flush=True))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,6 @@ import yaml
 
 from gateway import stack
 from gateway.stack import free_port
-from gateway.config import EnvoyConfig
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from inference.v1 import worker_pb2 as wpb
 from inference.v1 import worker_pb2_grpc as wpb_grpc
@@ -30,19 +28,13 @@ from inference.v1 import worker_pb2_grpc as wpb_grpc
 PY = sys.executable
 
 
-def tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+class Stack(stack.Processes):
+    """The processes of one test, plus the raw config dict (tests edit and rewrite it) and clients."""
 
-
-@dataclass
-class Stack:
-    dir: Path
-    config_path: Path
-    config: dict
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    def __init__(self, dir: Path, config_path: Path, config: dict):
+        super().__init__(config_path, log_dir=dir)
+        self.dir = dir
+        self.config = config
 
     @property
     def worker(self) -> str:
@@ -59,41 +51,6 @@ class Stack:
     @property
     def envoy_admin(self) -> str:
         return self.config["envoy"]["admin_listen"]
-
-    def log(self, name: str) -> Path:
-        return self.dir / f"{name}.log"
-
-    def start_process(self, name: str, args: list[str], health_addr: str, timeout_s: float, service: str = "") -> None:
-        proc = stack.start(args, log_path=self.log(name))
-        self.procs[name] = proc
-        try:
-            stack.wait_healthy(health_addr, timeout_s, service=service, proc=proc)
-        except (TimeoutError, RuntimeError) as err:
-            raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
-
-    def start_worker(self, name: str = "worker", listen: str | None = None) -> None:
-        extra = ["--listen", listen, "--name", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
-        self.start_process(name, [PY, "-m", "inference.server", "--config", str(self.config_path), *extra],
-                           listen or self.worker, 600)
-
-    def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
-        """Start a gateway replica (several may share the config, each on its own port)."""
-        extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
-        self.start_process(name, [PY, "-m", "gateway.server", "--config", str(self.config_path), *extra],
-                           listen or self.gateway, 30)
-
-    def start_envoy(self) -> None:
-        rendered = self.dir / "envoy.yaml"
-        subprocess.run([PY, str(stack.RENDER_SCRIPT), "--config", str(self.config_path), "--out", str(rendered)],
-                       check=True)
-        self.start_process("envoy", stack.envoy_command(EnvoyConfig(), rendered), self.envoy, 30,
-                           service="gateway.v1.Gateway")
-
-    def stop(self) -> None:
-        # Edge first, workers last, as in production.
-        order = sorted(self.procs, key=lambda n: (n != "envoy", n.startswith("worker")))
-        for name in order:
-            stack.stop(self.procs.pop(name), 20)
 
     # --- clients -----------------------------------------------------------------
 
@@ -194,7 +151,7 @@ class RedisServer:
                 client.ping()
                 return
             except redis.ConnectionError:
-                assert self.proc.poll() is None, tail(self.dir / "redis.log")
+                assert self.proc.poll() is None, stack.tail(self.dir / "redis.log")
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.05)
 

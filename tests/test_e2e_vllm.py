@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -274,9 +273,9 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     from gateway import stack
 
-    proc = stack.start([sys.executable, "-m", "gateway.server", "--config", str(path)], log_path=tmp_path / "gw.log")
+    gateway = stack.Processes(path, log_dir=tmp_path)
     try:
-        stack.wait_healthy(cfg["gateway"]["listen"], 30, proc=proc)
+        gateway.start_gateway()
         stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["listen"]))
         long = gpb.ExecuteRequest(task="Count from 1 to 300.", sampling=gpb.SamplingParams(max_tokens=200, temperature=0))
         blocker = stub.Execute(long, timeout=120)
@@ -305,4 +304,4 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
         assert [n for n, _ in order] == ["interactive", "batch"], order
         assert all(q > 0 for _, q in order)  # both really waited in the gateway's queue
     finally:
-        stack.stop(proc, 20)
+        gateway.stop()
