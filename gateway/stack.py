@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     t0 = time.monotonic()
     try:
         print(f"igw-stack: starting {cfg.worker.engine} worker for {cfg.worker.model_name} "
