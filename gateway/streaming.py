@@ -1,10 +1,10 @@
 """One request's stream between a worker and the client.
 
-The worker connection pushes events into a ``RequestStream``; the Execute
-handler pulls them out at the client's pace. Deltas that arrive while the
-client is still writing the previous one are merged into one, so a slow
-client costs one growing string (bounded by the request's ``max_tokens``),
-never an unbounded queue of messages.
+The worker connection pushes events into a ``RequestStream``; the request
+core pulls them out at the client's pace. Deltas that arrive while the
+client is still taking the previous one are merged, so a slow client costs
+one string (bounded by the request's ``max_tokens``), never a queue of
+messages or one object per token.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from dataclasses import dataclass
 
 import grpc
 
+# Pending text is joined into one string once this many pieces pile up: a slow
+# reader then holds a few strings, not one object per engine step.
+_COMPACT_AT = 32
 
-@dataclass
+
+@dataclass(slots=True)
 class Update:
-    """What the handler should send next; exactly one group of fields is set."""
+    """What the request core should do next; exactly one group of fields is set."""
 
     accepted_prompt_tokens: int | None = None
     text: str = ""
@@ -29,21 +33,21 @@ class Update:
 
 
 class RequestStream:
-    def __init__(self, request_id: str, model: str, max_tokens: int, cost_tokens: int, retries: int = 0):
-        self.request_id = request_id
-        self.model = model
+    def __init__(self, max_tokens: int, cost_tokens: int, retries: int = 0, itl_observer=None):
         self.max_tokens = max_tokens
-        # Tokens this request may occupy on its worker: an upper bound of the
+        # Tokens this request may occupy on its worker: an estimate of the
         # prompt + max_tokens until the worker reports the real prompt size.
         self.cost_tokens = cost_tokens
         self.retries_left = retries
-        self.worker = None  # the WorkerConnection serving it
+        self.wire_id = ""  # the id the gateway gave it on the worker session (never the client's)
+        self.worker = None  # the worker connection serving it
+        self.claim = None  # the room held for it on that worker
         self.worker_name = ""
         self.created = time.monotonic()
         self.dispatched_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
-        self.itl_samples: list[tuple[float, int]] = []  # (seconds per token, tokens) between deltas
+        self._itl = itl_observer  # histogram child: inter-token latency observed as tokens arrive
         self.prompt_tokens = 0
         self.completion_tokens = 0  # tokens received from the worker
         self._accepted: int | None = None
@@ -51,42 +55,47 @@ class RequestStream:
         self._tokens = 0
         self._final: Update | None = None
         self._wake = asyncio.Event()
-        self.ended = False  # set once the final update has been taken
 
     # --- worker side ------------------------------------------------------------
 
     def on_accepted(self, prompt_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.cost_tokens = prompt_tokens + self.max_tokens
+        if self.claim is not None:
+            self.claim.resize(self.cost_tokens)
         self._accepted = prompt_tokens
         self._wake.set()
 
     def on_retry(self, failed_worker) -> None:
-        """The worker failed before any token: the handler places the request again."""
+        """The worker failed before any token: the core places the request again."""
         self.retries_left -= 1
-        self.worker = None
+        self.detach()
         self._final = Update(retry_from=failed_worker)
         self._wake.set()
 
     def resume(self) -> None:
         """Back in play after a retry was taken."""
         self._final = None
-        self.ended = False
 
     def on_delta(self, text: str, tokens: int) -> None:
         if tokens:
             now = time.monotonic()
             if self.first_token_at is None:
                 self.first_token_at = now
-            else:
-                self.itl_samples.append(((now - self.last_token_at) / tokens, tokens))
+            elif self._itl is not None:
+                per_token = (now - self.last_token_at) / tokens
+                for _ in range(tokens):
+                    self._itl.observe(per_token)
             self.last_token_at = now
         self.completion_tokens += tokens
-        self._text.append(text)
+        if text:
+            self._text.append(text)
+            if len(self._text) >= _COMPACT_AT:
+                self._text = ["".join(self._text)]
         self._tokens += tokens
         self._wake.set()
 
-    def on_finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def on_finished(self, finish_reason: str, prompt_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
         self._finish(Update(finish_reason=finish_reason))
 
@@ -94,15 +103,23 @@ class RequestStream:
         self._finish(Update(error=(code, message, field)))
 
     def _finish(self, update: Update) -> None:
+        self.detach()
         if self._final is None:
             self._final = update
             self._wake.set()
+
+    def detach(self) -> None:
+        """Off its worker: the room it held there is free."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
+        self.worker = None
 
     @property
     def finished(self) -> bool:
         return self._final is not None
 
-    # --- handler side -------------------------------------------------------------
+    # --- core side -----------------------------------------------------------------
 
     async def next(self) -> Update:
         """The next thing to send: acceptance, then merged text, then the end."""
@@ -110,13 +127,12 @@ class RequestStream:
             if self._accepted is not None:
                 n, self._accepted = self._accepted, None
                 return Update(accepted_prompt_tokens=n)
-            if self._text:
-                text, tokens = "".join(self._text), self._tokens
+            if self._text or self._tokens:
+                text = self._text[0] if len(self._text) == 1 else "".join(self._text)
+                tokens = self._tokens
                 self._text, self._tokens = [], 0
-                if text or tokens:
-                    return Update(text=text, tokens=tokens)
+                return Update(text=text, tokens=tokens)
             if self._final is not None:
-                self.ended = True
                 return self._final
             self._wake.clear()
             await self._wake.wait()

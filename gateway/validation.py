@@ -3,6 +3,9 @@
 Every limit comes from ``gateway.limits`` in the config. A bad request raises
 ``RpcError(INVALID_ARGUMENT)`` whose message and BadRequest detail name the
 field (``messages[2].role``, ``sampling.max_tokens``, ...).
+
+Sizes are checked before any work whose cost grows with them, and nothing a
+client sent is echoed into a message except short, clipped excerpts.
 """
 
 from __future__ import annotations
@@ -13,47 +16,55 @@ import re
 import uuid
 from dataclasses import dataclass
 
-import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from gateway.config import Limits
-from gateway.errors import RpcError, invalid_argument
+from gateway.errors import RpcError, clip, invalid_argument, permission_denied
 from gateway.v1 import gateway_pb2 as gpb
+from gateway.vocabulary import PRIORITY_FROM_WIRE, priority_allowed
 from inference.v1 import worker_pb2 as wpb
 
 ROLES = ("system", "user", "assistant")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# fullmatch: no trailing newline slips through as `$` would let it.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
+MAX_SESSION_ID_CHARS = 128
+CONTEXT_PREFIX = "Context from the caller, as JSON:\n"
 
 
 @dataclass
 class ValidRequest:
-    request_id: str
+    request_id: str  # the client's label (or one we made): logs and `started` only, never a key
     model: str  # as asked; "" = the default model
     messages: list[wpb.ChatMessage]
     sampling: wpb.Sampling
     max_tokens_was_set: bool
+    session_id: str = ""
+    priority: str | None = None  # as asked; None = the key's cap
 
 
 def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
     request_id = req.request_id
     if request_id:
-        if not _REQUEST_ID.match(request_id):
+        if not REQUEST_ID.fullmatch(request_id):
             raise invalid_argument("request_id", "use 1-128 characters from A-Z a-z 0-9 . _ : -")
     else:
         request_id = uuid.uuid4().hex
-
-    if len(req.session_id) > 128:
-        raise invalid_argument("session_id", f"{len(req.session_id)} characters is over the limit of 128")
+    if req.model and not MODEL_NAME.fullmatch(req.model):
+        raise invalid_argument("model", "not a model name: use 1-128 characters from A-Z a-z 0-9 . _ : / @ + - "
+                                        "(ListModels lists the names)")
+    if len(req.session_id) > MAX_SESSION_ID_CHARS:
+        raise invalid_argument("session_id", f"{len(req.session_id)} characters is over the limit of "
+                                             f"{MAX_SESSION_ID_CHARS}")
     if len(req.task) > limits.max_task_chars:
         raise invalid_argument("task", f"{len(req.task)} characters is over the limit of {limits.max_task_chars}")
     if not req.task.strip() and not req.messages:
         raise invalid_argument("task", "give a task, or chat messages, or both; both are empty")
-
     if len(req.messages) > limits.max_messages:
         raise invalid_argument("messages", f"{len(req.messages)} messages is over the limit of {limits.max_messages}")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
-            raise invalid_argument(f"messages[{i}].role", f"role {m.role!r} is not one of {', '.join(ROLES)}")
+            raise invalid_argument(f"messages[{i}].role", f"role {clip(m.role, 20)!r} is not one of {', '.join(ROLES)}")
         if len(m.content) > limits.max_message_chars:
             raise invalid_argument(
                 f"messages[{i}].content",
@@ -62,22 +73,69 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
 
     messages: list[wpb.ChatMessage] = []
     if req.HasField("context") and req.context.fields:
-        ctx = json.dumps(json_format.MessageToDict(req.context), separators=(",", ":"), ensure_ascii=False)
-        size = len(ctx.encode())
-        if size > limits.max_context_bytes:
-            raise invalid_argument("context", f"{size} bytes as JSON is over the limit of {limits.max_context_bytes}")
-        messages.append(wpb.ChatMessage(role="system", content="Context from the caller, as JSON:\n" + ctx))
+        messages.append(wpb.ChatMessage(role="system", content=CONTEXT_PREFIX + context_json(req.context, limits)))
     messages.extend(wpb.ChatMessage(role=m.role, content=m.content) for m in req.messages)
     if req.task.strip():
         messages.append(wpb.ChatMessage(role="user", content=req.task))
+    check_prompt_bytes(messages, limits, "messages")
 
+    if req.priority not in PRIORITY_FROM_WIRE:
+        raise invalid_argument("priority", f"unknown priority value {req.priority}")
     return ValidRequest(
         request_id=request_id,
         model=req.model,
         messages=messages,
         sampling=_sampling(req.sampling, limits),
         max_tokens_was_set=req.sampling.HasField("max_tokens"),
+        session_id=req.session_id,
+        priority=PRIORITY_FROM_WIRE[req.priority],
     )
+
+
+def check_prompt_bytes(messages: list[wpb.ChatMessage], limits: Limits, field: str) -> None:
+    size = sum(len(m.content.encode()) for m in messages)
+    if size > limits.max_prompt_bytes:
+        raise invalid_argument(field, f"the prompt is {size} bytes of text in all, over the limit of "
+                                      f"{limits.max_prompt_bytes}")
+
+
+def context_json(ctx: struct_pb2.Struct, limits: Limits, field: str = "context") -> str:
+    """The context as compact JSON, after checking depth, numbers and size on the message itself
+    (an oversized or deeply nested context costs no conversion)."""
+    # Walk without recursion, adding a lower bound of each node's JSON size; stop at the first excess.
+    # Depth counts objects and lists: {"a": [1]} is 2 levels.
+    budget, max_depth = limits.max_context_bytes, limits.max_context_depth
+    size = 2
+    stack: list[tuple[object, int, str]] = [(ctx, 1, field)]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, struct_pb2.Struct):
+            items = ((key, value) for key, value in node.fields.items())
+        else:
+            items = ((i, value) for i, value in enumerate(node.values))
+        for key, value in items:
+            size += len(key) + 4 if isinstance(key, str) else 1
+            where = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+            kind = value.WhichOneof("kind")
+            if kind in ("struct_value", "list_value"):
+                if depth + 1 > max_depth:
+                    raise invalid_argument(field, f"nested deeper than {max_depth} levels (at {clip(where)})")
+                stack.append((getattr(value, kind), depth + 1, where))
+            elif kind == "string_value":
+                size += len(value.string_value) + 2
+            elif kind == "number_value":
+                if not math.isfinite(value.number_value):
+                    raise invalid_argument(field, f"{clip(where)} is {value.number_value}, which JSON cannot carry")
+                size += 1
+            else:  # null, bool
+                size += 4
+            if size > budget:
+                raise invalid_argument(field, f"more than {budget} bytes as JSON, over the limit of {budget}")
+    text = json.dumps(json_format.MessageToDict(ctx), separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode())
+    if size > budget:
+        raise invalid_argument(field, f"{size} bytes as JSON is over the limit of {budget}")
+    return text
 
 
 def _sampling(s: gpb.SamplingParams, limits: Limits) -> wpb.Sampling:
@@ -111,7 +169,7 @@ def _sampling(s: gpb.SamplingParams, limits: Limits) -> wpb.Sampling:
     return out
 
 
-def check_fits_model(v: ValidRequest, model: str, max_context_tokens: int, limits: Limits) -> None:
+def check_fits_model(v: ValidRequest, model: str, max_context_tokens: int) -> None:
     """max_tokens alone must leave room for a prompt in the model's window."""
     if v.sampling.max_tokens >= max_context_tokens:
         field = "sampling.max_tokens" if v.max_tokens_was_set else "gateway.limits.default_max_tokens (config)"
@@ -122,17 +180,28 @@ def check_fits_model(v: ValidRequest, model: str, max_context_tokens: int, limit
         )
 
 
-_PRIORITY = {gpb.PRIORITY_UNSPECIFIED: None, gpb.PRIORITY_INTERACTIVE: "interactive", gpb.PRIORITY_BATCH: "batch"}
-
-
-def priority(req: gpb.ExecuteRequest, cap: str) -> str:
+def priority(asked: str | None, cap: str) -> str:
     """The scheduling class: the one asked for, or the key's cap when unset."""
-    if req.priority not in _PRIORITY:
-        raise invalid_argument("priority", f"unknown priority value {req.priority}")
-    asked = _PRIORITY[req.priority]
     if asked is None:
         return cap
-    if asked == "interactive" and cap == "batch":
-        raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
-                       "priority: this API key may only send batch requests (its priority_max is batch)")
+    if not priority_allowed(asked, cap):
+        raise permission_denied(f"priority: this API key may only send {cap} requests (its priority_max is {cap})")
     return asked
+
+
+def estimate_prompt_tokens(messages) -> int:
+    """The scheduler's estimate of a prompt's tokens before the worker has tokenized it:
+    about 3 bytes of text per token (BPE vocabularies average 3-4 bytes per token on code and
+    English, ~3 on CJK) plus the chat template's own tokens. The worker's count replaces it at
+    acceptance; quotas reserve an upper bound instead (``gateway.quota.prompt_token_bound``)."""
+    return sum(len(m.content.encode()) // 3 + 8 for m in messages) + 16
+
+
+class Undecodable:
+    """A request body that protobuf could not decode; Execute answers INVALID_ARGUMENT naming ``field``."""
+
+    def __init__(self, field: str, description: str):
+        self.field, self.description = field, description
+
+    def error(self) -> RpcError:
+        return invalid_argument(self.field, self.description)

@@ -24,6 +24,7 @@ class SyntheticEngine(Engine):
     def __init__(self, model: str, cfg: SyntheticConfig):
         self.model = model
         self.max_context_tokens = cfg.max_context_tokens
+        self.max_batch_tokens = cfg.max_batch_tokens
         self._interval_s = 1.0 / cfg.tokens_per_s
         self._prefill_s = cfg.first_token_delay_ms / 1000
         self._words = cfg.text.split() or ["token"]

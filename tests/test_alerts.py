@@ -21,7 +21,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "igw-dashboard.json"
 def exported_series() -> set[str]:
     """Every series name the gateway and worker export."""
     from inference.metrics import WorkerMetrics
-    from inference.server import Counters
+    from inference.session import Counters
 
     class Engine:
         def unfinished_requests(self):

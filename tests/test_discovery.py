@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from gateway import config
-from gateway.pool import Pool
+from gateway.connection import Job
+from gateway.membership import WorkerSet
+from gateway.placement import Placement
 from gateway.scheduler import Ticket
 from gateway.stack import free_port
 from gateway.streaming import RequestStream
@@ -29,7 +31,8 @@ async def test_worker_leaving_dns_finishes_its_streams_and_takes_no_new_ones():
     answers = {"workers.test": [a]}
     cfg = config.parse({"gateway": {"worker_dns": ["workers.test:50061"], "worker_dns_refresh_s": 0.1,
                                     "drain_grace_s": 10}}).gateway
-    pool = Pool(cfg)
+    pool = WorkerSet(cfg)
+    placement = Placement(pool, 100)
 
     async def lookup(host, port):
         return list(answers[host])
@@ -47,16 +50,19 @@ async def test_worker_leaving_dns_finishes_its_streams_and_takes_no_new_ones():
         await wait_for(lambda: [w.address for w in pool.workers if w.ready] == [a])
         model = pool.workers[0].info.model
         # A 40-token stream (0.8 s) on a.
-        stream = RequestStream("r1", model, 40, 50)
-        w = pool.place(Ticket(model, "t", "interactive", 50))
+        stream = RequestStream(40, 50)
+        claim = placement.place(Ticket(model, "t", "interactive", 50), set())
+        w = claim.conn
         assert w.address == a
-        w.submit(stream, wpb.Submit(request_id="r1", model=model, messages=[wpb.ChatMessage(role="user", content="x")],
-                                    sampling=wpb.Sampling(max_tokens=40)))
+        w.open(stream, claim, Job(model=model, messages=[wpb.ChatMessage(role="user", content="x")],
+                                  sampling=wpb.Sampling(max_tokens=40)))
         await asyncio.sleep(0.2)
         answers["workers.test"] = [b]  # a is scaled away, b appears
         await wait_for(lambda: any(w.address == b and w.ready for w in pool.workers))
         # New requests go to b only, while a still streams.
-        assert pool.place(Ticket(model, "t", "interactive", 50)).address == b
+        second = placement.place(Ticket(model, "t", "interactive", 50), set())
+        assert second.conn.address == b
+        second.release()
         assert any(w.address == a and w.retiring for w in pool.workers)
         updates = []
         while True:

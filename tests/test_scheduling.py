@@ -39,22 +39,23 @@ def stack_with(tmp_path, workers=1, capacity=2, rate=20, prefill_ms=0, **gateway
 
 
 @contextlib.contextmanager
-def gateway_over(tmp_path, workers=1, **kw):
+def gateway_over(tmp_path, workers=1, key=None, **kw):
     """Workers + one gateway, ready; yields (stack, gateway stub, worker addresses)."""
     s, addrs = stack_with(tmp_path, workers=workers, **kw)
     try:
         s.start_gateway()
         stub = s.gateway_stub("gateway")
-        wait_ready_workers(stub, workers)
+        wait_ready_workers(stub, workers, key=key)
         yield s, stub, addrs
     finally:
         s.stop()
 
 
-def wait_ready_workers(stub, n, timeout=10):
+def wait_ready_workers(stub, n, timeout=10, key=None):
     deadline = time.monotonic() + timeout
+    md = [("authorization", f"Bearer {key}")] if key else None
     while True:
-        models = stub.ListModels(gpb.ListModelsRequest(), timeout=5).models
+        models = stub.ListModels(gpb.ListModelsRequest(), metadata=md, timeout=5).models
         if models and models[0].ready_workers == n:
             return
         assert time.monotonic() < deadline, f"ready workers never reached {n}"
@@ -82,7 +83,7 @@ def test_fairness_flood_versus_trickle(tmp_path):
     flood = igw_keys("issue", "--file", str(keys), "--tenant", "flood")
     trickle = igw_keys("issue", "--file", str(keys), "--tenant", "trickle")
     # Capacity 2, each request 10 tokens at 40 tokens/s = 0.25 s of service.
-    with gateway_over(tmp_path, capacity=2, rate=40, auth={"mode": "api_key", "key_file": str(keys)},
+    with gateway_over(tmp_path, capacity=2, rate=40, key=flood, auth={"mode": "api_key", "key_file": str(keys)},
                       queue={"max_queued": 500, "drr_quantum_tokens": 64}) as (s, stub, addrs):
         waits = {"flood": [], "trickle": []}
         with ThreadPoolExecutor(48) as ex:
@@ -129,7 +130,7 @@ def test_interactive_overtakes_queued_batch(tmp_path):
 def test_batch_only_key_cannot_ask_for_interactive(tmp_path):
     keys = tmp_path / "keys.yaml"
     key = igw_keys("issue", "--file", str(keys), "--tenant", "t", "--priority-max", "batch")
-    with gateway_over(tmp_path, auth={"mode": "api_key", "key_file": str(keys)}) as (s, stub, addrs):
+    with gateway_over(tmp_path, key=key, auth={"mode": "api_key", "key_file": str(keys)}) as (s, stub, addrs):
         with pytest.raises(grpc.RpcError) as info:
             run(stub, req(1, priority=gpb.PRIORITY_INTERACTIVE), key)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and info.value.details().startswith("priority:")

@@ -17,12 +17,8 @@ import grpc
 import grpc_testing
 import pytest
 
-from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
-from gateway.metrics import GatewayMetrics
-from gateway.pool import Pool
-from gateway.quota import Quotas
-from gateway.scheduler import Scheduler
+from gateway.server import build_core
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from inference.v1 import worker_pb2 as wpb
@@ -94,26 +90,27 @@ def harness():
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    async def make_pool():
-        # WorkerConnection makes asyncio objects: build it on the loop.
-        pool = Pool(GatewayConfig(workers=[{"address": "10.255.255.1:1"}]))
-        w = pool.workers[0]
+    cfg = GatewayConfig(workers=[{"address": "10.255.255.1:1"}])
+
+    async def make_core():
+        # The server's own factory; built on the loop, as its asyncio objects need one. The worker is
+        # never connected: it is made to look connected, and the test plays the worker's frames.
+        core = build_core(cfg)
+        w = core.workers.workers[0]
         w.info = wpb.WorkerInfo(name="w1", model="m", max_context_tokens=1000, max_concurrent_requests=4, engine="x")
         w._set_ready(True)
-        return pool
+        return core
 
-    pool = asyncio.run_coroutine_threadsafe(make_pool(), loop).result()
-    cfg = GatewayConfig()
-    scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, pool.place)
-    pool.set_on_change(scheduler.pump)
-    servicer = GatewayService(cfg, pool, Authenticator(cfg.auth), Quotas(cfg.quota), scheduler, GatewayMetrics())
+    core = asyncio.run_coroutine_threadsafe(make_core(), loop).result()
+    servicer = GatewayService(cfg, core)
     server = grpc_testing.server_from_dictionary({SERVICE: _SyncAdapter(servicer, loop)},
                                                  grpc_testing.strict_real_time())
+    worker = core.workers.workers[0]
 
     def feed(*events):
-        loop.call_soon_threadsafe(pool.workers[0]._on_frame, wpb.WorkerFrame(events=list(events)))
+        loop.call_soon_threadsafe(worker._on_frame, wpb.WorkerFrame(events=list(events)))
 
-    yield server, pool.workers[0], feed
+    yield server, worker, feed
 
     async def cancel_all():
         for task in asyncio.all_tasks():
@@ -137,15 +134,16 @@ def test_started_deltas_done_in_order(harness):
     server, worker, feed = harness
     rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r1"), None)
     _wait(lambda: worker._submits)
-    sub = worker._submits[0]
+    wid, sub, _ = worker._submits[0]
+    assert wid != "r1" and sub.request_id == wid  # the session knows it by the gateway's id only
     assert sub.model == "m" and sub.sampling.max_tokens == 256 and sub.messages[-1].content == "hi"
-    feed(wpb.Event(request_id="r1", accepted=wpb.Accepted(prompt_tokens=7)),
-         wpb.Event(request_id="r1", delta=wpb.TokenDelta(text="he", tokens=1)))
+    feed(wpb.Event(request_id=wid, accepted=wpb.Accepted(prompt_tokens=7)),
+         wpb.Event(request_id=wid, delta=wpb.TokenDelta(text="he", tokens=1)))
     first = rpc.take_response()
     assert first.started == gpb.Started(request_id="r1", model="m", worker="w1", prompt_tokens=7)
     assert rpc.take_response().delta == gpb.Delta(text="he", tokens=1)
-    feed(wpb.Event(request_id="r1", delta=wpb.TokenDelta(text="llo", tokens=2)),
-         wpb.Event(request_id="r1", finished=wpb.Finished(finish_reason=wpb.FINISH_REASON_STOP,
+    feed(wpb.Event(request_id=wid, delta=wpb.TokenDelta(text="llo", tokens=2)),
+         wpb.Event(request_id=wid, finished=wpb.Finished(finish_reason=wpb.FINISH_REASON_STOP,
                                                           prompt_tokens=7, completion_tokens=3)))
     assert rpc.take_response().delta.text == "llo"
     done = rpc.take_response().done
@@ -153,14 +151,14 @@ def test_started_deltas_done_in_order(harness):
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (7, 3)
     _, code, _ = rpc.termination()
     assert code == grpc.StatusCode.OK
-    assert not worker.streams and worker.outstanding_tokens == 0
+    assert not worker.streams and worker.outstanding_tokens == 0 and worker.in_flight == 0
 
 
 def test_worker_validation_error_keeps_its_field(harness):
     server, worker, feed = harness
     rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r2"), None)
     _wait(lambda: worker._submits)
-    feed(wpb.Event(request_id="r2", failed=wpb.Failed(code=3, message="prompt too long", field="task")))
+    feed(wpb.Event(request_id=worker._submits[0][0], failed=wpb.Failed(code=3, message="prompt too long", field="task")))
     _, code, details = rpc.termination()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "task: prompt too long"
 
@@ -169,26 +167,28 @@ def test_client_cancel_sends_cancel_to_worker(harness):
     server, worker, feed = harness
     rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r3"), None)
     _wait(lambda: worker._submits)
+    wid = worker._submits[0][0]
     worker._submits.clear()  # pretend the writer sent it
-    feed(wpb.Event(request_id="r3", accepted=wpb.Accepted(prompt_tokens=1)),
-         wpb.Event(request_id="r3", delta=wpb.TokenDelta(text="x", tokens=1)))
+    feed(wpb.Event(request_id=wid, accepted=wpb.Accepted(prompt_tokens=1)),
+         wpb.Event(request_id=wid, delta=wpb.TokenDelta(text="x", tokens=1)))
     rpc.take_response()
     rpc.take_response()
     rpc.cancel()
     _wait(lambda: worker._cancels)
-    assert [c.request_id for c in worker._cancels] == ["r3"]
-    assert not worker.streams
+    assert [c.request_id for c in worker._cancels] == [wid]
+    assert not worker.streams and worker.in_flight == 0
 
 
 def test_slow_client_gets_merged_deltas(harness):
     server, worker, feed = harness
     rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi", request_id="r4"), None)
     _wait(lambda: worker._submits)
-    feed(wpb.Event(request_id="r4", accepted=wpb.Accepted(prompt_tokens=1)))
+    wid = worker._submits[0][0]
+    feed(wpb.Event(request_id=wid, accepted=wpb.Accepted(prompt_tokens=1)))
     assert rpc.take_response().WhichOneof("event") == "started"
     # The adapter pulls one response at a time, so these pile up behind the first.
-    feed(*[wpb.Event(request_id="r4", delta=wpb.TokenDelta(text=str(i), tokens=1)) for i in range(5)])
-    feed(wpb.Event(request_id="r4", finished=wpb.Finished(finish_reason=wpb.FINISH_REASON_LENGTH,
+    feed(*[wpb.Event(request_id=wid, delta=wpb.TokenDelta(text=str(i), tokens=1)) for i in range(5)])
+    feed(wpb.Event(request_id=wid, finished=wpb.Finished(finish_reason=wpb.FINISH_REASON_LENGTH,
                                                           prompt_tokens=1, completion_tokens=5)))
     texts, tokens = [], 0
     while True:
@@ -206,4 +206,5 @@ def test_no_ready_worker_is_unavailable(harness):
     worker.ready = False
     rpc = server.invoke_unary_stream(EXECUTE, (), gpb.ExecuteRequest(task="hi"), None)
     _, code, details = rpc.termination()
-    assert code == grpc.StatusCode.UNAVAILABLE and "10.255.255.1:1" in details
+    assert code == grpc.StatusCode.UNAVAILABLE and "no worker" in details
+    assert "10.255.255.1" not in details  # internal addresses stay in the gateway's log

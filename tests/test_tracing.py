@@ -39,7 +39,7 @@ async def test_spans_of_one_call_share_the_client_trace_id():
     gateway = GatewayServer(cfg.gateway, tracer_provider=provider)
     await gateway.start()
     try:
-        assert await gateway.pool.wait_ready(5)
+        assert await gateway.workers.wait_ready(5)
         async with grpc.aio.insecure_channel(gw_addr) as ch:
             md = [("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01")]
             out = [r async for r in gpb_grpc.GatewayStub(ch).Execute(

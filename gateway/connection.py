@@ -1,0 +1,381 @@
+"""The connection to one worker: one long-lived ``inference.v1.Worker/Session`` stream.
+
+It reconnects with backoff when the session breaks, follows the worker's
+gRPC health, batches submits and cancels queued while a write is in flight
+into the next ``GatewayMessage`` (so a burst reaches the engine as one
+batch), and demultiplexes the frames coming back onto ``RequestStream``s.
+
+Isolation between the requests sharing the session:
+- Every request is known on the session by an id this gateway gives it
+  (``wire_id``), never by anything a client sent, so two clients can never
+  see, cancel or overwrite each other's requests.
+- No message sent on the session is larger than the worker says it accepts
+  (``WorkerInfo.max_message_bytes``): batches are split, and a request too
+  large on its own fails alone.
+- An event that cannot be handled fails its own request, not the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig
+from gateway.errors import clip
+from gateway.metrics import GatewayMetrics
+from gateway.streaming import RequestStream
+from gateway.vocabulary import FINISH_FROM_WORKER, STOP
+from inference.v1 import worker_pb2 as wpb
+from inference.v1 import worker_pb2_grpc as wpb_grpc
+
+log = logging.getLogger("gateway.connection")
+
+UINT32_MAX = 2**32 - 1
+# gRPC's default receive limit: what a worker that does not report its own is assumed to accept.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Frames from our workers are bounded by what the engine produces in one step; this only guards the gateway.
+FRAME_LIMIT_BYTES = 64 * 1024 * 1024
+_MAX_BACKOFF_S = 10.0
+# Ids on the wire are unique across all workers of this process, so a late event for a
+# retried request can never be taken for its next attempt.
+_wire_ids = itertools.count(1)
+
+
+def channel_options(cfg: GatewayConfig) -> list[tuple[str, int]]:
+    """Keepalive pings detect a silently dead worker (no RST, e.g. a cut network); the worker's
+    server permits pings this often (``worker.min_ping_interval_ms`` must not exceed them)."""
+    return [
+        ("grpc.keepalive_time_ms", cfg.worker_keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", FRAME_LIMIT_BYTES),
+    ]
+
+
+@dataclass
+class Job:
+    """What a worker runs for one request, whatever the worker's protocol."""
+
+    model: str
+    messages: list[wpb.ChatMessage]
+    sampling: wpb.Sampling
+    deadline: float | None = None  # event-loop time; None = no deadline
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+
+class Claim:
+    """Room on one worker held for one request: a slot and its tokens, from grant to end."""
+
+    __slots__ = ("conn", "cost_tokens", "_held")
+
+    def __init__(self, conn: "WorkerConnection", cost_tokens: int):
+        self.conn, self.cost_tokens, self._held = conn, cost_tokens, True
+        conn.in_flight += 1
+        conn.outstanding_tokens += cost_tokens
+
+    def resize(self, cost_tokens: int) -> None:
+        """The real prompt is known: hold prompt + max_tokens from now on."""
+        if self._held:
+            self.conn.outstanding_tokens += cost_tokens - self.cost_tokens
+            self.cost_tokens = cost_tokens
+            self.conn.on_change()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.conn.in_flight -= 1
+            self.conn.outstanding_tokens -= self.cost_tokens
+            self.conn.on_change()
+
+
+class WorkerConnection:
+    """One worker of the set, speaking our Session protocol."""
+
+    protocol = "igw"
+
+    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None,
+                 pool: str = "default"):
+        self.address = address
+        self.pool = pool
+        self.cfg = cfg
+        self.metrics = metrics
+        self.info: wpb.WorkerInfo | None = None
+        self.ready = False
+        self.draining = False  # the worker's health says NOT_SERVING: no new requests
+        self.retiring = False  # gone from DNS: no new requests, closed once its streams end
+        self.last_error = "not connected yet"
+        self.in_flight = 0  # claims held (requests granted to this worker and not ended)
+        self.outstanding_tokens = 0  # their prompt + max_tokens
+        self.streams: dict[str, RequestStream] = {}  # wire id -> stream
+        self.on_change = lambda: None  # capacity or readiness changed (the scheduler pumps)
+        self._cancelled_at: dict[str, float] = {}  # wire id -> when we sent its cancel
+        self._submits: list[tuple[str, wpb.Submit, int]] = []  # (wire id, submit, size) waiting for the writer
+        self._cancels: list[wpb.Cancel] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ready_event = asyncio.Event()
+        self._established = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name if self.info and self.info.name else self.address
+
+    @property
+    def model(self) -> str | None:
+        return self.info.model if self.info is not None else None
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.info.max_context_tokens if self.info is not None else 0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return (self.info.max_message_bytes if self.info is not None else 0) or DEFAULT_MAX_MESSAGE_BYTES
+
+    @property
+    def accepting(self) -> bool:
+        """Connected and taking new requests (it may be busy)."""
+        return self.ready and not self.draining and not self.retiring and self.info is not None
+
+    def has_room(self, cost_tokens: int) -> bool:
+        """Within the worker's reported capacity: concurrent requests and batch tokens."""
+        if not self.accepting:
+            return False
+        limit = max(1, self.info.max_concurrent_requests)
+        if self.cfg.queue.max_in_flight_per_worker:
+            limit = min(limit, self.cfg.queue.max_in_flight_per_worker)
+        if self.in_flight >= limit:
+            return False
+        cap = self.info.max_batch_tokens
+        # An idle worker takes any request that fits its context, however large.
+        return not cap or not self.in_flight or self.outstanding_tokens + cost_tokens <= cap
+
+    def claim(self, cost_tokens: int) -> Claim:
+        return Claim(self, cost_tokens)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"worker {self.address}")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _run(self) -> None:
+        first = backoff = self.cfg.worker_reconnect_backoff_ms / 1000
+        while True:
+            self._established = False
+            try:
+                await self._session()
+                self.last_error = "the worker closed the session"
+            except asyncio.CancelledError:
+                self._fail_all()
+                raise
+            except grpc.aio.AioRpcError as err:
+                self.last_error = f"{err.code().name}: {err.details()}"
+            except Exception as err:  # a bug here must not kill the reconnect loop
+                log.exception("worker %s: session failed", self.address)
+                self.last_error = f"{type(err).__name__}: {err}"
+            if self.ready:
+                log.warning("worker %s lost: %s", self.address, self.last_error)
+            self._set_ready(False)
+            self._fail_all()
+            if self._established:
+                # It was up: this is a new outage, not the next failed attempt of an old one.
+                backoff = first
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        if ready:
+            self.draining = False
+            self._ready_event.set()
+        else:
+            self._ready_event.clear()
+        self.on_change()
+
+    async def _watch_health(self, channel) -> None:
+        """Follow the worker's gRPC health: NOT_SERVING (draining) stops new requests."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        async for resp in stub.Watch(health_pb2.HealthCheckRequest(service="inference.v1.Worker")):
+            draining = resp.status != health_pb2.HealthCheckResponse.SERVING
+            if draining != self.draining:
+                self.draining = draining
+                log.info("worker %s %s", self.name, "is draining" if draining else "is serving again")
+                self.on_change()
+
+    async def _session(self) -> None:
+        timeout = self.cfg.worker_connect_timeout_ms / 1000
+        # A fresh channel per attempt: gRPC's own reconnect backoff grows to
+        # minutes, ours is capped at 10 s.
+        async with grpc.aio.insecure_channel(self.address, options=channel_options(self.cfg)) as channel:
+            stub = wpb_grpc.WorkerStub(channel)
+            self.info = await stub.Info(wpb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+            call = stub.Session()
+            writer = asyncio.create_task(self._write(call))
+            health = asyncio.create_task(self._watch_health(channel))
+            self._established = True
+            self._set_ready(True)
+            log.info("worker %s ready: model %s, %d-token context, engine %s",
+                     self.name, self.info.model, self.info.max_context_tokens, self.info.engine)
+            try:
+                async for frame in call:
+                    self._on_frame(frame)
+                # The worker ended the session cleanly (it is draining).
+            finally:
+                writer.cancel()
+                health.cancel()
+                call.cancel()
+                self._set_ready(False)
+
+    async def _write(self, call) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._submits or self._cancels:
+                await call.write(self._next_message())
+
+    def _next_message(self) -> wpb.GatewayMessage:
+        """Everything waiting, up to the worker's message size limit (the rest goes next)."""
+        msg = wpb.GatewayMessage(cancels=self._cancels)
+        self._cancels = []
+        budget = self.max_message_bytes - 1024  # headroom for the message's own framing
+        size, n = msg.ByteSize(), 0
+        for _, submit, sub_size in self._submits:
+            if n and size + sub_size > budget:
+                break
+            size += sub_size
+            n += 1
+        msg.submits.extend(s for _, s, _ in self._submits[:n])
+        del self._submits[:n]
+        return msg
+
+    # --- requests ---------------------------------------------------------------------
+
+    def open(self, stream: RequestStream, claim: Claim, job: Job) -> None:
+        """Send the request, on the room ``claim`` holds here. Errors end ``stream`` alone."""
+        stream.wire_id = wire_id = str(next(_wire_ids))
+        stream.worker, stream.claim, stream.worker_name = self, claim, self.name
+        stream.dispatched_at = time.monotonic()
+        self.streams[wire_id] = stream
+        timeout_ms = 0
+        if job.deadline is not None:
+            left_ms = int((job.deadline - asyncio.get_running_loop().time()) * 1000)
+            # uint32 on the wire: a deadline weeks away is as good as none, but it must not overflow.
+            timeout_ms = min(UINT32_MAX, max(1, left_ms))
+        submit = wpb.Submit(request_id=wire_id, model=job.model, messages=job.messages, sampling=job.sampling,
+                            timeout_ms=timeout_ms, trace_context=job.trace_context)
+        size = submit.ByteSize() + 8  # + its tag and length inside GatewayMessage
+        if size > self.max_message_bytes - 1024:
+            self.streams.pop(wire_id, None)
+            stream.on_error(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is {size} bytes on the worker protocol; worker {self.name} accepts at "
+                            f"most {self.max_message_bytes}: shorten the prompt", "messages")
+            return
+        self._submits.append((wire_id, submit, size))
+        self._wake.set()
+
+    def cancel(self, stream: RequestStream, reason: str = "cancelled") -> None:
+        """Abort ``stream``'s request on the worker (no-op once it ended)."""
+        wire_id = stream.wire_id
+        if self.streams.pop(wire_id, None) is None:
+            return
+        stream.detach()
+        if self.metrics:
+            self.metrics.aborts.labels(reason).inc()
+        # A submit still waiting for the writer never needs to reach the worker.
+        for i, (wid, _, _) in enumerate(self._submits):
+            if wid == wire_id:
+                del self._submits[i]
+                return
+        self._cancelled_at[wire_id] = time.monotonic()
+        self._cancels.append(wpb.Cancel(request_id=wire_id))
+        self._wake.set()
+
+    def _on_frame(self, frame: wpb.WorkerFrame) -> None:
+        for ev in frame.events:
+            try:
+                self._on_event(ev)
+            except Exception:  # a bug handling one event fails that request, never the session
+                log.exception("worker %s: event for request %s could not be handled", self.name, ev.request_id)
+                stream = self.streams.pop(ev.request_id, None)
+                if stream is not None:
+                    stream.on_error(grpc.StatusCode.INTERNAL, "the gateway failed handling this request's output")
+
+    def _on_event(self, ev: wpb.Event) -> None:
+        kind = ev.WhichOneof("kind")
+        if kind == "delta":
+            stream = self.streams.get(ev.request_id)
+            if stream is not None:
+                stream.on_delta(ev.delta.text, ev.delta.tokens)
+            elif self.metrics and ev.request_id in self._cancelled_at:
+                self.metrics.tokens_after_cancel.inc(ev.delta.tokens)
+            return
+        if kind == "accepted":
+            stream = self.streams.get(ev.request_id)
+            if stream is not None:
+                stream.on_accepted(ev.accepted.prompt_tokens)  # its claim shrinks to the real prompt + max_tokens
+            return
+        stream = self.streams.pop(ev.request_id, None)
+        if stream is None:  # cancelled by us; this is the worker's acknowledgement
+            at = self._cancelled_at.pop(ev.request_id, None)
+            if kind == "aborted" and at is not None and self.metrics:
+                self.metrics.abort_latency.observe(time.monotonic() - at)
+            return
+        if kind == "finished":
+            stream.on_finished(FINISH_FROM_WORKER.get(ev.finished.finish_reason, STOP), ev.finished.prompt_tokens)
+        elif kind == "failed":
+            stream.on_error(_grpc_code(ev.failed.code), clip(ev.failed.message, 300), ev.failed.field[:64])
+        elif kind == "aborted":
+            if ev.aborted.reason == "timeout":
+                stream.on_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed during generation")
+            else:
+                stream.on_error(grpc.StatusCode.ABORTED,
+                                f"the worker aborted the request ({clip(ev.aborted.reason, 40)}); retrying is safe")
+
+    def _fail_all(self) -> None:
+        """The session is gone: every request on it ends now (or is placed again, if nothing was sent yet)."""
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            if self.metrics:
+                self.metrics.aborts.labels("worker_lost").inc()
+            if stream.completion_tokens:
+                stream.on_error(grpc.StatusCode.UNAVAILABLE,
+                                f"the worker serving this request became unavailable; the stream was cut after "
+                                f"{stream.completion_tokens} tokens and is incomplete")
+            elif stream.retries_left > 0:
+                stream.on_retry(self)  # nothing was sent yet: the client need not know
+            else:
+                stream.on_error(grpc.StatusCode.UNAVAILABLE,
+                                "the worker serving this request became unavailable before it answered; "
+                                "retrying is safe")
+        self._submits.clear()
+        self._cancels.clear()
+        self._cancelled_at.clear()
+
+
+def _grpc_code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,267 @@
+"""The request core: one request from admission to settlement, for every front door.
+
+    admit (authenticate, validate, resolve the model)
+      -> reserve quota -> queue (``scheduler``) -> place (``placement``, which
+      claims the worker's room) -> stream (``connection`` + ``streaming``)
+      -> settle (refund unused quota, metrics, one log line, spans)
+
+with one abort path: whatever ends a request early (client cancel or
+disconnect, deadline, an error) runs the same ``finally``, which cancels it
+on the worker (vLLM aborts it within one engine step), gives back any room
+it held and settles its quota.
+
+Front doors (gRPC ``Execute`` in ``gateway.service``) are thin adapters: they
+turn their own request into a ``ValidRequest`` (the ``parse`` callback, so
+errors name their own fields), iterate ``execute``'s events (``Started``,
+``Delta``, ``Done``) and map ``RpcError`` to their own status. Whatever one
+door gets (auth, quotas, priority, fairness, deadlines, cancel, metrics,
+log line, traces), every door gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from gateway import validation
+from gateway.auth import Authenticator, Principal
+from gateway.config import GatewayConfig, QuotaLimits
+from gateway.connection import Claim, Job
+from gateway.errors import (RpcError, deadline_exceeded, invalid_argument, model_not_found, permission_denied,
+                            resource_exhausted, unavailable)
+from gateway.membership import WorkerSet
+from gateway.metrics import GatewayMetrics
+from gateway.observe import RequestRecord, RequestTrace, excerpt
+from gateway.placement import Placement, affinity_key
+from gateway.quota import Budget, Denied, Quotas, StoreUnavailable, prompt_token_bound
+from gateway.scheduler import QueueFull, Scheduler, Ticket
+from gateway.streaming import RequestStream
+from gateway.validation import ValidRequest
+
+log = logging.getLogger("gateway.dispatch")
+
+
+@dataclass(slots=True)
+class Started:
+    request_id: str
+    model: str
+    worker: str
+    prompt_tokens: int
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    tokens: int
+
+
+@dataclass(slots=True)
+class Done:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: int
+    ttft_ms: int
+    total_ms: int
+
+
+Event = Started | Delta | Done
+
+
+class Dispatcher:
+    def __init__(self, cfg: GatewayConfig, workers: WorkerSet, placement: Placement, auth: Authenticator,
+                 quotas: Quotas, scheduler: Scheduler, metrics: GatewayMetrics, tracer):
+        self.cfg = cfg
+        self.workers = workers
+        self.placement = placement
+        self.auth = auth
+        self.quotas = quotas
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.tracer = tracer
+
+    async def execute(self, headers, parse: Callable[[], ValidRequest], deadline: float | None,
+                      door: str) -> AsyncIterator[Event]:
+        """Run one request. ``headers``: the caller's metadata (lower-case names); ``deadline``: event-loop
+        time or None. Raises ``RpcError`` for every refusal or failure; the caller must close the
+        generator (``contextlib.aclosing``) so an abandoned request is aborted at once."""
+        m = self.metrics
+        loop = asyncio.get_running_loop()
+        rec = RequestRecord(door=door)
+        trace = RequestTrace(self.tracer, headers)
+        stream: RequestStream | None = None
+        claim: Claim | None = None
+        reservation = None
+        m.active_streams.inc()
+        try:
+            with trace.span("igw.auth"):
+                principal = self.auth.authenticate(headers)
+            rec.tenant, rec.key_id = principal.tenant, principal.key_id
+            rec.tenant_label = self.auth.tenant_label(principal.tenant)
+            valid = parse()
+            rec.request_id = valid.request_id
+            if self.cfg.log_prompts and valid.messages:
+                rec.task_excerpt = excerpt(valid.messages[-1].content)
+            priority = rec.priority = validation.priority(valid.priority, principal.priority_max)
+            model = rec.model = self._resolve_model(valid.model)
+            if not principal.may_use(model):
+                who = f"API key {principal.key_id}" if principal.key_id else f"tenant {principal.tenant}"
+                raise permission_denied(f"model: {who} may not use model {model!r}; it may use "
+                                        f"{', '.join(sorted(principal.models))}")
+            validation.check_fits_model(valid, model, self.workers.max_context_tokens(model))
+            max_tokens = valid.sampling.max_tokens
+
+            trace.begin("igw.queue")
+            reservation = await self._reserve(principal, prompt_token_bound(valid.messages) + max_tokens)
+            estimate = validation.estimate_prompt_tokens(valid.messages) + max_tokens
+            stream = RequestStream(max_tokens, estimate, retries=self.cfg.queue.retry_before_first_token,
+                                   itl_observer=m.itl.labels(model))
+            sticky = principal.tenant if self.cfg.pool_affinity == "tenant" else valid.session_id or principal.tenant
+            ticket = Ticket(model=model, tenant=principal.tenant, priority=priority, cost_tokens=estimate,
+                            affinity=affinity_key(principal.tenant, valid.session_id, valid.messages),
+                            pool=self.placement.choose_pool(model, sticky))
+            job = Job(model=model, messages=valid.messages, sampling=valid.sampling, deadline=deadline)
+            started_sent = first_token = False
+            while True:  # once, plus once per retry after a worker failed before answering
+                claim = await self._wait_for_worker(ticket, deadline, loop)
+                worker = claim.conn
+                if stream.dispatched_at is None:
+                    m.queue_wait.labels(model, priority).observe(time.monotonic() - stream.created)
+                trace.begin("igw.dispatch", worker=worker.name)
+                rec.pool, rec.worker = worker.pool, worker.name
+                job.trace_context = trace.carrier()
+                worker.open(stream, claim, job)
+                claim = None  # the stream holds it now, until it ends
+                while True:
+                    update = await stream.next()
+                    if update.accepted_prompt_tokens is not None:
+                        # The real prompt is known: hold only prompt + max_tokens from now on.
+                        self.quotas.trim(reservation, update.accepted_prompt_tokens + max_tokens)
+                        if not started_sent:
+                            started_sent = True
+                            yield Started(valid.request_id, model, stream.worker_name, update.accepted_prompt_tokens)
+                    elif update.retry_from is not None:
+                        log.warning("request %s: worker %s failed before the first token; retrying elsewhere",
+                                    rec.id, update.retry_from.name)
+                        m.retries.inc()
+                        ticket = dataclasses.replace(ticket, exclude=ticket.exclude | {update.retry_from},
+                                                     granted=loop.create_future(), pool="",  # any pool now
+                                                     enqueued_at=time.monotonic())
+                        stream.resume()
+                        break
+                    elif update.error is not None:
+                        code, message, field = update.error
+                        if code == grpc.StatusCode.INVALID_ARGUMENT and field:
+                            raise invalid_argument(field, message)
+                        # Usage so far rides in the trailers, e.g. for a stream cut by a dead worker.
+                        raise RpcError(code, message, trailers=(
+                            ("igw-prompt-tokens", str(stream.prompt_tokens)),
+                            ("igw-completion-tokens", str(stream.completion_tokens))))
+                    elif update.finish_reason is not None:
+                        rec.finish_reason = update.finish_reason
+                        trace.event("finish", finish_reason=update.finish_reason)
+                        yield Done(update.finish_reason, stream.prompt_tokens, stream.completion_tokens,
+                                   stream.ms_since_created(stream.dispatched_at),
+                                   stream.ms_since_created(stream.first_token_at), stream.ms_since_created(None))
+                        return
+                    else:
+                        if not first_token:
+                            first_token = True
+                            m.ttft.labels(model, rec.pool).observe((stream.first_token_at or time.monotonic()) - stream.created)
+                            trace.event("first_token")
+                            trace.begin("igw.generate")
+                        yield Delta(update.text, update.tokens)
+        except RpcError as err:
+            rec.code, rec.reason = err.code, err.reason
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            rec.code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline is not None and loop.time() >= deadline \
+                else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            rec.code = grpc.StatusCode.INTERNAL  # a bug: the log has the traceback
+            log.exception("request %s failed", rec.id)
+            raise RpcError(grpc.StatusCode.INTERNAL,
+                           f"the gateway failed on this request (id {rec.id} in its log); retrying may help") from None
+        finally:
+            # The one abort path: client gone, deadline passed, or we failed mid-way.
+            if claim is not None:
+                claim.release()
+            if stream is not None and stream.worker is not None and not stream.finished:
+                stream.worker.cancel(stream, "deadline" if rec.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                                     else "cancelled")
+            if reservation is not None:
+                self.quotas.settle(reservation, stream.prompt_tokens + stream.completion_tokens if stream else 0)
+            m.active_streams.dec()
+            self._account(rec, stream)
+            trace.finish(rec)
+
+    def _account(self, rec: RequestRecord, stream: RequestStream | None) -> None:
+        """The counters of a finished request (the histograms were observed as things happened)."""
+        m, label = self.metrics, rec.tenant_label
+        m.requests.labels(rec.model, label, rec.code.name, rec.pool).inc()
+        if rec.reason and (stream is None or stream.dispatched_at is None):
+            m.rejections.labels(rec.reason, label).inc()
+        if stream is not None:
+            m.duration.labels(rec.model, rec.pool).observe(time.monotonic() - stream.created)
+            m.tokens.labels(label, rec.model, "input").inc(stream.prompt_tokens)
+            m.tokens.labels(label, rec.model, "output").inc(stream.completion_tokens)
+        rec.log_line(stream)
+
+    async def _wait_for_worker(self, ticket: Ticket, deadline: float | None, loop) -> Claim:
+        """Queue until a worker has room. Cancel or deadline while queued: out of the queue at once."""
+        if not self.workers.can_serve(ticket.model, ticket.exclude):
+            raise self.workers.no_worker_error(ticket.model)
+        try:
+            return await self.scheduler.wait(ticket, deadline - loop.time() if deadline is not None else None)
+        except QueueFull:
+            raise resource_exhausted(
+                f"the gateway's queue is full ({self.scheduler.max_queued} requests waiting)", 1.0,
+                [("gateway:queue", "admission queue full")], reason="queue_full") from None
+        except TimeoutError:
+            raise deadline_exceeded("the deadline passed while the request waited for a worker; "
+                                    "it never started") from None
+
+    def budgets(self, principal: Principal) -> list[Budget]:
+        """The quota budgets a caller is subject to: its key's (if any) and its tenant's."""
+        budgets = []
+        if principal.key_id:
+            limits = principal.key_limits
+            if limits == QuotaLimits():
+                limits = self.cfg.quota.default_key_limits
+            budgets.append(Budget("key", principal.key_id, limits, tenant=principal.tenant))
+        limits = principal.tenant_limits
+        if limits == QuotaLimits():
+            limits = self.cfg.quota.default_tenant_limits
+        budgets.append(Budget("tenant", principal.tenant, limits, tenant=principal.tenant))
+        return budgets
+
+    async def _reserve(self, principal: Principal, tokens: int):
+        try:
+            return await self.quotas.reserve(self.budgets(principal), tokens)
+        except Denied as denied:
+            raise resource_exhausted(
+                f"quota exceeded: {denied}", denied.retry_after_s,
+                [(v.budget.subject, v.description) for v in denied.violations],
+                reason="quota_" + denied.violations[0].kind) from None
+        except StoreUnavailable:
+            raise unavailable("the quota store is unreachable and this gateway fails closed; retry shortly", 1.0,
+                              reason="quota_store") from None
+
+    def _resolve_model(self, asked: str) -> str:
+        models = self.workers.models()
+        model = asked or self.workers.default_model()
+        if model in models:
+            if not models[model]:
+                raise self.workers.no_worker_error(model)
+            return model
+        if not model or not self.workers.all_reached():
+            # A worker we never reached might serve it: do not claim it does not exist.
+            raise self.workers.no_worker_error(model)
+        raise model_not_found(model, sorted(models))

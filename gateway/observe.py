@@ -1,0 +1,109 @@
+"""What one request leaves behind for operators: its spans and its one JSON log line.
+
+Metrics are observed where the state they count changes (queue wait at the
+grant, TTFT at the first token, inter-token latency as tokens arrive, in
+``gateway.dispatch`` and ``gateway.streaming``); this module holds the span
+tree of a request and the log line written when it ends.
+
+Spans are passed explicitly rather than made "current": the request core is
+an async generator, and attaching contexts across its yields is fragile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway import tracing
+from gateway.errors import clip
+
+request_log = logging.getLogger("gateway.requests")  # one line per finished request
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class RequestRecord:
+    """What the log line and metrics say about one call. Client-sent values enter only once validated."""
+
+    door: str  # "grpc" or "http"
+    id: str = field(default_factory=lambda: f"{next(_ids)}")  # ours, for correlating log lines
+    request_id: str = ""  # the client's label, once validated
+    tenant: str = ""
+    tenant_label: str = ""  # bounded: the tenant, or "other" for tenants the key file does not name
+    key_id: str = ""
+    model: str = ""
+    priority: str = ""
+    finish_reason: str = ""
+    pool: str = ""
+    worker: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
+    started: float = field(default_factory=time.monotonic)
+    task_excerpt: str = ""  # only with gateway.log_prompts
+
+    def log_line(self, stream) -> None:
+        fields = {"event": "request", "id": self.id, "door": self.door, "request_id": self.request_id,
+                  "tenant": self.tenant, "key_id": self.key_id, "model": self.model, "priority": self.priority,
+                  "pool": self.pool, "worker": self.worker, "status": self.code.name,
+                  "finish_reason": self.finish_reason, "reason": self.reason}
+        if stream is not None:
+            fields.update(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
+                          queue_ms=stream.ms_since_created(stream.dispatched_at) if stream.dispatched_at else None,
+                          ttft_ms=stream.ms_since_created(stream.first_token_at) if stream.first_token_at else None)
+        fields["total_ms"] = max(0, round((time.monotonic() - self.started) * 1000))
+        if self.task_excerpt:
+            fields["task"] = self.task_excerpt
+        request_log.info("request %s %s", self.id, self.code.name, extra={"fields": fields})
+
+
+def excerpt(text: str) -> str:
+    """What `gateway.log_prompts` writes of a prompt: enough to debug with, never unbounded."""
+    return clip(text, 4096)
+
+
+class RequestTrace:
+    """The spans of one request: igw.execute with children auth, queue, dispatch, generate."""
+
+    def __init__(self, tracer, metadata):
+        self.root = tracer.start_span("igw.execute", context=tracing.extract(metadata), kind=tracing.SpanKind.SERVER)
+        self._tracer = tracer
+        self._ctx = tracing.set_span_in_context(self.root)
+        self._child = None
+        self.current_name = ""
+
+    def begin(self, name: str, **attrs) -> None:
+        """End the current phase's span and start the next."""
+        if self._child is not None:
+            self._child.end()
+        self._child = self._tracer.start_span(name, context=self._ctx, attributes=attrs)
+        self.current_name = name
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        self.begin(name)
+        yield
+        self._child.end()
+        self._child, self.current_name = None, ""
+
+    def event(self, name: str, **attrs) -> None:
+        (self._child or self.root).add_event(name, attrs)
+
+    def carrier(self) -> dict[str, str]:
+        return tracing.inject(self._child or self.root)
+
+    def finish(self, rec: RequestRecord) -> None:
+        if self._child is not None:
+            self._child.end()
+        self.root.set_attribute("igw.id", rec.id)
+        if rec.request_id:
+            self.root.set_attribute("igw.request_id", rec.request_id)
+        self.root.set_attribute("igw.tenant", rec.tenant)
+        self.root.set_attribute("gen_ai.request.model", rec.model)
+        self.root.set_attribute("rpc.grpc.status_code", rec.code.value[0])
+        self.root.end()

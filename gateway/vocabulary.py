@@ -1,0 +1,33 @@
+"""Words the gateway's modules share, defined once: priorities, finish reasons, header names.
+
+Mappings to and from the wire enums live here too, so a new finish reason or
+priority is one edit, not four.
+"""
+
+from __future__ import annotations
+
+from gateway.v1 import gateway_pb2 as gpb
+from inference.v1 import worker_pb2 as wpb
+
+# Scheduling classes, highest first. A key's `priority_max` is one of these.
+INTERACTIVE = "interactive"
+BATCH = "batch"
+PRIORITIES = (INTERACTIVE, BATCH)
+
+PRIORITY_FROM_WIRE = {gpb.PRIORITY_UNSPECIFIED: None, gpb.PRIORITY_INTERACTIVE: INTERACTIVE,
+                      gpb.PRIORITY_BATCH: BATCH}
+
+
+def priority_allowed(asked: str, cap: str) -> bool:
+    """A key capped at ``cap`` may ask for ``asked`` (the same class or a lower one)."""
+    return PRIORITIES.index(asked) >= PRIORITIES.index(cap)
+
+
+# Why generation ended.
+STOP = "stop"
+LENGTH = "length"
+FINISH_FROM_WORKER = {wpb.FINISH_REASON_STOP: STOP, wpb.FINISH_REASON_LENGTH: LENGTH}
+FINISH_TO_PUBLIC = {STOP: gpb.FINISH_REASON_STOP, LENGTH: gpb.FINISH_REASON_LENGTH}
+
+# Header Envoy adds to every request it forwards in JWT mode; clients' copies are dropped at the edge.
+EDGE_SECRET_HEADER = "x-igw-edge-secret"

@@ -1,0 +1,205 @@
+"""One gateway's ``Session`` on a worker: its requests and its outgoing frames.
+
+The gateway multiplexes its requests over one long-lived stream; each
+request runs as a task driving the engine, and the session sends back one
+frame per engine step holding the events of every request that step
+advanced (see ``Session.frames``).
+
+A request's faults stay its own: a prompt the template rejects or that does
+not fit fails that request (``Failed``), an engine exception fails that
+request, and rendering/tokenizing runs off the event loop so a long prompt
+does not stall the frames of every other request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from google.rpc import code_pb2
+
+from gateway import tracing
+from inference.engine import Engine, InvalidRequest, SamplingSpec
+from inference.metrics import WorkerMetrics
+from inference.v1 import worker_pb2 as pb
+
+log = logging.getLogger("inference.session")
+
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+class Counters:
+    """Lifetime counters of this worker process (reported by the Load RPC)."""
+
+    def __init__(self) -> None:
+        self.requests_total = 0
+        self.requests_aborted_total = 0
+        self.completion_tokens_total = 0
+        self.frames_sent_total = 0
+        self.active_requests = 0
+
+
+class Session:
+    """One gateway connection: its requests and its outgoing frames."""
+
+    def __init__(self, session_id: int, engine: Engine, counters: Counters, metrics: WorkerMetrics | None = None,
+                 tracer=None, render_pool: concurrent.futures.Executor | None = None):
+        self.id = session_id
+        self.tracer = tracer or tracing.tracer(None, "igw-worker")
+        self.engine = engine
+        self.counters = counters
+        self.metrics = metrics
+        self.render_pool = render_pool  # None: render on the loop (tests)
+        self.abort_started: dict[str, float] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.abort_reasons: dict[str, str] = {}
+        self._outbox: list[pb.Event] = []
+        self._wake = asyncio.Event()
+        self._reader_done = False
+        self._seq = 0
+
+    # --- incoming -----------------------------------------------------------
+
+    async def read(self, messages: AsyncIterator[pb.GatewayMessage]) -> None:
+        try:
+            async for msg in messages:
+                for sub in msg.submits:
+                    self._submit(sub)
+                for cancel in msg.cancels:
+                    self.abort(cancel.request_id, "cancelled")
+        finally:
+            self._reader_done = True
+            self._wake.set()
+
+    def _submit(self, sub: pb.Submit) -> None:
+        rid = sub.request_id
+        if not rid or rid in self.tasks:
+            # The gateway assigns unique ids; a repeat is a gateway bug. Refuse the newcomer without
+            # touching the running request (whose id it is).
+            log.error("session %d: request id %r is empty or already running; submit refused", self.id, rid[:40])
+            return
+        self.tasks[rid] = asyncio.create_task(self._run(sub), name=f"request {rid}")
+
+    def abort(self, request_id: str, reason: str) -> None:
+        task = self.tasks.get(request_id)
+        if task is not None and not task.done():
+            self.abort_reasons.setdefault(request_id, reason)
+            self.abort_started.setdefault(request_id, time.monotonic())
+            task.cancel()
+
+    def abort_all(self, reason: str) -> None:
+        for rid in list(self.tasks):
+            self.abort(rid, reason)
+
+    # --- one request ----------------------------------------------------------
+
+    async def _run(self, sub: pb.Submit) -> None:
+        # Continue the gateway's trace (W3C traceparent in Submit.trace_context).
+        with self.tracer.start_as_current_span("igw.worker.request", context=tracing.extract(sub.trace_context),
+                                               kind=tracing.SpanKind.SERVER) as span:
+            span.set_attribute("igw.request_id", sub.request_id)
+            await self._run_traced(sub, span)
+
+    async def _prepare(self, sub: pb.Submit, sampling: SamplingSpec):
+        """Render and tokenize the prompt and check it fits: off the event loop (a long prompt
+        takes milliseconds of CPU that every other request's frames would otherwise wait for)."""
+        messages = [{"role": m.role, "content": m.content} for m in sub.messages]
+
+        def work():
+            prompt = self.engine.render(messages)
+            self.engine.check(prompt, sampling)
+            return prompt
+
+        if self.render_pool is None:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self.render_pool, work)
+
+    async def _run_traced(self, sub: pb.Submit, span) -> None:
+        rid = sub.request_id
+        completion = 0
+        self.counters.requests_total += 1
+        self.counters.active_requests += 1
+        try:
+            timeout = sub.timeout_ms / 1000 if sub.timeout_ms else None
+            async with asyncio.timeout(timeout):
+                if sub.model != self.engine.model:
+                    raise InvalidRequest("model", f"this worker serves {self.engine.model!r}, not {sub.model[:64]!r}")
+                s = sub.sampling
+                sampling = SamplingSpec(
+                    max_tokens=s.max_tokens,
+                    temperature=s.temperature if s.HasField("temperature") else None,
+                    top_p=s.top_p if s.HasField("top_p") else None,
+                    stop=tuple(s.stop),
+                    seed=s.seed if s.HasField("seed") else None,
+                )
+                if sampling.max_tokens <= 0:
+                    raise InvalidRequest("sampling.max_tokens", "max_tokens must be > 0")
+                prompt = await self._prepare(sub, sampling)
+                self._emit(pb.Event(request_id=rid, accepted=pb.Accepted(prompt_tokens=prompt.num_tokens)))
+                # Engine request ids must be unique across sessions.
+                async for step in self.engine.generate(f"s{self.id}-{rid}", prompt, sampling):
+                    completion += step.tokens
+                    self.counters.completion_tokens_total += step.tokens
+                    if step.tokens or step.text:
+                        self._emit(pb.Event(request_id=rid, delta=pb.TokenDelta(text=step.text, tokens=step.tokens)))
+                    if step.finish_reason is not None:
+                        span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
+                        span.set_attribute("gen_ai.usage.output_tokens", completion)
+                        self._emit(pb.Event(request_id=rid, finished=pb.Finished(
+                            finish_reason=_FINISH[step.finish_reason],
+                            prompt_tokens=prompt.num_tokens, completion_tokens=completion)))
+                        return
+            # An engine that ends a stream without a finish reason is a bug; say so.
+            raise RuntimeError("engine ended the request without a finish reason")
+        except InvalidRequest as err:
+            self._emit(pb.Event(request_id=rid, failed=pb.Failed(
+                code=code_pb2.INVALID_ARGUMENT, message=err.message, field=err.field)))
+        except TimeoutError:
+            self._aborted(rid, completion, "timeout")
+        except asyncio.CancelledError:
+            # The engine's generator has been closed (vLLM aborted it) by the time we get here.
+            if self.metrics and rid in self.abort_started:
+                self.metrics.abort_latency.observe(time.monotonic() - self.abort_started[rid])
+            self._aborted(rid, completion, self.abort_reasons.get(rid, "cancelled"))
+        except Exception:
+            log.exception("request %s failed in the engine", rid)
+            self._emit(pb.Event(request_id=rid, failed=pb.Failed(
+                code=code_pb2.INTERNAL, message="the inference engine failed on this request; see the worker log")))
+        finally:
+            self.counters.active_requests -= 1
+            self.tasks.pop(rid, None)
+            self.abort_reasons.pop(rid, None)
+            self.abort_started.pop(rid, None)
+            self._wake.set()
+
+    def _aborted(self, rid: str, completion: int, reason: str) -> None:
+        self.counters.requests_aborted_total += 1
+        self._emit(pb.Event(request_id=rid, aborted=pb.Aborted(completion_tokens=completion, reason=reason)))
+
+    # --- outgoing -------------------------------------------------------------
+
+    def _emit(self, event: pb.Event) -> None:
+        self._outbox.append(event)
+        self._wake.set()
+
+    async def frames(self) -> AsyncIterator[pb.WorkerFrame]:
+        """One frame per engine step.
+
+        The engine wakes every request task of a step in one pass of the event
+        loop; yielding once before draining lets all of them add their events,
+        so they travel in a single frame.
+        """
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0)
+            if self._outbox:
+                events, self._outbox = self._outbox, []
+                self._seq += 1
+                self.counters.frames_sent_total += 1
+                yield pb.WorkerFrame(events=events, seq=self._seq)
+            elif self._reader_done and not self.tasks:
+                return
