@@ -132,8 +132,9 @@ def synthetic_stack(tmp_path_factory):
 class RedisServer:
     """A real redis-server on a free loopback port, no persistence."""
 
-    def __init__(self, dir: Path):
+    def __init__(self, dir: Path, *args: str):
         self.dir = dir
+        self.args = args  # more redis-server options, e.g. "--replicaof", "127.0.0.1", "6379"
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -141,7 +142,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)], stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+             "--dir", str(self.dir), *self.args], stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
         import redis
 
         client = redis.Redis(port=self.port)
