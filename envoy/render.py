@@ -14,7 +14,14 @@ What the bootstrap does:
   (Envoy's default 15 s would cut long streams) and a stream idle timeout;
 - upstream gateway replicas over HTTP/2, health-checked with grpc.health.v1;
 - the admin interface on ``envoy.admin_listen`` (loopback by default);
-- a JSON access log line per call, with the gRPC status.
+- a JSON access log line per call, with the gRPC status;
+- every client is external (``use_remote_address``, no internal addresses), so
+  a client's ``x-forwarded-for`` never makes it "internal" and Envoy strips the
+  ``x-envoy-*`` headers with which internal callers steer retries and timeouts;
+- in JWT mode the edge secret is injected by the ``credential_injector``
+  filter from a static generic secret that names ``gateway.auth.edge_secret_file``:
+  the bootstrap holds only the path, ``/config_dump`` redacts the secret, and
+  the value is sent verbatim (never parsed as a header format string).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import yaml
 # Running as a script puts envoy/ first on sys.path; nothing here is named
 # like a package we import, so that is harmless.
 from gateway import config as config_mod
+from gateway.auth import read_edge_secret
 from gateway.v1 import gateway_pb2
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -40,6 +48,8 @@ JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtA
 HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+CREDENTIAL_INJECTOR = "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector"
+GENERIC_CREDENTIAL = "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic"
 TLS_DOWNSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -86,6 +96,14 @@ def _is_ip(host: str) -> bool:
 
 # Headers only Envoy may set: whatever a client sends under these names is dropped first.
 EDGE_SECRET_HEADER = "x-igw-edge-secret"
+EDGE_SECRET_NAME = "igw-edge-secret"  # the static generic secret the credential injector reads
+
+# No peer is ever internal. Envoy >= 1.36 trusts no address when this is unset,
+# but an explicitly set config with no ranges falls back to "RFC1918 is internal",
+# and an older binary (envoy.binary) would do that when unset; so name ranges that
+# no TCP peer can have (the unspecified addresses).
+NO_INTERNAL_ADDRESSES = {"unix_sockets": False, "cidr_ranges": [
+    {"address_prefix": "0.0.0.0", "prefix_len": 32}, {"address_prefix": "::", "prefix_len": 128}]}
 
 
 def _http_filters(cfg: config_mod.Config) -> list[dict]:
@@ -116,9 +134,9 @@ def _http_filters(cfg: config_mod.Config) -> list[dict]:
             "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
             "forward": False,
             "forward_payload_header": auth.jwt_payload_header,
+            # Required by the config: without it Envoy accepts a token minted for any service.
+            "audiences": list(auth.jwt_audiences),
         }
-        if auth.jwt_audiences:
-            provider["audiences"] = list(auth.jwt_audiences)
         filters.append({"name": "envoy.filters.http.jwt_authn", "typed_config": {
             "@type": JWT_AUTHN,
             "providers": {"igw": provider},
@@ -128,6 +146,19 @@ def _http_filters(cfg: config_mod.Config) -> list[dict]:
                 {"match": {"prefix": "/grpc.reflection."}},
                 {"match": {"prefix": "/"}, "requires": {"provider_name": "igw"}},
             ],
+        }})
+        # Proves to the gateway that a request came through here (see gateway/auth.py).
+        # A filter rather than request_headers_to_add: that value is a format string
+        # (a `%` in the secret breaks it) and is shown in clear by /config_dump.
+        filters.append({"name": "envoy.filters.http.credential_injector", "typed_config": {
+            "@type": CREDENTIAL_INJECTOR,
+            "overwrite": True,
+            "allow_request_without_credential": False,
+            "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+                "@type": GENERIC_CREDENTIAL,
+                "credential": {"name": EDGE_SECRET_NAME},  # no sds_config: the static secret below
+                "header": EDGE_SECRET_HEADER,
+            }},
         }})
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
     return filters
@@ -154,6 +185,11 @@ def render(cfg: config_mod.Config) -> dict:
         "@type": HCM,
         "stat_prefix": "public",
         "codec_type": "AUTO",
+        # The client is the TCP peer, never an address it writes into x-forwarded-for,
+        # and no client is internal: Envoy removes x-envoy-upstream-rq-timeout-ms,
+        # x-envoy-max-retries, x-envoy-retry-on & co. before the router could honour them.
+        "use_remote_address": True,
+        "internal_address_config": NO_INTERNAL_ADDRESSES,
         "stream_idle_timeout": _seconds(e.stream_idle_timeout_s),
         "http2_protocol_options": {},
         "access_log": [{
@@ -171,13 +207,6 @@ def render(cfg: config_mod.Config) -> dict:
         },
         "http_filters": _http_filters(cfg),
     }
-    if cfg.gateway.auth.mode == "jwt":
-        # Proves to the gateway that a request came through here (see gateway/auth.py).
-        secret = Path(cfg.gateway.auth.edge_secret_file).read_text().strip()
-        hcm["route_config"]["request_headers_to_add"] = [{
-            "header": {"key": EDGE_SECRET_HEADER, "value": secret},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-        }]
     chain: dict = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
     if e.tls.cert_file and e.tls.key_file:
         chain["transport_socket"] = {
@@ -208,7 +237,8 @@ def render(cfg: config_mod.Config) -> dict:
                 "@type": HTTP_OPTS,
                 "explicit_http_config": {"http2_protocol_options": {
                     # Keep long-lived upstream connections alive and detect dead peers.
-                    "connection_keepalive": {"interval": "30s", "timeout": "10s"},
+                    # The gateway permits pings this often (gateway.min_ping_interval_ms, checked at load).
+                    "connection_keepalive": {"interval": f"{e.upstream_keepalive_ms / 1000:g}s", "timeout": "10s"},
                 }},
             }
         },
@@ -228,13 +258,20 @@ def render(cfg: config_mod.Config) -> dict:
         }],
     }
 
-    return {
-        "admin": {"address": _socket(e.admin_listen)},
-        "static_resources": {
-            "listeners": [{"name": "public", "address": _socket(e.listen), "filter_chains": [chain]}],
-            "clusters": [cluster],
-        },
+    static: dict = {
+        "listeners": [{"name": "public", "address": _socket(e.listen), "filter_chains": [chain]}],
+        "clusters": [cluster],
     }
+    if cfg.gateway.auth.mode == "jwt":
+        # Checked here too, so a secret Envoy and the gateway would read differently
+        # fails at render time instead of rejecting every call.
+        secret_path = Path(cfg.gateway.auth.edge_secret_file).resolve()
+        read_edge_secret(secret_path)
+        # Envoy reads the file itself (dropping a trailing newline, as the gateway does):
+        # the bootstrap names the file and never holds the secret.
+        static["secrets"] = [{"name": EDGE_SECRET_NAME,
+                              "generic_secret": {"secret": {"filename": str(secret_path)}}}]
+    return {"admin": {"address": _socket(e.admin_listen)}, "static_resources": static}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write here instead of stdout")
     args = parser.parse_args(argv)
     cfg = config_mod.load_or_exit(args.config)
-    text = yaml.safe_dump(render(cfg), sort_keys=False)
+    try:
+        text = yaml.safe_dump(render(cfg), sort_keys=False)
+    except ValueError as err:  # an unusable edge secret file, named in the message
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     if args.out:
-        out = Path(args.out)
-        out.touch(mode=0o600)  # may hold the edge secret
-        out.write_text(text)
+        Path(args.out).write_text(text)
     else:
         sys.stdout.write(text)
     return 0

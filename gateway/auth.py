@@ -11,22 +11,26 @@ modification time changes (polled every ``gateway.auth.reload_interval_s``).
 A file that fails to parse keeps the previous keys in force and logs why.
 
 JWT mode trusts claims only from Envoy: Envoy's ``jwt_authn`` filter verifies
-the token against a local JWKS file and forwards the payload in
-``x-jwt-payload``; Envoy also adds ``x-igw-edge-secret``, a shared secret
-from ``gateway.auth.edge_secret_file``, and overwrites any copy a client
-sent. A request without the right secret never came through Envoy and is
-rejected, whatever claim headers it carries.
+the token (issuer and audience) against a local JWKS file and forwards the
+payload in ``x-jwt-payload``; Envoy also adds ``x-igw-edge-secret``, a shared
+secret it reads from ``gateway.auth.edge_secret_file``, and overwrites any
+copy a client sent. A request without the right secret never came through
+Envoy and is rejected, whatever claim headers it carries. The tenant claim is
+bounded in length and charset before it names anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -45,6 +49,13 @@ KEY_PREFIX = "igw"
 _KEY = re.compile(r"^igw_([a-z0-9]{12})_([A-Za-z0-9_-]{32,})$")
 EDGE_SECRET_HEADER = "x-igw-edge-secret"
 PRIORITIES = ("batch", "interactive")
+# Visible ASCII only: it travels as an HTTP/2 header value, which may not hold
+# control characters or leading/trailing blanks, and gRPC metadata is ASCII.
+_EDGE_SECRET = re.compile(r"[\x21-\x7e]{16,}")
+# What a tenant name taken from a JWT claim may look like (its length is bounded by
+# gateway.auth.tenant_claim_max_chars): it becomes a quota key, a scheduler queue and
+# a log field, so no separators, blanks or control characters.
+_TENANT_CLAIM = re.compile(r"[A-Za-z0-9._:@-]+")
 
 
 class KeyEntry(BaseModel):
@@ -108,11 +119,68 @@ def read_key_file(path: Path) -> KeyFile:
 
 
 def write_key_file(path: Path, kf: KeyFile) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Replace the key file atomically (a reload never sees half a file), mode 0600 throughout.
+
+    The temporary file is created 0600 by open(2) itself (O_EXCL, a unique name in the
+    same directory, so os.replace stays a rename on one filesystem): there is no moment
+    in which it exists with the umask's mode.
+    """
     header = "# API keys of the inference gateway, managed by igw-keys. Hashes only: keys are shown once.\n"
-    tmp.write_text(header + yaml.safe_dump(kf.model_dump(), sort_keys=True))
-    tmp.chmod(0o600)
-    tmp.replace(path)  # atomic: a reload never sees half a file
+    data = (header + yaml.safe_dump(kf.model_dump(), sort_keys=True)).encode()
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def key_file_lock(path: Path):
+    """Exclusive lock for a read-modify-write of the key file (``igw-keys``).
+
+    Held on a sibling ``.lock`` file, not the key file itself: the key file is replaced
+    by a rename, so a lock on it would be on an inode no one else opens any more.
+    """
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_edge_secret(path: str | Path) -> bytes:
+    """The edge secret in ``path``, as both Envoy and the gateway use it.
+
+    Envoy's credential injector drops trailing CR/LF from the file and sends the rest
+    verbatim, so that is all that is stripped here; anything else that would not
+    survive as a header value is refused, naming the file but never the content.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"gateway.auth.edge_secret_file {path}: cannot read it: {err.strerror}") from None
+    secret = raw.rstrip(b"\r\n")
+    if not _EDGE_SECRET.fullmatch(secret.decode("latin-1")):
+        raise ValueError(f"gateway.auth.edge_secret_file {path}: the secret must be at least 16 visible ASCII "
+                         "characters (no spaces or control characters; one trailing newline is fine), "
+                         "e.g. the output of `openssl rand -hex 32`")
+    return secret
 
 
 def _unauthenticated(message: str) -> RpcError:
@@ -127,7 +195,7 @@ class Authenticator:
         self._mtime: float | None = None
         self._edge_secret = b""
         if cfg.mode == "jwt":
-            self._edge_secret = Path(cfg.edge_secret_file).read_bytes().strip()
+            self._edge_secret = read_edge_secret(cfg.edge_secret_file)
         self.reload()
 
     # --- key file ---------------------------------------------------------------------
@@ -161,6 +229,16 @@ class Authenticator:
     def tenant_limits(self, tenant: str) -> QuotaLimits:
         entry = self._keys.tenants.get(tenant)
         return entry.limits if entry else QuotaLimits()
+
+    def tenant_label(self, tenant: str) -> str:
+        """The metrics label for ``tenant``: its name when the key file names it (tenants that hold keys or
+        have limits: a set the operator controls), else "other", so callers who choose their own tenant
+        name (one JWT `sub` per user) cannot grow the label sets without bound."""
+        keys = self._keys
+        known = getattr(self, "_known_tenants", None)
+        if known is None or known[0] is not keys:  # recomputed once per key file reload
+            known = self._known_tenants = (keys, set(keys.tenants) | {k.tenant for k in keys.keys.values()})
+        return tenant if tenant == self.cfg.anonymous_tenant or tenant in known[1] else "other"
 
     # --- requests ---------------------------------------------------------------------
 
@@ -212,6 +290,14 @@ class Authenticator:
         tenant = claims.get(self.cfg.tenant_claim) if isinstance(claims, dict) else None
         if not isinstance(tenant, str) or not tenant:
             raise _unauthenticated(f"the JWT has no `{self.cfg.tenant_claim}` claim to name the tenant")
+        # The value is the caller's to choose: never echoed, only its length.
+        limit = self.cfg.tenant_claim_max_chars
+        if len(tenant) > limit:
+            raise _unauthenticated(f"the JWT's `{self.cfg.tenant_claim}` claim is {len(tenant)} characters long; "
+                                   f"a tenant name has at most {limit}")
+        if not _TENANT_CLAIM.fullmatch(tenant):
+            raise _unauthenticated(f"the JWT's `{self.cfg.tenant_claim}` claim is not a valid tenant name: "
+                                   "use letters, digits and . _ : @ - only")
         return Principal(tenant, "", frozenset(), "interactive", QuotaLimits(), self.tenant_limits(tenant))
 
 

@@ -2,6 +2,8 @@
 
     igw "write a Python function that reverses a string"
     igw --target localhost:8080 --max-tokens 64 --context '{"language": "go"}' "explain this"
+    igw --target igw.example.com:443 --tls --api-key "$IGW_KEY" "hello"
+    igw --target 127.0.0.1:8443 --ca-file cert.pem --server-name localhost "hello"
 
 Prints the text as it arrives, then one usage line on stderr.
 """
@@ -9,8 +11,10 @@ Prints the text as it arrives, then one usage line on stderr.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf import struct_pb2
@@ -35,6 +39,24 @@ def build_request(args: argparse.Namespace) -> gpb.ExecuteRequest:
     return req
 
 
+def _is_loopback(target: str) -> bool:
+    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if not (args.tls or args.ca_file):
+        return grpc.insecure_channel(args.target)
+    roots = Path(args.ca_file).read_bytes() if args.ca_file else None  # None: the system's roots
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    return grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="igw", description="Stream one task through the inference gateway.")
     p.add_argument("task", help="the instruction or prompt")
@@ -48,10 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-id")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--api-key", help="sent as `authorization: Bearer ...`")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS (Envoy's listener with envoy.tls set); implied by --ca-file")
+    p.add_argument("--ca-file", help="PEM file of the CA (or self-signed certificate) to trust "
+                                     "instead of the system's roots")
+    p.add_argument("--server-name", help="name to verify the server's certificate against "
+                                         "(default: the host of --target)")
     args = p.parse_args(argv)
+    if args.server_name and not (args.tls or args.ca_file):
+        p.error("--server-name needs --tls or --ca-file")
 
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
-    with grpc.insecure_channel(args.target) as channel:
+    if args.api_key and not (args.tls or args.ca_file) and not _is_loopback(args.target):
+        print(f"igw: warning: sending the API key to {args.target} without TLS; use --tls", file=sys.stderr)
+    try:
+        channel = _channel(args)
+    except OSError as err:
+        print(f"error: cannot read --ca-file: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
+    with channel:
         stub = gpb_grpc.GatewayStub(channel)
         try:
             for resp in stub.Execute(build_request(args), timeout=args.timeout, metadata=metadata):

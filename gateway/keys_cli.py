@@ -6,6 +6,8 @@
     igw-keys tenant --file keys.yaml acme [--rpm N] [--tpm N] [--concurrent N]
 
 `issue` prints the new key once, on stdout; the file keeps only its SHA-256.
+Changes are serialized by a lock file beside the key file (``.<name>.lock``),
+so concurrent runs never lose each other's edits.
 Running gateways pick changes up within `gateway.auth.reload_interval_s`
 (or at once on SIGHUP).
 """
@@ -16,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.auth import KeyEntry, TenantEntry, hash_key, new_key, now_iso, read_key_file, write_key_file
+from gateway.auth import (KeyEntry, TenantEntry, hash_key, key_file_lock, new_key, now_iso, read_key_file,
+                          write_key_file)
 from gateway.config import QuotaLimits
 
 
@@ -54,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--file", required=True, type=Path, help="the key file (gateway.auth.key_file)")
     args = p.parse_args(argv)
 
+    try:
+        if args.cmd == "list":
+            return _run(args)
+        # Read-modify-write under an exclusive lock: two igw-keys at once must not
+        # both read the old file and the second write lose the first one's change.
+        with key_file_lock(args.file):
+            return _run(args)
+    except OSError as err:  # unreadable file, unwritable directory, ...
+        print(f"igw-keys: {err.filename or args.file}: {err.strerror or err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     try:
         kf = read_key_file(args.file)
     except ValueError as err:

@@ -77,6 +77,9 @@ def test_envoy_admin_only_on_loopback_and_route_timeout_off():
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     assert route["timeout"] == "0s"
+    # Every client is external: its x-forwarded-for and x-envoy-* headers steer nothing.
+    assert hcm["use_remote_address"] is True
+    assert [r["address_prefix"] for r in hcm["internal_address_config"]["cidr_ranges"]] == ["0.0.0.0", "::"]
     assert hcm["stream_idle_timeout"] == "300s"
     cluster = boot["static_resources"]["clusters"][0]
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == "gateway.v1.Gateway"
@@ -155,8 +158,96 @@ def test_tls_listener(tmp_path):
         with pytest.raises(grpc.RpcError):
             with grpc.insecure_channel(s.envoy) as ch:
                 list(gpb_grpc.GatewayStub(ch).Execute(gpb.ExecuteRequest(task="hi"), timeout=3))
+
+        # The igw client speaks TLS: trusting the self-signed certificate, by address or by name.
+        def igw(*flags):
+            return subprocess.run([str(BIN / "igw"), "--target", s.envoy, "--max-tokens", "3", "--timeout", "10",
+                                   *flags, "hello"], capture_output=True, text=True, timeout=30)
+
+        for flags in (("--tls", "--ca-file", str(cert)), ("--ca-file", str(cert), "--server-name", "localhost")):
+            r = igw(*flags)
+            assert r.returncode == 0 and r.stdout.strip() == "lorem ipsum dolor", (flags, r.stderr)
+            assert "completion_tokens=3" in r.stderr
+        # Verification is on: the system roots do not know this certificate, nor does it name that host.
+        for flags in (("--tls",), ("--ca-file", str(cert), "--server-name", "other.example")):
+            r = igw(*flags)
+            assert r.returncode == 1 and "UNAVAILABLE" in r.stderr, (flags, r.stderr)
+        r = igw()  # plaintext
+        assert r.returncode == 1 and "error: UNAVAILABLE" in r.stderr
+        r = igw("--ca-file", str(tmp_path / "missing.pem"))
+        assert r.returncode == 2 and "missing.pem" in r.stderr
     finally:
         s.stop()
+
+
+def test_cli_warns_before_sending_a_key_in_plaintext():
+    """An API key is a bearer secret: igw says so when it would cross a network unencrypted."""
+    base = [str(BIN / "igw"), "--timeout", "0.5", "--api-key", "igw_x_y", "hi"]
+    # 192.0.2.1 (TEST-NET-1) answers nothing: the call times out after the warning.
+    r = subprocess.run([*base, "--target", "192.0.2.1:9"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "without TLS; use --tls" in r.stderr and "igw_x_y" not in r.stderr
+    r = subprocess.run([*base, "--target", f"127.0.0.1:{stack.free_port()}"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and "without TLS" not in r.stderr
+
+
+STEERING_HEADERS = (
+    ("x-forwarded-for", "10.1.2.3"),  # "I am on your private network"
+    ("x-envoy-internal", "true"),
+    ("x-envoy-upstream-rq-timeout-ms", "1"),
+    ("x-envoy-upstream-rq-per-try-timeout-ms", "1"),
+    ("x-envoy-max-retries", "5"),
+    ("x-envoy-retry-on", "5xx,reset,connect-failure"),
+    ("x-envoy-retry-grpc-on", "cancelled,unavailable,deadline-exceeded"),
+)
+
+
+def test_client_cannot_make_itself_internal(synthetic_stack, tmp_path):
+    """A client that claims a private address gets no say over Envoy's timeouts and retries,
+    and the access log names the real peer, not the address the client wrote.
+
+    The same headers cut the stream short on an Envoy configured as Envoy < 1.33 behaved
+    by default (RFC 1918 addresses internal, x-forwarded-for taken as the client), which
+    shows they would have acted; on ours the stream completes.
+    """
+    from gateway import config as config_mod
+    from gateway.v1 import gateway_pb2 as gpb
+    from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+
+    agent = f"steer-test-{time.monotonic_ns()}"
+
+    def stream(addr, md=STEERING_HEADERS):
+        with grpc.insecure_channel(addr, options=[("grpc.primary_user_agent", agent)]) as ch:
+            return list(gpb_grpc.GatewayStub(ch).Execute(
+                gpb.ExecuteRequest(task="hi", sampling=gpb.SamplingParams(max_tokens=50)), metadata=md, timeout=10))
+
+    out = stream(synthetic_stack.envoy)  # 50 tokens at 50/s: 1 s, far above the 1 ms asked for
+    assert out[-1].done.usage.completion_tokens == 50
+    log = Path(synthetic_stack.config["envoy"]["access_log_path"])
+    deadline = time.monotonic() + 5  # Envoy flushes its access log about once a second
+    while not (mine := [json.loads(l) for l in log.read_text().splitlines() if agent in l]):
+        assert time.monotonic() < deadline, "no access log line for the call"
+        time.sleep(0.2)
+    assert mine[-1]["client_address"] == "127.0.0.1" and mine[-1]["grpc_status"] == "OK"
+
+    cfg = config_mod.with_overrides(
+        config_mod.load(synthetic_stack.config_path), "envoy", listen=f"127.0.0.1:{stack.free_port()}",
+        admin_listen=f"127.0.0.1:{stack.free_port()}", access_log_path=str(tmp_path / "access.log"))
+    boot = stack.load_envoy_renderer().render(cfg)
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.pop("use_remote_address")  # = false: the address in x-forwarded-for is "the client"
+    hcm["internal_address_config"] = {"cidr_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}]}
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(boot))
+    proc = stack.start(stack.envoy_command(cfg.envoy, tmp_path / "open.yaml"), log_path=tmp_path / "open.log")
+    try:
+        stack.wait_healthy(cfg.envoy.listen, 30, service="gateway.v1.Gateway", proc=proc)
+        assert stream(cfg.envoy.listen, md=())[-1].done.usage.completion_tokens == 50
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError):  # Envoy's 1 ms timeout: a local reply or a reset stream
+            stream(cfg.envoy.listen)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        stack.stop(proc, 10)
 
 
 def test_stack_and_cli_end_to_end_and_ctrl_c(tmp_path):
