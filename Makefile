@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 # Debian packages the tests need (real servers, started by the test fixtures).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all install protos model run test test-fast bench system-deps clean distclean
+.PHONY: all install protos model run test test-fast bench soak system-deps clean distclean
 
 all: install protos
 
@@ -76,6 +76,12 @@ test-fast: system-deps install protos
 # The full benchmark (several minutes): report in bench/results/. `make test` runs its short form.
 bench: system-deps install protos model
 	$(BIN)/python -m bench.run --out bench/results
+	$(BIN)/python -m bench.slow_readers --streams 1000 --json bench/results/slow_readers.json
+
+# Minutes of mixed, partly hostile load with a worker restart; reports RSS over time and anything leaked.
+SOAK_MINUTES ?= 10
+soak: system-deps install protos
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -f $(GEN) gateway/v1/*_pb2*.pyi inference/v1/*_pb2*.pyi
