@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 # Debian packages the tests need (real servers, started by the test fixtures).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all install protos model run test test-fast bench soak system-deps clean distclean
+.PHONY: all install protos model run test test-fast lint docs bench soak system-deps clean distclean
 
 all: install protos
 
@@ -66,16 +66,25 @@ system-deps:
 run: install protos model
 	$(BIN)/igw-stack --config $(CONFIG)
 
-test: system-deps install protos model
+test: system-deps install protos model lint
 	$(BIN)/python -m pytest -v -rfEs $(PYTEST_ARGS)
 
 # Everything but the tests that start a real vLLM worker.
-test-fast: system-deps install protos
+test-fast: system-deps install protos lint
 	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
+
+# ruff: lint rules and formatting (configured in pyproject.toml); `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Documents generated from the code: the configuration reference.
+docs: install
+	$(BIN)/python -m igw_common.config > docs/configuration.md
 
 # The full benchmark (several minutes): report in bench/results/. `make test` runs its short form.
 bench: system-deps install protos model
-	$(BIN)/python -m bench.run --out bench/results
+	$(BIN)/python -m bench.run --out bench/results --docs docs/performance.md
 	$(BIN)/python -m bench.slow_readers --streams 1000 --json bench/results/slow_readers.json
 
 # Minutes of mixed, partly hostile load with a worker restart; reports RSS over time and anything leaked.

@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 import yaml
 
-from gateway import stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from igw_common import launcher as stack
 
 
 async def run_round(addr: str, key: str | None, n: int, concurrency: int) -> list[float]:
@@ -39,8 +39,9 @@ async def run_round(addr: str, key: str | None, n: int, concurrency: int) -> lis
         async def one():
             async with sem:
                 t0 = time.perf_counter()
-                async for _ in stub.Execute(gpb.ExecuteRequest(task="hi", sampling=gpb.SamplingParams(max_tokens=1)),
-                                            metadata=md, timeout=30):
+                async for _ in stub.Execute(
+                    gpb.ExecuteRequest(task="hi", sampling=gpb.SamplingParams(max_tokens=1)), metadata=md, timeout=30
+                ):
                     pass
                 lat.append(time.perf_counter() - t0)
 
@@ -60,21 +61,46 @@ def main(argv: list[str] | None = None) -> int:
     redis = None
     try:
         redis_port = stack.free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                                 stdout=subprocess.DEVNULL)
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+        )
         keys = work / "keys.yaml"
-        key = subprocess.run([str(Path(sys.executable).parent / "igw-keys"), "issue", "--file", str(keys),
-                              "--tenant", "bench", "--rpm", "10000000", "--tpm", "1000000000", "--concurrent", "10000"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        key = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "igw-keys"),
+                "issue",
+                "--file",
+                str(keys),
+                "--tenant",
+                "bench",
+                "--rpm",
+                "10000000",
+                "--tpm",
+                "1000000000",
+                "--concurrent",
+                "10000",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         worker = f"127.0.0.1:{stack.free_port()}"
-        base = {"worker": {"listen": worker, "engine": "synthetic", "synthetic": {"tokens_per_s": 1000},
-                           "metrics_listen": ""},
-                "gateway": {"workers": [{"address": worker}], "metrics_listen": ""}}
+        base = {
+            "worker": {
+                "listen": worker,
+                "engine": "synthetic",
+                "synthetic": {"tokens_per_s": 1000},
+                "metrics_listen": "",
+            },
+            "gateway": {"workers": [{"address": worker}], "metrics_listen": ""},
+        }
         variants = {
             "off": {},
             "local": {"auth": {"mode": "api_key", "key_file": str(keys)}},
-            "redis": {"auth": {"mode": "api_key", "key_file": str(keys)},
-                      "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}},
+            "redis": {
+                "auth": {"mode": "api_key", "key_file": str(keys)},
+                "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
+            },
         }
         cfg_path = work / "base.yaml"
         cfg_path.write_text(yaml.safe_dump(base))
@@ -97,17 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:  # warm-up
             asyncio.run(run_round(addrs[name], key if name != "off" else None, 50, args.concurrency))
         for r in range(args.rounds):
-            for name in names[r % 3:] + names[:r % 3]:
+            for name in names[r % 3 :] + names[: r % 3]:
                 t0 = time.perf_counter()
-                lat[name] += asyncio.run(run_round(addrs[name], key if name != "off" else None,
-                                                   args.requests, args.concurrency))
+                lat[name] += asyncio.run(
+                    run_round(addrs[name], key if name != "off" else None, args.requests, args.concurrency)
+                )
                 wall[name] += time.perf_counter() - t0
 
         def pct(xs, q):
             xs = sorted(xs)
             return xs[min(len(xs) - 1, int(q * len(xs)))]
 
-        print(f"\n{args.rounds} rounds x {args.requests} requests (max_tokens=1) per variant, concurrency {args.concurrency}")
+        print(
+            f"\n{args.rounds} rounds x {args.requests} requests (max_tokens=1) per variant, concurrency {args.concurrency}"
+        )
         print("| variant | mean ms | p50 ms | p99 ms | req/s | mean vs off | req/s vs off |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         off_mean = statistics.mean(lat["off"])
@@ -115,10 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             mean = statistics.mean(lat[name])
             rps = len(lat[name]) / wall[name]
-            print(f"| {name} | {mean * 1000:.2f} | {pct(lat[name], .5) * 1000:.2f} | {pct(lat[name], .99) * 1000:.2f} "
-                  f"| {rps:.0f} | {mean / off_mean:.3f} | {rps / off_rps:.3f} |")
+            print(
+                f"| {name} | {mean * 1000:.2f} | {pct(lat[name], 0.5) * 1000:.2f} | {pct(lat[name], 0.99) * 1000:.2f} "
+                f"| {rps:.0f} | {mean / off_mean:.3f} | {rps / off_rps:.3f} |"
+            )
         for name in ("local", "redis"):
-            print(f"admission overhead ({name}): {(statistics.mean(lat[name]) - off_mean) * 1000:+.2f} ms per request (mean)")
+            print(
+                f"admission overhead ({name}): {(statistics.mean(lat[name]) - off_mean) * 1000:+.2f} ms per request (mean)"
+            )
     finally:
         for p in reversed(procs):  # gateways first, then the worker
             p.stop()

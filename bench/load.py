@@ -67,10 +67,15 @@ def summary(run: Run) -> dict:
     ttft = [r.ttft for r in run.records if r.ttft is not None]
     itl = list(itertools.chain.from_iterable(r.itl() for r in run.records))
     return {
-        "requests": len(run.records), "errors": run.errors, "tokens": run.tokens,
-        "elapsed_s": round(run.elapsed_s, 3), "tokens_per_s": round(run.tokens_per_s, 1),
-        "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 2), "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 2),
-        "itl_p50_ms": round(pct(itl, 0.5) * 1000, 3), "itl_p99_ms": round(pct(itl, 0.99) * 1000, 3),
+        "requests": len(run.records),
+        "errors": run.errors,
+        "tokens": run.tokens,
+        "elapsed_s": round(run.elapsed_s, 3),
+        "tokens_per_s": round(run.tokens_per_s, 1),
+        "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 2),
+        "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 2),
+        "itl_p50_ms": round(pct(itl, 0.5) * 1000, 3),
+        "itl_p99_ms": round(pct(itl, 0.99) * 1000, 3),
         "ttft_ms_all": [round(t * 1000, 2) for t in ttft],
     }
 
@@ -90,9 +95,14 @@ async def direct(worker: str, model: str, concurrency: int, requests: int, max_t
                     break
                 rid = f"b{i}"
                 records[rid] = Record(sent=time.monotonic())
-                subs.append(wpb.Submit(request_id=rid, model=model,
-                                       messages=[wpb.ChatMessage(role="user", content=f"{TASK} ({i})")],
-                                       sampling=wpb.Sampling(max_tokens=max_tokens, temperature=0)))
+                subs.append(
+                    wpb.Submit(
+                        request_id=rid,
+                        model=model,
+                        messages=[wpb.ChatMessage(role="user", content=f"{TASK} ({i})")],
+                        sampling=wpb.Sampling(max_tokens=max_tokens, temperature=0),
+                    )
+                )
             if subs:
                 await call.write(wpb.GatewayMessage(submits=subs))
 
@@ -131,8 +141,9 @@ async def via_gateway(target: str, concurrency: int, requests: int, max_tokens: 
             for i in ids:
                 rec = Record(sent=time.monotonic())
                 records.append(rec)
-                req = gpb.ExecuteRequest(task=f"{TASK} ({i})",
-                                         sampling=gpb.SamplingParams(max_tokens=max_tokens, temperature=0))
+                req = gpb.ExecuteRequest(
+                    task=f"{TASK} ({i})", sampling=gpb.SamplingParams(max_tokens=max_tokens, temperature=0)
+                )
                 try:
                     async for resp in stub.Execute(req, timeout=600):
                         if resp.WhichOneof("event") == "delta":

@@ -34,7 +34,7 @@ import psutil
 import yaml
 
 from bench import load
-from gateway import stack
+from igw_common import launcher as stack
 
 MODEL = "smollm2-135m-instruct"
 
@@ -45,13 +45,25 @@ class Stack:
     def __init__(self, engine: str, workdir: Path, synthetic_rate: float = 1000.0):
         self.dir = workdir
         self.cfg = {
-            "gateway": {"listen": f"127.0.0.1:{stack.free_port()}", "metrics_listen": "", "log_level": "warning",
-                        "queue": {"max_queued": 4096}},
-            "worker": {"listen": f"127.0.0.1:{stack.free_port()}", "engine": engine, "metrics_listen": "",
-                       "max_concurrent_requests": 512, "log_level": "warning",
-                       "synthetic": {"tokens_per_s": synthetic_rate}},
-            "envoy": {"listen": f"127.0.0.1:{stack.free_port()}", "admin_listen": f"127.0.0.1:{stack.free_port()}",
-                      "access_log_path": "/dev/null"},
+            "gateway": {
+                "listen": f"127.0.0.1:{stack.free_port()}",
+                "metrics_listen": "",
+                "log_level": "warning",
+                "queue": {"max_queued": 4096},
+            },
+            "worker": {
+                "listen": f"127.0.0.1:{stack.free_port()}",
+                "engine": engine,
+                "metrics_listen": "",
+                "max_concurrent_requests": 512,
+                "log_level": "warning",
+                "synthetic": {"tokens_per_s": synthetic_rate},
+            },
+            "envoy": {
+                "listen": f"127.0.0.1:{stack.free_port()}",
+                "admin_listen": f"127.0.0.1:{stack.free_port()}",
+                "access_log_path": "/dev/null",
+            },
         }
         self.cfg["gateway"]["workers"] = [{"address": self.cfg["worker"]["listen"]}]
         path = self.dir / "config.yaml"
@@ -69,8 +81,11 @@ class Stack:
 
     @property
     def targets(self) -> dict[str, str]:
-        return {"direct": self.cfg["worker"]["listen"], "gateway": self.cfg["gateway"]["listen"],
-                "envoy+gateway": self.cfg["envoy"]["listen"]}
+        return {
+            "direct": self.cfg["worker"]["listen"],
+            "gateway": self.cfg["gateway"]["listen"],
+            "envoy+gateway": self.cfg["envoy"]["listen"],
+        }
 
 
 class ProcSampler:
@@ -115,12 +130,13 @@ def run_path(path: str, addr: str, concurrency: int, requests: int, max_tokens: 
     return out
 
 
-def scenario(targets: dict[str, str], concurrency: int, requests: int, max_tokens: int, rounds: int,
-             gateway_pid: int | None) -> dict:
+def scenario(
+    targets: dict[str, str], concurrency: int, requests: int, max_tokens: int, rounds: int, gateway_pid: int | None
+) -> dict:
     paths = list(targets)
     per_path: dict[str, list[dict]] = {p: [] for p in paths}
     for r in range(rounds):
-        for p in paths[r % len(paths):] + paths[:r % len(paths)]:
+        for p in paths[r % len(paths) :] + paths[: r % len(paths)]:
             per_path[p].append(run_path(p, targets[p], concurrency, requests, max_tokens, gateway_pid))
     merged = {}
     for p, runs in per_path.items():
@@ -137,24 +153,51 @@ def scenario(targets: dict[str, str], concurrency: int, requests: int, max_token
 
 
 def report_md(results: dict) -> str:
-    lines = ["# Gateway benchmark", "", f"{results['machine']}; {results['mode']} mode; "
-             f"each figure is the median of {results['rounds']} rounds, paths in rotating order.", ""]
-    for name, title in (("synthetic", "Synthetic engine (gateway overhead)"), ("vllm", "vLLM CPU worker, SmolLM2-135M")):
+    lines = [
+        "# Gateway benchmark",
+        "",
+        f"{results['machine']}; {results['mode']} mode; "
+        f"each figure is the median of {results['rounds']} rounds, paths in rotating order.",
+        "",
+    ]
+    for name, title in (
+        ("synthetic", "Synthetic engine (gateway overhead)"),
+        ("vllm", "vLLM CPU worker, SmolLM2-135M"),
+    ):
         if name not in results:
             continue
-        lines += [f"## {title}", "", "| concurrency | path | tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | added TTFT p50/p99 ms "
-                  "| ITL p50 ms | ITL p99 ms | gateway CPU s / 1k tok | gateway RSS KiB / stream | errors |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {title}",
+            "",
+            "| concurrency | path | tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | added TTFT p50/p99 ms "
+            "| ITL p50 ms | ITL p99 ms | gateway CPU s / 1k tok | gateway RSS KiB / stream | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for c, paths in results[name]["scenarios"].items():
             for p, m in paths.items():
-                added = f"{m['added_ttft_p50_ms']:+.1f} / {m['added_ttft_p99_ms']:+.1f}" if "added_ttft_p50_ms" in m else ""
+                added = (
+                    f"{m['added_ttft_p50_ms']:+.1f} / {m['added_ttft_p99_ms']:+.1f}" if "added_ttft_p50_ms" in m else ""
+                )
                 lines.append(
                     f"| {c} | {p} | {m['tokens_per_s']:.0f} | {m.get('tokens_per_s_vs_direct') or ''} | "
                     f"{m['ttft_p50_ms']:.1f} | {m['ttft_p99_ms']:.1f} | {added} | {m['itl_p50_ms']:.2f} | "
                     f"{m['itl_p99_ms']:.2f} | {m.get('gateway_cpu_s_per_1k_tokens', '')} | "
-                    f"{m.get('gateway_rss_kib_per_stream', '')} | {m['errors']:.0f} |")
+                    f"{m.get('gateway_rss_kib_per_stream', '')} | {m['errors']:.0f} |"
+                )
         lines += ["", results[name]["setup"], ""]
     return "\n".join(lines) + "\n"
+
+
+def write_docs(page: Path, report: str) -> None:
+    """Replace what is between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in ``page`` with the
+    report's tables (the prose around them is written by hand and stays)."""
+    text = page.read_text()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    body = report.split("\n", 1)[1].strip()  # without the report's own title
+    body = body.replace("\n## ", "\n### ")
+    page.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -186,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--vllm-worker", help="worker of a running vLLM stack (else one is started)")
     p.add_argument("--vllm-target", help="Envoy of that stack")
+    p.add_argument("--docs", type=Path, help="also put the tables into this page, between its bench markers")
     args = p.parse_args(argv)
 
     short = args.short
     rounds = 1 if short else 3
-    results = {"mode": "short" if short else "full", "rounds": rounds,
-               "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"}
+    results = {
+        "mode": "short" if short else "full",
+        "rounds": rounds,
+        "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="igw-bench-"))
 
@@ -203,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s.start()
         pid = s.procs["gateway"].pid
-        results["synthetic"] = {"setup": f"Synthetic worker at {rate:g} tokens/s per stream, {tokens} tokens per "
-                                         f"request, requests per level = max(2 x concurrency, 16).", "scenarios": {}}
+        results["synthetic"] = {
+            "setup": f"Synthetic worker at {rate:g} tokens/s per stream, {tokens} tokens per "
+            f"request, requests per level = max(2 x concurrency, 16).",
+            "scenarios": {},
+        }
         for c in levels:
             n = max(c if short else 2 * c, 8 if short else 16)
             results["synthetic"]["scenarios"][c] = scenario(s.targets, c, n, tokens, rounds, pid)
@@ -225,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             targets = {"direct": v.targets["direct"], "envoy+gateway": v.targets["envoy+gateway"]}
             vpid = v.procs["gateway"].pid
         try:
-            results["vllm"] = {"setup": f"vLLM CPU worker (SmolLM2-135M-Instruct, bf16), {vtokens} tokens per "
-                                        "request, temperature 0.", "scenarios": {}}
+            results["vllm"] = {
+                "setup": f"vLLM CPU worker (SmolLM2-135M-Instruct, bf16), {vtokens} tokens per request, temperature 0.",
+                "scenarios": {},
+            }
             for c in vlevels:
                 n = max(c if short else 2 * c, 4 if short else 8)
                 results["vllm"]["scenarios"][c] = scenario(targets, c, n, vtokens, rounds, vpid)
@@ -240,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.out / "ttft.png")
     print(report_md(results))
     print(f"wrote {args.out}/report.md, report.json, ttft.png")
+    if args.docs:
+        write_docs(args.docs, report_md(results))
+        print(f"updated {args.docs}")
     return 0
 
 

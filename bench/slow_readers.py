@@ -8,7 +8,7 @@ same run: once reading every message as it comes ("fast"), once reading only
 the first and then nothing for ``--hold-s`` seconds ("unread"). Prints the
 gateway's RSS growth per open stream for both (peak RSS during the hold minus
 RSS before the streams opened). The bound the gateway aims for is 64 KiB per
-stream, slow or not (README, Limits).
+stream, slow or not (docs/design.md).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import grpc
 import psutil
 import yaml
 
-from gateway import stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from igw_common import launcher as stack
 
 
 class PeakRss:
@@ -61,9 +61,12 @@ async def hold_streams(target: str, n: int, hold_s: float, max_tokens: int, read
     try:
         for i in range(n):
             stub = gpb_grpc.GatewayStub(channels[i % len(channels)])
-            calls.append(stub.Execute(gpb.ExecuteRequest(task=f"stream {i}",
-                                                         sampling=gpb.SamplingParams(max_tokens=max_tokens)),
-                                      timeout=hold_s + 300))
+            calls.append(
+                stub.Execute(
+                    gpb.ExecuteRequest(task=f"stream {i}", sampling=gpb.SamplingParams(max_tokens=max_tokens)),
+                    timeout=hold_s + 300,
+                )
+            )
         await asyncio.gather(*(c.read() for c in calls))  # `started`: every stream is open on the gateway
 
         async def drain(c):
@@ -91,8 +94,13 @@ def measure(gateway_pid: int, target: str, n: int, hold_s: float, max_tokens: in
     with PeakRss(gateway_pid) as peak:
         open_now = asyncio.run(hold_streams(target, n, hold_s, max_tokens, read))
     grown = max(0, peak.peak - before)
-    return {"streams": n, "open_at_end_of_hold": open_now, "rss_before_mib": round(before / 2**20, 1),
-            "peak_rss_mib": round(peak.peak / 2**20, 1), "kib_per_stream": round(grown / 1024 / n, 1)}
+    return {
+        "streams": n,
+        "open_at_end_of_hold": open_now,
+        "rss_before_mib": round(before / 2**20, 1),
+        "peak_rss_mib": round(peak.peak / 2**20, 1),
+        "kib_per_stream": round(grown / 1024 / n, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +113,22 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="igw-bench-slow-"))
     cfg = {
-        "gateway": {"listen": f"127.0.0.1:{stack.free_port()}", "metrics_listen": "", "log_level": "warning",
-                    "drain_notice_s": 0, "drain_grace_s": 1,
-                    "queue": {"max_queued": args.streams * 2}},
-        "worker": {"listen": f"127.0.0.1:{stack.free_port()}", "engine": "synthetic", "metrics_listen": "",
-                   "log_level": "warning", "max_concurrent_requests": args.streams * 2,
-                   "synthetic": {"tokens_per_s": 1000.0, "max_context_tokens": 100_000}},
+        "gateway": {
+            "listen": f"127.0.0.1:{stack.free_port()}",
+            "metrics_listen": "",
+            "log_level": "warning",
+            "drain_notice_s": 0,
+            "drain_grace_s": 1,
+            "queue": {"max_queued": args.streams * 2},
+        },
+        "worker": {
+            "listen": f"127.0.0.1:{stack.free_port()}",
+            "engine": "synthetic",
+            "metrics_listen": "",
+            "log_level": "warning",
+            "max_concurrent_requests": args.streams * 2,
+            "synthetic": {"tokens_per_s": 1000.0, "max_context_tokens": 100_000},
+        },
         "envoy": {"listen": f"127.0.0.1:{stack.free_port()}", "admin_listen": f"127.0.0.1:{stack.free_port()}"},
     }
     cfg["gateway"]["workers"] = [{"address": cfg["worker"]["listen"]}]
@@ -123,15 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         for mode, read in (("fast", True), ("unread", False)):
             # A fresh gateway per mode: freed memory stays in the allocator and would flatter the second.
             procs.start_gateway()
-            results[mode] = measure(procs.procs["gateway"].pid, target, args.streams, args.hold_s,
-                                    args.max_tokens, read)
+            results[mode] = measure(
+                procs.procs["gateway"].pid, target, args.streams, args.hold_s, args.max_tokens, read
+            )
             stack.stop(procs.procs.pop("gateway"), 30)
             print(f"{mode:>6}: {json.dumps(results[mode])}", flush=True)
     finally:
         procs.stop()
-    print(f"gateway memory per open stream: {results['fast']['kib_per_stream']} KiB read at full speed, "
-          f"{results['unread']['kib_per_stream']} KiB unread ({args.streams} streams, {args.hold_s:g} s, "
-          f"max_tokens {args.max_tokens}); target <= 64 KiB")
+    print(
+        f"gateway memory per open stream: {results['fast']['kib_per_stream']} KiB read at full speed, "
+        f"{results['unread']['kib_per_stream']} KiB unread ({args.streams} streams, {args.hold_s:g} s, "
+        f"max_tokens {args.max_tokens}); target <= 64 KiB"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -32,9 +32,9 @@ import grpc
 import psutil
 import yaml
 
-from gateway import stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from igw_common import launcher as stack
 from inference.v1 import worker_pb2 as wpb
 from inference.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -60,16 +60,22 @@ class Load:
     async def one(self, stub, kind: str) -> None:
         md = [("authorization", f"Bearer {self.keys['limited' if kind == 'over_quota' else 'main']}")]
         n = random.randint(1, 64)
-        req = gpb.ExecuteRequest(task=f"soak {kind}", sampling=gpb.SamplingParams(max_tokens=n),
-                                 session_id=str(random.randint(0, 50)))
+        req = gpb.ExecuteRequest(
+            task=f"soak {kind}", sampling=gpb.SamplingParams(max_tokens=n), session_id=str(random.randint(0, 50))
+        )
         timeout = 60.0
         if kind == "deadline":
             timeout = random.choice([0.01, 0.1, 0.3])
         elif kind == "oversize":
             req.messages.extend([gpb.ChatMessage(role="user", content="x" * 30_000)] * random.choice([40, 200]))
         elif kind == "invalid":
-            req = random.choice([gpb.ExecuteRequest(), gpb.ExecuteRequest(task="x", model="nope"),
-                                 gpb.ExecuteRequest(task="x", sampling=gpb.SamplingParams(temperature=9))])
+            req = random.choice(
+                [
+                    gpb.ExecuteRequest(),
+                    gpb.ExecuteRequest(task="x", model="nope"),
+                    gpb.ExecuteRequest(task="x", sampling=gpb.SamplingParams(temperature=9)),
+                ]
+            )
         code, tokens, done_tokens = "OK", 0, None
         call = stub.Execute(req, metadata=md, timeout=timeout)
         try:
@@ -119,28 +125,60 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="igw-soak-"))
     redis_port = stack.free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     keys_file = work / "keys.yaml"
     igw_keys = [str(Path(sys.executable).parent / "igw-keys"), "--file", str(keys_file)]
     subprocess.run(igw_keys[:1] + ["tenant", "--file", str(keys_file), "soak", "--concurrent", "200"], check=True)
     keys = {
-        "main": subprocess.run(igw_keys[:1] + ["issue", "--file", str(keys_file), "--tenant", "soak",
-                                               "--concurrent", "100"], capture_output=True, text=True,
-                               check=True).stdout.strip(),
-        "limited": subprocess.run(igw_keys[:1] + ["issue", "--file", str(keys_file), "--tenant", "soak",
-                                                  "--rpm", "30", "--tpm", "3000"], capture_output=True, text=True,
-                                  check=True).stdout.strip(),
+        "main": subprocess.run(
+            igw_keys[:1] + ["issue", "--file", str(keys_file), "--tenant", "soak", "--concurrent", "100"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip(),
+        "limited": subprocess.run(
+            igw_keys[:1] + ["issue", "--file", str(keys_file), "--tenant", "soak", "--rpm", "30", "--tpm", "3000"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip(),
     }
     cfg = {
-        "gateway": {"listen": f"127.0.0.1:{stack.free_port()}", "metrics_listen": "", "log_level": "warning",
-                    "auth": {"mode": "api_key", "key_file": str(keys_file)},
-                    "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
-                    "worker_reconnect_backoff_ms": 200},
-        "worker": {"listen": f"127.0.0.1:{stack.free_port()}", "engine": "synthetic", "metrics_listen": "",
-                   "log_level": "warning", "synthetic": {"tokens_per_s": 200}},
-        "envoy": {"listen": f"127.0.0.1:{stack.free_port()}", "admin_listen": f"127.0.0.1:{stack.free_port()}",
-                  "access_log_path": "/dev/null"},
+        "gateway": {
+            "listen": f"127.0.0.1:{stack.free_port()}",
+            "metrics_listen": "",
+            "log_level": "warning",
+            "auth": {"mode": "api_key", "key_file": str(keys_file)},
+            "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
+            "worker_reconnect_backoff_ms": 200,
+        },
+        "worker": {
+            "listen": f"127.0.0.1:{stack.free_port()}",
+            "engine": "synthetic",
+            "metrics_listen": "",
+            "log_level": "warning",
+            "synthetic": {"tokens_per_s": 200},
+        },
+        "envoy": {
+            "listen": f"127.0.0.1:{stack.free_port()}",
+            "admin_listen": f"127.0.0.1:{stack.free_port()}",
+            "access_log_path": "/dev/null",
+        },
     }
     cfg["gateway"]["workers"] = [{"address": cfg["worker"]["listen"]}]
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -162,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             while not all(c.done() for c in clients):
                 now = time.monotonic()
                 if now >= next_sample:
-                    print(f"{now - t0:7.0f} | {rss_mib(procs.procs['gateway']):11.1f} | "
-                          f"{rss_mib(procs.procs['worker']):10.1f} | {rss_mib(procs.procs['envoy']):9.1f} | "
-                          f"{sum(load.counts.values())}", flush=True)
+                    print(
+                        f"{now - t0:7.0f} | {rss_mib(procs.procs['gateway']):11.1f} | "
+                        f"{rss_mib(procs.procs['worker']):10.1f} | {rss_mib(procs.procs['envoy']):9.1f} | "
+                        f"{sum(load.counts.values())}",
+                        flush=True,
+                    )
                     next_sample += 15
                 if not restarted and now - t0 > args.minutes * 30:
                     restarted, load.restarting = True, True

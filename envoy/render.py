@@ -33,11 +33,12 @@ from pathlib import Path
 
 import yaml
 
+from gateway.v1 import gateway_pb2
+
 # Running as a script puts envoy/ first on sys.path; nothing here is named
 # like a package we import, so that is harmless.
-from gateway import config as config_mod
-from gateway.auth import read_edge_secret
-from gateway.v1 import gateway_pb2
+from igw_common import config as config_mod
+from igw_common.edge import EDGE_SECRET_HEADER, read_edge_secret
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -94,39 +95,56 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-# Headers only Envoy may set: whatever a client sends under these names is dropped first.
-EDGE_SECRET_HEADER = "x-igw-edge-secret"
 EDGE_SECRET_NAME = "igw-edge-secret"  # the static generic secret the credential injector reads
 
 # No peer is ever internal. Envoy >= 1.36 trusts no address when this is unset,
 # but an explicitly set config with no ranges falls back to "RFC1918 is internal",
 # and an older binary (envoy.binary) would do that when unset; so name ranges that
 # no TCP peer can have (the unspecified addresses).
-NO_INTERNAL_ADDRESSES = {"unix_sockets": False, "cidr_ranges": [
-    {"address_prefix": "0.0.0.0", "prefix_len": 32}, {"address_prefix": "::", "prefix_len": 128}]}
+NO_INTERNAL_ADDRESSES = {
+    "unix_sockets": False,
+    "cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}, {"address_prefix": "::", "prefix_len": 128}],
+}
 
 
 def _http_filters(cfg: config_mod.Config) -> list[dict]:
     e, auth = cfg.envoy, cfg.gateway.auth
     filters = [{"name": "envoy.filters.http.grpc_web", "typed_config": {"@type": GRPC_WEB}}]
-    filters.append({"name": "envoy.filters.http.header_mutation", "typed_config": {
-        "@type": HEADER_MUTATION,
-        "mutations": {"request_mutations": [{"remove": h} for h in (auth.jwt_payload_header, EDGE_SECRET_HEADER)]},
-    }})
+    filters.append(
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": HEADER_MUTATION,
+                "mutations": {
+                    "request_mutations": [{"remove": h} for h in (auth.jwt_payload_header, EDGE_SECRET_HEADER)]
+                },
+            },
+        }
+    )
     if e.rate_limit.max_requests:
         rl = e.rate_limit
         always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
-        filters.append({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
-            "@type": LOCAL_RATELIMIT,
-            "stat_prefix": "edge_rate_limit",
-            "token_bucket": {"max_tokens": rl.max_requests, "tokens_per_fill": rl.refill_requests or rl.max_requests,
-                             "fill_interval": _seconds(rl.refill_interval_s)},
-            "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **always},
-            "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **always},
-            # gRPC clients see RESOURCE_EXHAUSTED instead of UNAVAILABLE (HTTP 429's mapping).
-            "rate_limited_as_resource_exhausted": True,
-            "response_headers_to_add": [{"header": {"key": "retry-after", "value": str(max(1, round(rl.refill_interval_s)))}}],
-        }})
+        filters.append(
+            {
+                "name": "envoy.filters.http.local_ratelimit",
+                "typed_config": {
+                    "@type": LOCAL_RATELIMIT,
+                    "stat_prefix": "edge_rate_limit",
+                    "token_bucket": {
+                        "max_tokens": rl.max_requests,
+                        "tokens_per_fill": rl.refill_requests or rl.max_requests,
+                        "fill_interval": _seconds(rl.refill_interval_s),
+                    },
+                    "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **always},
+                    "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **always},
+                    # gRPC clients see RESOURCE_EXHAUSTED instead of UNAVAILABLE (HTTP 429's mapping).
+                    "rate_limited_as_resource_exhausted": True,
+                    "response_headers_to_add": [
+                        {"header": {"key": "retry-after", "value": str(max(1, round(rl.refill_interval_s)))}}
+                    ],
+                },
+            }
+        )
     if auth.mode == "jwt":
         provider = {
             "issuer": auth.jwt_issuer,
@@ -137,29 +155,42 @@ def _http_filters(cfg: config_mod.Config) -> list[dict]:
             # Required by the config: without it Envoy accepts a token minted for any service.
             "audiences": list(auth.jwt_audiences),
         }
-        filters.append({"name": "envoy.filters.http.jwt_authn", "typed_config": {
-            "@type": JWT_AUTHN,
-            "providers": {"igw": provider},
-            "rules": [
-                # Health and reflection stay open: they reveal nothing private.
-                {"match": {"prefix": "/grpc.health.v1.Health/"}},
-                {"match": {"prefix": "/grpc.reflection."}},
-                {"match": {"prefix": "/"}, "requires": {"provider_name": "igw"}},
-            ],
-        }})
+        filters.append(
+            {
+                "name": "envoy.filters.http.jwt_authn",
+                "typed_config": {
+                    "@type": JWT_AUTHN,
+                    "providers": {"igw": provider},
+                    "rules": [
+                        # Health and reflection stay open: they reveal nothing private.
+                        {"match": {"prefix": "/grpc.health.v1.Health/"}},
+                        {"match": {"prefix": "/grpc.reflection."}},
+                        {"match": {"prefix": "/"}, "requires": {"provider_name": "igw"}},
+                    ],
+                },
+            }
+        )
         # Proves to the gateway that a request came through here (see gateway/auth.py).
         # A filter rather than request_headers_to_add: that value is a format string
         # (a `%` in the secret breaks it) and is shown in clear by /config_dump.
-        filters.append({"name": "envoy.filters.http.credential_injector", "typed_config": {
-            "@type": CREDENTIAL_INJECTOR,
-            "overwrite": True,
-            "allow_request_without_credential": False,
-            "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
-                "@type": GENERIC_CREDENTIAL,
-                "credential": {"name": EDGE_SECRET_NAME},  # no sds_config: the static secret below
-                "header": EDGE_SECRET_HEADER,
-            }},
-        }})
+        filters.append(
+            {
+                "name": "envoy.filters.http.credential_injector",
+                "typed_config": {
+                    "@type": CREDENTIAL_INJECTOR,
+                    "overwrite": True,
+                    "allow_request_without_credential": False,
+                    "credential": {
+                        "name": "envoy.http.injected_credentials.generic",
+                        "typed_config": {
+                            "@type": GENERIC_CREDENTIAL,
+                            "credential": {"name": EDGE_SECRET_NAME},  # no sds_config: the static secret below
+                            "header": EDGE_SECRET_HEADER,
+                        },
+                    },
+                },
+            }
+        )
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
     return filters
 
@@ -173,10 +204,14 @@ def render(cfg: config_mod.Config) -> dict:
         "timeout": "0s",  # 0s = no route timeout
         # Retried only before the upstream has answered, so a stream is never replayed:
         # a replica that refuses (draining) or vanishes sends the call to another one.
-        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset,unavailable", "num_retries": 2,
-                         "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
-                                                   "typed_config": {"@type": PREVIOUS_HOSTS}}],
-                         "host_selection_retry_max_attempts": 3},
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,reset,unavailable",
+            "num_retries": 2,
+            "retry_host_predicate": [
+                {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": PREVIOUS_HOSTS}}
+            ],
+            "host_selection_retry_max_attempts": 3,
+        },
     }
     if e.max_stream_duration_s:
         route["max_stream_duration"] = {"max_stream_duration": _seconds(e.max_stream_duration_s)}
@@ -192,18 +227,25 @@ def render(cfg: config_mod.Config) -> dict:
         "internal_address_config": NO_INTERNAL_ADDRESSES,
         "stream_idle_timeout": _seconds(e.stream_idle_timeout_s),
         "http2_protocol_options": {},
-        "access_log": [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {"@type": FILE_LOG, "path": e.access_log_path,
-                             "log_format": {"json_format": ACCESS_LOG_FORMAT}},
-        }],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": FILE_LOG,
+                    "path": e.access_log_path,
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ],
         "route_config": {
             "name": "gateway",
-            "virtual_hosts": [{
-                "name": "gateway",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": route}],
-            }],
+            "virtual_hosts": [
+                {
+                    "name": "gateway",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": route}],
+                }
+            ],
         },
         "http_filters": _http_filters(cfg),
     }
@@ -215,10 +257,12 @@ def render(cfg: config_mod.Config) -> dict:
                 "@type": TLS_DOWNSTREAM,
                 "common_tls_context": {
                     "alpn_protocols": ["h2", "http/1.1"],
-                    "tls_certificates": [{
-                        "certificate_chain": {"filename": str(Path(e.tls.cert_file).resolve())},
-                        "private_key": {"filename": str(Path(e.tls.key_file).resolve())},
-                    }],
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(Path(e.tls.cert_file).resolve())},
+                            "private_key": {"filename": str(Path(e.tls.key_file).resolve())},
+                        }
+                    ],
                 },
             },
         }
@@ -235,27 +279,31 @@ def render(cfg: config_mod.Config) -> dict:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": HTTP_OPTS,
-                "explicit_http_config": {"http2_protocol_options": {
-                    # Keep long-lived upstream connections alive and detect dead peers.
-                    # The gateway permits pings this often (gateway.min_ping_interval_ms, checked at load).
-                    "connection_keepalive": {"interval": f"{e.upstream_keepalive_ms / 1000:g}s", "timeout": "10s"},
-                }},
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        # Keep long-lived upstream connections alive and detect dead peers.
+                        # The gateway permits pings this often (gateway.min_ping_interval_ms, checked at load).
+                        "connection_keepalive": {"interval": f"{e.upstream_keepalive_ms / 1000:g}s", "timeout": "10s"},
+                    }
+                },
             }
         },
         "load_assignment": {
             "cluster_name": "gateway",
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(u)}} for u in upstreams]}],
         },
-        "health_checks": [{
-            "timeout": "1s",
-            "interval": f"{e.health_check_interval_ms / 1000:g}s",
-            # Envoy checks idle clusters only every 60 s by default; a replica that
-            # starts draining must be noticed within one interval regardless.
-            "no_traffic_interval": f"{e.health_check_interval_ms / 1000:g}s",
-            "unhealthy_threshold": 1,
-            "healthy_threshold": 1,
-            "grpc_health_check": {"service_name": GATEWAY_SERVICE},
-        }],
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": f"{e.health_check_interval_ms / 1000:g}s",
+                # Envoy checks idle clusters only every 60 s by default; a replica that
+                # starts draining must be noticed within one interval regardless.
+                "no_traffic_interval": f"{e.health_check_interval_ms / 1000:g}s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": GATEWAY_SERVICE},
+            }
+        ],
     }
 
     static: dict = {
@@ -269,8 +317,7 @@ def render(cfg: config_mod.Config) -> dict:
         read_edge_secret(secret_path)
         # Envoy reads the file itself (dropping a trailing newline, as the gateway does):
         # the bootstrap names the file and never holds the secret.
-        static["secrets"] = [{"name": EDGE_SECRET_NAME,
-                              "generic_secret": {"secret": {"filename": str(secret_path)}}}]
+        static["secrets"] = [{"name": EDGE_SECRET_NAME, "generic_secret": {"secret": {"filename": str(secret_path)}}}]
     return {"admin": {"address": _socket(e.admin_listen)}, "static_resources": static}
 
 

@@ -70,12 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-id")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--api-key", help="sent as `authorization: Bearer ...`")
-    p.add_argument("--tls", action="store_true",
-                   help="connect with TLS (Envoy's listener with envoy.tls set); implied by --ca-file")
-    p.add_argument("--ca-file", help="PEM file of the CA (or self-signed certificate) to trust "
-                                     "instead of the system's roots")
-    p.add_argument("--server-name", help="name to verify the server's certificate against "
-                                         "(default: the host of --target)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (Envoy's listener with envoy.tls set); implied by --ca-file",
+    )
+    p.add_argument(
+        "--ca-file", help="PEM file of the CA (or self-signed certificate) to trust instead of the system's roots"
+    )
+    p.add_argument(
+        "--server-name", help="name to verify the server's certificate against (default: the host of --target)"
+    )
     args = p.parse_args(argv)
     if args.server_name and not (args.tls or args.ca_file):
         p.error("--server-name needs --tls or --ca-file")

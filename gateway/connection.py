@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import GatewayConfig
 from gateway.errors import clip
 from gateway.metrics import GatewayMetrics
 from gateway.streaming import RequestStream
 from gateway.vocabulary import FINISH_FROM_WORKER, STOP
+from igw_common.config import GatewayConfig
 from inference.v1 import worker_pb2 as wpb
 from inference.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -100,8 +100,7 @@ class WorkerConnection:
 
     protocol = "igw"
 
-    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None,
-                 pool: str = "default"):
+    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
         self.address = address
         self.pool = pool
         self.cfg = cfg
@@ -236,8 +235,13 @@ class WorkerConnection:
             health = asyncio.create_task(self._watch_health(channel))
             self._established = True
             self._set_ready(True)
-            log.info("worker %s ready: model %s, %d-token context, engine %s",
-                     self.name, self.info.model, self.info.max_context_tokens, self.info.engine)
+            log.info(
+                "worker %s ready: model %s, %d-token context, engine %s",
+                self.name,
+                self.info.model,
+                self.info.max_context_tokens,
+                self.info.engine,
+            )
             try:
                 async for frame in call:
                     self._on_frame(frame)
@@ -261,7 +265,7 @@ class WorkerConnection:
         self._cancels = []
         budget = self.max_message_bytes - 1024  # headroom for the message's own framing
         size, n = msg.ByteSize(), 0
-        for _, submit, sub_size in self._submits:
+        for _, _, sub_size in self._submits:
             if n and size + sub_size > budget:
                 break
             size += sub_size
@@ -283,14 +287,23 @@ class WorkerConnection:
             left_ms = int((job.deadline - asyncio.get_running_loop().time()) * 1000)
             # uint32 on the wire: a deadline weeks away is as good as none, but it must not overflow.
             timeout_ms = min(UINT32_MAX, max(1, left_ms))
-        submit = wpb.Submit(request_id=wire_id, model=job.model, messages=job.messages, sampling=job.sampling,
-                            timeout_ms=timeout_ms, trace_context=job.trace_context)
+        submit = wpb.Submit(
+            request_id=wire_id,
+            model=job.model,
+            messages=job.messages,
+            sampling=job.sampling,
+            timeout_ms=timeout_ms,
+            trace_context=job.trace_context,
+        )
         size = submit.ByteSize() + 8  # + its tag and length inside GatewayMessage
         if size > self.max_message_bytes - 1024:
             self.streams.pop(wire_id, None)
-            stream.on_error(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"the request is {size} bytes on the worker protocol; worker {self.name} accepts at "
-                            f"most {self.max_message_bytes}: shorten the prompt", "messages")
+            stream.on_error(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is {size} bytes on the worker protocol; worker {self.name} accepts at "
+                f"most {self.max_message_bytes}: shorten the prompt",
+                "messages",
+            )
             return
         self._submits.append((wire_id, submit, size))
         self._wake.set()
@@ -350,8 +363,10 @@ class WorkerConnection:
             if ev.aborted.reason == "timeout":
                 stream.on_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed during generation")
             else:
-                stream.on_error(grpc.StatusCode.ABORTED,
-                                f"the worker aborted the request ({clip(ev.aborted.reason, 40)}); retrying is safe")
+                stream.on_error(
+                    grpc.StatusCode.ABORTED,
+                    f"the worker aborted the request ({clip(ev.aborted.reason, 40)}); retrying is safe",
+                )
 
     def _fail_all(self) -> None:
         """The session is gone: every request on it ends now (or is placed again, if nothing was sent yet)."""
@@ -360,15 +375,18 @@ class WorkerConnection:
             if self.metrics:
                 self.metrics.aborts.labels("worker_lost").inc()
             if stream.completion_tokens:
-                stream.on_error(grpc.StatusCode.UNAVAILABLE,
-                                f"the worker serving this request became unavailable; the stream was cut after "
-                                f"{stream.completion_tokens} tokens and is incomplete")
+                stream.on_error(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the worker serving this request became unavailable; the stream was cut after "
+                    f"{stream.completion_tokens} tokens and is incomplete",
+                )
             elif stream.retries_left > 0:
                 stream.on_retry(self)  # nothing was sent yet: the client need not know
             else:
-                stream.on_error(grpc.StatusCode.UNAVAILABLE,
-                                "the worker serving this request became unavailable before it answered; "
-                                "retrying is safe")
+                stream.on_error(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the worker serving this request became unavailable before it answered; retrying is safe",
+                )
         self._submits.clear()
         self._cancels.clear()
         self._cancelled_at.clear()

@@ -29,12 +29,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from gateway import validation
 from gateway.auth import Authenticator, Principal
-from gateway.config import GatewayConfig, QuotaLimits
 from gateway.connection import Claim, Job
-from gateway.errors import (RpcError, deadline_exceeded, invalid_argument, model_not_found, permission_denied,
-                            resource_exhausted, unavailable)
+from gateway.errors import (
+    RpcError,
+    deadline_exceeded,
+    invalid_argument,
+    model_not_found,
+    permission_denied,
+    resource_exhausted,
+    unavailable,
+)
 from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestRecord, RequestTrace, excerpt
@@ -43,6 +48,8 @@ from gateway.quota import Budget, Denied, Quotas, StoreUnavailable, prompt_token
 from gateway.scheduler import QueueFull, Scheduler, Ticket
 from gateway.streaming import RequestStream
 from gateway.validation import ValidRequest
+from gateway.vocabulary import priority_allowed
+from igw_common.config import GatewayConfig, QuotaLimits
 
 log = logging.getLogger("gateway.dispatch")
 
@@ -75,8 +82,17 @@ Event = Started | Delta | Done
 
 
 class Dispatcher:
-    def __init__(self, cfg: GatewayConfig, workers: WorkerSet, placement: Placement, auth: Authenticator,
-                 quotas: Quotas, scheduler: Scheduler, metrics: GatewayMetrics, tracer):
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        workers: WorkerSet,
+        placement: Placement,
+        auth: Authenticator,
+        quotas: Quotas,
+        scheduler: Scheduler,
+        metrics: GatewayMetrics,
+        tracer,
+    ):
         self.cfg = cfg
         self.workers = workers
         self.placement = placement
@@ -86,8 +102,9 @@ class Dispatcher:
         self.metrics = metrics
         self.tracer = tracer
 
-    async def execute(self, headers, parse: Callable[[], ValidRequest], deadline: float | None,
-                      door: str) -> AsyncIterator[Event]:
+    async def execute(
+        self, headers, parse: Callable[[], ValidRequest], deadline: float | None, door: str
+    ) -> AsyncIterator[Event]:
         """Run one request. ``headers``: the caller's metadata (lower-case names); ``deadline``: event-loop
         time or None. Raises ``RpcError`` for every refusal or failure; the caller must close the
         generator (``contextlib.aclosing``) so an abandoned request is aborted at once."""
@@ -108,24 +125,25 @@ class Dispatcher:
             rec.request_id = valid.request_id
             if self.cfg.log_prompts and valid.messages:
                 rec.task_excerpt = excerpt(valid.messages[-1].content)
-            priority = rec.priority = validation.priority(valid.priority, principal.priority_max)
-            model = rec.model = self._resolve_model(valid.model)
-            if not principal.may_use(model):
-                who = f"API key {principal.key_id}" if principal.key_id else f"tenant {principal.tenant}"
-                raise permission_denied(f"model: {who} may not use model {model!r}; it may use "
-                                        f"{', '.join(sorted(principal.models))}")
-            validation.check_fits_model(valid, model, self.workers.max_context_tokens(model))
+            priority = rec.priority = self._scheduling_class(principal, valid.priority)
+            model = rec.model = self._admit_model(principal, valid)
             max_tokens = valid.sampling.max_tokens
 
             trace.begin("igw.queue")
             reservation = await self._reserve(principal, prompt_token_bound(valid.messages) + max_tokens)
-            estimate = validation.estimate_prompt_tokens(valid.messages) + max_tokens
-            stream = RequestStream(max_tokens, estimate, retries=self.cfg.queue.retry_before_first_token,
-                                   itl_observer=m.itl.labels(model))
+            estimate = valid.estimated_prompt_tokens + max_tokens
+            stream = RequestStream(
+                max_tokens, estimate, retries=self.cfg.queue.retry_before_first_token, itl_observer=m.itl.labels(model)
+            )
             sticky = principal.tenant if self.cfg.pool_affinity == "tenant" else valid.session_id or principal.tenant
-            ticket = Ticket(model=model, tenant=principal.tenant, priority=priority, cost_tokens=estimate,
-                            affinity=affinity_key(principal.tenant, valid.session_id, valid.messages),
-                            pool=self.placement.choose_pool(model, sticky))
+            ticket = Ticket(
+                model=model,
+                tenant=principal.tenant,
+                priority=priority,
+                cost_tokens=estimate,
+                affinity=affinity_key(principal.tenant, valid.session_id, valid.messages),
+                pool=self.placement.choose_pool(model, sticky),
+            )
             job = Job(model=model, messages=valid.messages, sampling=valid.sampling, deadline=deadline)
             started_sent = first_token = False
             while True:  # once, plus once per retry after a worker failed before answering
@@ -147,12 +165,19 @@ class Dispatcher:
                             started_sent = True
                             yield Started(valid.request_id, model, stream.worker_name, update.accepted_prompt_tokens)
                     elif update.retry_from is not None:
-                        log.warning("request %s: worker %s failed before the first token; retrying elsewhere",
-                                    rec.id, update.retry_from.name)
+                        log.warning(
+                            "request %s: worker %s failed before the first token; retrying elsewhere",
+                            rec.id,
+                            update.retry_from.name,
+                        )
                         m.retries.inc()
-                        ticket = dataclasses.replace(ticket, exclude=ticket.exclude | {update.retry_from},
-                                                     granted=loop.create_future(), pool="",  # any pool now
-                                                     enqueued_at=time.monotonic())
+                        ticket = dataclasses.replace(
+                            ticket,
+                            exclude=ticket.exclude | {update.retry_from},
+                            granted=loop.create_future(),
+                            pool="",  # any pool now
+                            enqueued_at=time.monotonic(),
+                        )
                         stream.resume()
                         break
                     elif update.error is not None:
@@ -160,20 +185,32 @@ class Dispatcher:
                         if code == grpc.StatusCode.INVALID_ARGUMENT and field:
                             raise invalid_argument(field, message)
                         # Usage so far rides in the trailers, e.g. for a stream cut by a dead worker.
-                        raise RpcError(code, message, trailers=(
-                            ("igw-prompt-tokens", str(stream.prompt_tokens)),
-                            ("igw-completion-tokens", str(stream.completion_tokens))))
+                        raise RpcError(
+                            code,
+                            message,
+                            trailers=(
+                                ("igw-prompt-tokens", str(stream.prompt_tokens)),
+                                ("igw-completion-tokens", str(stream.completion_tokens)),
+                            ),
+                        )
                     elif update.finish_reason is not None:
                         rec.finish_reason = update.finish_reason
                         trace.event("finish", finish_reason=update.finish_reason)
-                        yield Done(update.finish_reason, stream.prompt_tokens, stream.completion_tokens,
-                                   stream.ms_since_created(stream.dispatched_at),
-                                   stream.ms_since_created(stream.first_token_at), stream.ms_since_created(None))
+                        yield Done(
+                            update.finish_reason,
+                            stream.prompt_tokens,
+                            stream.completion_tokens,
+                            stream.ms_since_created(stream.dispatched_at),
+                            stream.ms_since_created(stream.first_token_at),
+                            stream.ms_since_created(None),
+                        )
                         return
                     else:
                         if not first_token:
                             first_token = True
-                            m.ttft.labels(model, rec.pool).observe((stream.first_token_at or time.monotonic()) - stream.created)
+                            m.ttft.labels(model, rec.pool).observe(
+                                (stream.first_token_at or time.monotonic()) - stream.created
+                            )
                             trace.event("first_token")
                             trace.begin("igw.generate")
                         yield Delta(update.text, update.tokens)
@@ -181,21 +218,27 @@ class Dispatcher:
             rec.code, rec.reason = err.code, err.reason
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            rec.code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline is not None and loop.time() >= deadline \
+            rec.code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if deadline is not None and loop.time() >= deadline
                 else grpc.StatusCode.CANCELLED
+            )
             raise
         except Exception:
             rec.code = grpc.StatusCode.INTERNAL  # a bug: the log has the traceback
             log.exception("request %s failed", rec.id)
-            raise RpcError(grpc.StatusCode.INTERNAL,
-                           f"the gateway failed on this request (id {rec.id} in its log); retrying may help") from None
+            raise RpcError(
+                grpc.StatusCode.INTERNAL,
+                f"the gateway failed on this request (id {rec.id} in its log); retrying may help",
+            ) from None
         finally:
             # The one abort path: client gone, deadline passed, or we failed mid-way.
             if claim is not None:
                 claim.release()
             if stream is not None and stream.worker is not None and not stream.finished:
-                stream.worker.cancel(stream, "deadline" if rec.code == grpc.StatusCode.DEADLINE_EXCEEDED
-                                     else "cancelled")
+                stream.worker.cancel(
+                    stream, "deadline" if rec.code == grpc.StatusCode.DEADLINE_EXCEEDED else "cancelled"
+                )
             if reservation is not None:
                 self.quotas.settle(reservation, stream.prompt_tokens + stream.completion_tokens if stream else 0)
             m.active_streams.dec()
@@ -222,11 +265,15 @@ class Dispatcher:
             return await self.scheduler.wait(ticket, deadline - loop.time() if deadline is not None else None)
         except QueueFull:
             raise resource_exhausted(
-                f"the gateway's queue is full ({self.scheduler.max_queued} requests waiting)", 1.0,
-                [("gateway:queue", "admission queue full")], reason="queue_full") from None
+                f"the gateway's queue is full ({self.scheduler.max_queued} requests waiting)",
+                1.0,
+                [("gateway:queue", "admission queue full")],
+                reason="queue_full",
+            ) from None
         except TimeoutError:
-            raise deadline_exceeded("the deadline passed while the request waited for a worker; "
-                                    "it never started") from None
+            raise deadline_exceeded(
+                "the deadline passed while the request waited for a worker; it never started"
+            ) from None
 
     def budgets(self, principal: Principal) -> list[Budget]:
         """The quota budgets a caller is subject to: its key's (if any) and its tenant's."""
@@ -247,21 +294,50 @@ class Dispatcher:
             return await self.quotas.reserve(self.budgets(principal), tokens)
         except Denied as denied:
             raise resource_exhausted(
-                f"quota exceeded: {denied}", denied.retry_after_s,
+                f"quota exceeded: {denied}",
+                denied.retry_after_s,
                 [(v.budget.subject, v.description) for v in denied.violations],
-                reason="quota_" + denied.violations[0].kind) from None
+                reason="quota_" + denied.violations[0].kind,
+            ) from None
         except StoreUnavailable:
-            raise unavailable("the quota store is unreachable and this gateway fails closed; retry shortly", 1.0,
-                              reason="quota_store") from None
+            raise unavailable(
+                "the quota store is unreachable and this gateway fails closed; retry shortly", 1.0, reason="quota_store"
+            ) from None
 
-    def _resolve_model(self, asked: str) -> str:
+    @staticmethod
+    def _scheduling_class(principal: Principal, asked: str | None) -> str:
+        """The class asked for, or the key's cap when unset; above the cap is PERMISSION_DENIED."""
+        if asked is None:
+            return principal.priority_max
+        if not priority_allowed(asked, principal.priority_max):
+            cap = principal.priority_max
+            raise permission_denied(f"priority: this API key may only send {cap} requests (its priority_max is {cap})")
+        return asked
+
+    def _admit_model(self, principal: Principal, valid: ValidRequest) -> str:
+        """The model that serves the request: one the worker set serves, the caller may use, and whose
+        context window leaves room for a prompt next to max_tokens."""
         models = self.workers.models()
-        model = asked or self.workers.default_model()
-        if model in models:
-            if not models[model]:
+        model = valid.model or self.workers.default_model()
+        if model not in models:
+            if not model or not self.workers.all_reached():
+                # A worker we never reached might serve it: do not claim it does not exist.
                 raise self.workers.no_worker_error(model)
-            return model
-        if not model or not self.workers.all_reached():
-            # A worker we never reached might serve it: do not claim it does not exist.
+            raise model_not_found(model, sorted(models))
+        if not models[model]:
             raise self.workers.no_worker_error(model)
-        raise model_not_found(model, sorted(models))
+        if not principal.may_use(model):
+            who = f"API key {principal.key_id}" if principal.key_id else f"tenant {principal.tenant}"
+            raise permission_denied(
+                f"model: {who} may not use model {model!r}; it may use {', '.join(sorted(principal.models))}"
+            )
+        window = self.workers.max_context_tokens(model)
+        max_tokens = valid.sampling.max_tokens
+        if max_tokens >= window:
+            source = "sampling.max_tokens" if valid.max_tokens_was_set else "gateway.limits.default_max_tokens (config)"
+            raise invalid_argument(
+                "sampling.max_tokens",
+                f"{max_tokens} tokens leaves no room for the prompt in model {model}'s {window}-token context "
+                f"(from {source}); ask for fewer",
+            )
+        return model

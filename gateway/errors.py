@@ -26,8 +26,9 @@ def clip(text: str, limit: int = 64) -> str:
 
 
 class RpcError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, details: tuple = (), trailers: tuple = (),
-                 reason: str = ""):
+    def __init__(
+        self, code: grpc.StatusCode, message: str, details: tuple = (), trailers: tuple = (), reason: str = ""
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -79,8 +80,12 @@ def model_not_found(name: str, available: list[str]) -> RpcError:
     have = ", ".join(repr(m) for m in available) or "none right now"
     name = clip(name)
     detail = error_details_pb2.ResourceInfo(resource_type="model", resource_name=name, description=f"available: {have}")
-    return RpcError(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name!r}; available models: {have}", (detail,),
-                    reason="invalid_argument")
+    return RpcError(
+        grpc.StatusCode.NOT_FOUND,
+        f"model: unknown model {name!r}; available models: {have}",
+        (detail,),
+        reason="invalid_argument",
+    )
 
 
 def unavailable(message: str, retry_after_s: float | None = None, reason: str = "no_worker") -> RpcError:
@@ -96,12 +101,19 @@ def deadline_exceeded(message: str) -> RpcError:
     return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, message, reason="deadline_in_queue")
 
 
-def resource_exhausted(message: str, retry_after_s: float | None, violations: list[tuple[str, str]],
-                       reason: str) -> RpcError:
+def resource_exhausted(
+    message: str, retry_after_s: float | None, violations: list[tuple[str, str]], reason: str
+) -> RpcError:
     """Quota denial: QuotaFailure names each budget; RetryInfo and `retry-after`
     (whole seconds, rounded up) say when to come back, unless waiting cannot help."""
-    details: list = [error_details_pb2.QuotaFailure(violations=[
-        error_details_pb2.QuotaFailure.Violation(subject=subject, description=desc) for subject, desc in violations])]
+    details: list = [
+        error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=subject, description=desc)
+                for subject, desc in violations
+            ]
+        )
+    ]
     trailers: tuple = ()
     if retry_after_s is not None:
         info = error_details_pb2.RetryInfo()

@@ -18,9 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.auth import (KeyEntry, TenantEntry, hash_key, key_file_lock, new_key, now_iso, read_key_file,
-                          write_key_file)
-from gateway.config import QuotaLimits
+from gateway.keys import KeyEntry, TenantEntry, hash_key, key_file_lock, new_key, now_iso, read_key_file, write_key_file
+from gateway.vocabulary import INTERACTIVE, PRIORITIES
+from igw_common.config import QuotaLimits
 
 
 def _limits(args, base: QuotaLimits | None = None) -> QuotaLimits:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     issue = sub.add_parser("issue", help="create a key and print it once")
     issue.add_argument("--tenant", required=True)
     issue.add_argument("--model", action="append", default=[], help="allowed model (repeatable; none = all)")
-    issue.add_argument("--priority-max", choices=["batch", "interactive"], default="interactive")
+    issue.add_argument("--priority-max", choices=PRIORITIES, default=INTERACTIVE)
     issue.add_argument("--note", default="", help="free text, e.g. who holds the key")
     with_limits(issue)
     revoke = sub.add_parser("revoke", help="revoke a key by its id")
@@ -77,9 +77,15 @@ def _run(args) -> int:
         return 2
     if args.cmd == "issue":
         key_id, key = new_key()
-        kf.keys[key_id] = KeyEntry(sha256=hash_key(key), tenant=args.tenant, models=args.model,
-                                   priority_max=args.priority_max, limits=_limits(args), created=now_iso(),
-                                   note=args.note)
+        kf.keys[key_id] = KeyEntry(
+            sha256=hash_key(key),
+            tenant=args.tenant,
+            models=args.model,
+            priority_max=args.priority_max,
+            limits=_limits(args),
+            created=now_iso(),
+            note=args.note,
+        )
         write_key_file(args.file, kf)
         print(f"issued key {key_id} for tenant {args.tenant}; it is shown only now:", file=sys.stderr)
         print(key)
@@ -97,9 +103,11 @@ def _run(args) -> int:
     else:
         for key_id, e in sorted(kf.keys.items()):
             lim = e.limits
-            print(f"{key_id}  tenant={e.tenant}  {'REVOKED' if e.revoked else 'active'}  "
-                  f"models={','.join(e.models) or '*'}  rpm={lim.requests_per_minute} tpm={lim.tokens_per_minute} "
-                  f"concurrent={lim.concurrent_streams}  created={e.created}  {e.note}")
+            print(
+                f"{key_id}  tenant={e.tenant}  {'REVOKED' if e.revoked else 'active'}  "
+                f"models={','.join(e.models) or '*'}  rpm={lim.requests_per_minute} tpm={lim.tokens_per_minute} "
+                f"concurrent={lim.concurrent_streams}  created={e.created}  {e.note}"
+            )
     return 0
 
 

@@ -18,10 +18,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from gateway.config import GatewayConfig
 from gateway.connection import WorkerConnection
 from gateway.errors import RpcError, clip, unavailable
 from gateway.metrics import GatewayMetrics
+from igw_common.config import GatewayConfig
 
 log = logging.getLogger("gateway.membership")
 
@@ -42,9 +42,9 @@ class WorkerSet:
     def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        self.specs = [PoolSpec(p.name, p.weight, [w.address for w in p.workers], list(p.worker_dns))
-                      for p in cfg.pools] or \
-            [PoolSpec("default", 100, [w.address for w in cfg.workers], list(cfg.worker_dns))]
+        self.specs = [
+            PoolSpec(p.name, p.weight, [w.address for w in p.workers], list(p.worker_dns)) for p in cfg.pools
+        ] or [PoolSpec("default", 100, [w.address for w in cfg.workers], list(cfg.worker_dns))]
         # With DNS names configured, a pool's static list is only a starting point.
         self.workers = [self._connect(a, spec.name) for spec in self.specs if not spec.dns for a in spec.addresses]
         self._on_change = lambda: None
@@ -159,9 +159,14 @@ class WorkerSet:
         now = time.monotonic()
         if now - self._last_no_worker_log > 5:  # a flood of refused calls must not flood the log
             self._last_no_worker_log = now
-            log.warning("no worker for model %r: %s", clip(model, 64),
-                        "; ".join(f"{w.address}: {w.last_error}" for w in relevant) or "none configured")
+            log.warning(
+                "no worker for model %r: %s",
+                clip(model, 64),
+                "; ".join(f"{w.address}: {w.last_error}" for w in relevant) or "none configured",
+            )
         what = f"serving model {model!r}" if model else "(so no default model is known yet)"
-        return unavailable(f"no worker {what} is reachable right now ({len(relevant)} configured, "
-                           f"{sum(w.ready for w in relevant)} connected, none taking requests); retry shortly",
-                           retry_after_s=1.0)
+        return unavailable(
+            f"no worker {what} is reachable right now ({len(relevant)} configured, "
+            f"{sum(w.ready for w in relevant)} connected, none taking requests); retry shortly",
+            retry_after_s=1.0,
+        )

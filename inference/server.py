@@ -21,9 +21,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import config as config_mod
-from gateway import tracing
-from gateway.logs import setup_logging
+from igw_common import config as config_mod
+from igw_common import tracing
+from igw_common.logs import setup_logging
 from inference.engine import Engine
 from inference.service import WorkerServicer
 from inference.v1 import worker_pb2 as pb
@@ -63,16 +63,21 @@ class WorkerServer:
         self.cfg = cfg
         self.engine = engine
         self.name = cfg.name or cfg.listen
-        self.servicer = WorkerServicer(engine, self.name, cfg.max_concurrent_requests,
-                                       tracing.tracer(cfg.tracing, "igw-worker", tracer_provider),
-                                       max_message_bytes=cfg.max_message_bytes)
+        self.servicer = WorkerServicer(
+            engine,
+            self.name,
+            cfg.max_concurrent_requests,
+            tracing.tracer(cfg.tracing, "igw-worker", tracer_provider),
+            max_message_bytes=cfg.max_message_bytes,
+        )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(cfg))
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+            self.server,
+        )
         if self.server.add_insecure_port(cfg.listen) == 0:
             raise SystemExit(f"worker: cannot listen on {cfg.listen} (worker.listen)")
 
@@ -124,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="override worker.name")
     parser.add_argument("--metrics-listen", help='override worker.metrics_listen ("" = off)')
     args = parser.parse_args(argv)
-    cfg = config_mod.load_or_exit(args.config, "worker", listen=args.listen, engine=args.engine, name=args.name,
-                                  metrics_listen=args.metrics_listen)
+    cfg = config_mod.load_or_exit(
+        args.config,
+        "worker",
+        listen=args.listen,
+        engine=args.engine,
+        name=args.name,
+        metrics_listen=args.metrics_listen,
+    )
     setup_logging(component="worker", level=cfg.worker.log_level)
     try:
         asyncio.run(serve(cfg.worker))

@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import itertools
 
-from gateway import tracing
+from igw_common import tracing
 from inference.engine import Engine
 from inference.metrics import WorkerMetrics
 from inference.session import Counters, Session
@@ -20,8 +20,15 @@ from inference.v1 import worker_pb2_grpc as pb_grpc
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, engine: Engine, name: str, max_concurrent_requests: int, tracer=None,
-                 max_message_bytes: int = 0, render_threads: int = 1):
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        max_concurrent_requests: int,
+        tracer=None,
+        max_message_bytes: int = 0,
+        render_threads: int = 1,
+    ):
         self.engine = engine
         self.tracer = tracer or tracing.tracer(None, "igw-worker")
         self.name = name
@@ -32,8 +39,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.sessions: set[Session] = set()
         self._ids = itertools.count(1)
         # Chat templates and tokenizers run here, off the event loop that sends every session's frames.
-        self.render_pool = concurrent.futures.ThreadPoolExecutor(render_threads, thread_name_prefix="render") \
-            if render_threads else None
+        self.render_pool = (
+            concurrent.futures.ThreadPoolExecutor(render_threads, thread_name_prefix="render")
+            if render_threads
+            else None
+        )
 
     async def Session(self, request_iterator, context):
         session = Session(next(self._ids), self.engine, self.counters, self.metrics, self.tracer, self.render_pool)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 
 from google.rpc import code_pb2
 
-from gateway import tracing
+from igw_common import tracing
 from inference.engine import Engine, InvalidRequest, SamplingSpec
 from inference.metrics import WorkerMetrics
 from inference.v1 import worker_pb2 as pb
@@ -45,8 +45,15 @@ class Counters:
 class Session:
     """One gateway connection: its requests and its outgoing frames."""
 
-    def __init__(self, session_id: int, engine: Engine, counters: Counters, metrics: WorkerMetrics | None = None,
-                 tracer=None, render_pool: concurrent.futures.Executor | None = None):
+    def __init__(
+        self,
+        session_id: int,
+        engine: Engine,
+        counters: Counters,
+        metrics: WorkerMetrics | None = None,
+        tracer=None,
+        render_pool: concurrent.futures.Executor | None = None,
+    ):
         self.id = session_id
         self.tracer = tracer or tracing.tracer(None, "igw-worker")
         self.engine = engine
@@ -98,8 +105,9 @@ class Session:
 
     async def _run(self, sub: pb.Submit) -> None:
         # Continue the gateway's trace (W3C traceparent in Submit.trace_context).
-        with self.tracer.start_as_current_span("igw.worker.request", context=tracing.extract(sub.trace_context),
-                                               kind=tracing.SpanKind.SERVER) as span:
+        with self.tracer.start_as_current_span(
+            "igw.worker.request", context=tracing.extract(sub.trace_context), kind=tracing.SpanKind.SERVER
+        ) as span:
             span.set_attribute("igw.request_id", sub.request_id)
             await self._run_traced(sub, span)
 
@@ -148,15 +156,26 @@ class Session:
                     if step.finish_reason is not None:
                         span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
                         span.set_attribute("gen_ai.usage.output_tokens", completion)
-                        self._emit(pb.Event(request_id=rid, finished=pb.Finished(
-                            finish_reason=_FINISH[step.finish_reason],
-                            prompt_tokens=prompt.num_tokens, completion_tokens=completion)))
+                        self._emit(
+                            pb.Event(
+                                request_id=rid,
+                                finished=pb.Finished(
+                                    finish_reason=_FINISH[step.finish_reason],
+                                    prompt_tokens=prompt.num_tokens,
+                                    completion_tokens=completion,
+                                ),
+                            )
+                        )
                         return
             # An engine that ends a stream without a finish reason is a bug; say so.
             raise RuntimeError("engine ended the request without a finish reason")
         except InvalidRequest as err:
-            self._emit(pb.Event(request_id=rid, failed=pb.Failed(
-                code=code_pb2.INVALID_ARGUMENT, message=err.message, field=err.field)))
+            self._emit(
+                pb.Event(
+                    request_id=rid,
+                    failed=pb.Failed(code=code_pb2.INVALID_ARGUMENT, message=err.message, field=err.field),
+                )
+            )
         except TimeoutError:
             self._aborted(rid, completion, "timeout")
         except asyncio.CancelledError:
@@ -166,8 +185,15 @@ class Session:
             self._aborted(rid, completion, self.abort_reasons.get(rid, "cancelled"))
         except Exception:
             log.exception("request %s failed in the engine", rid)
-            self._emit(pb.Event(request_id=rid, failed=pb.Failed(
-                code=code_pb2.INTERNAL, message="the inference engine failed on this request; see the worker log")))
+            self._emit(
+                pb.Event(
+                    request_id=rid,
+                    failed=pb.Failed(
+                        code=code_pb2.INTERNAL,
+                        message="the inference engine failed on this request; see the worker log",
+                    ),
+                )
+            )
         finally:
             self.counters.active_requests -= 1
             self.tasks.pop(rid, None)

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from gateway.config import SyntheticConfig
+from igw_common.config import SyntheticConfig
 from inference.engine import Engine, Prompt, SamplingSpec, Step
 
 
@@ -74,10 +74,12 @@ class SyntheticEngine(Engine):
                 await self._next_step()
                 word = next(words) + " "
                 # Stop strings work as in vLLM: the output ends before the stop string.
-                hit = min((p for p in (f"{text}{word}".find(s, max(0, len(text) - len(s))) for s in sampling.stop)
-                           if p >= 0), default=-1)
+                hit = min(
+                    (p for p in (f"{text}{word}".find(s, max(0, len(text) - len(s))) for s in sampling.stop) if p >= 0),
+                    default=-1,
+                )
                 if hit >= 0:
-                    yield Step(text=f"{text}{word}"[len(text):hit], tokens=1, finish_reason="stop")
+                    yield Step(text=f"{text}{word}"[len(text) : hit], tokens=1, finish_reason="stop")
                     return
                 text += word
                 last = i == sampling.max_tokens - 1

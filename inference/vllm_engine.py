@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from gateway.config import ConfigError, VllmConfig
+from igw_common.config import ConfigError, VllmConfig
 from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step
 
 log = logging.getLogger(__name__)

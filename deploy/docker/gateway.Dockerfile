@@ -5,6 +5,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos protos
+COPY igw_common igw_common
 COPY gateway gateway
 COPY inference inference
 RUN python -m venv /opt/igw \

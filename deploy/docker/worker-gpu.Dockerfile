@@ -5,12 +5,13 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos protos
-COPY gateway gateway
+# The worker carries no gateway code: it needs only the shared package and its own.
+COPY igw_common igw_common
 COPY inference inference
 RUN python -m venv /opt/igw \
  && /opt/igw/bin/pip install --no-cache-dir grpcio-tools \
  && /opt/igw/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
-      protos/gateway/v1/gateway.proto protos/inference/v1/worker.proto \
+      protos/inference/v1/worker.proto \
  && /opt/igw/bin/pip install --no-cache-dir '.[gpu]'
 
 FROM python:3.11-slim

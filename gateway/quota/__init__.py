@@ -30,11 +30,22 @@ Modules:
 - ``base``: budgets, outcomes and the store interface.
 """
 
-from gateway.quota.base import (KINDS, Budget, Denied, Remaining, Reservation, Store, StoreUnavailable,
-                                Violation)
+from gateway.quota.base import KINDS, Budget, Denied, Remaining, Reservation, Store, StoreUnavailable, Violation
 from gateway.quota.local import LocalStore
 from gateway.quota.policy import Quotas, prompt_token_bound
 from gateway.quota.redis_store import RedisStore
 
-__all__ = ["KINDS", "Budget", "Denied", "LocalStore", "Quotas", "RedisStore", "Remaining", "Reservation",
-           "Store", "StoreUnavailable", "Violation", "prompt_token_bound"]
+__all__ = [
+    "KINDS",
+    "Budget",
+    "Denied",
+    "LocalStore",
+    "Quotas",
+    "RedisStore",
+    "Remaining",
+    "Reservation",
+    "Store",
+    "StoreUnavailable",
+    "Violation",
+    "prompt_token_bound",
+]

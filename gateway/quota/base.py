@@ -6,7 +6,7 @@ import abc
 import uuid
 from dataclasses import dataclass, field
 
-from gateway.config import QuotaLimits
+from igw_common.config import QuotaLimits
 
 KINDS = ("requests", "tokens", "concurrent")
 
@@ -84,12 +84,17 @@ def violation(b: Budget, kind: str, level: float, cost: float) -> tuple[Violatio
     """The violation of a per-minute bucket at ``level`` by a request costing ``cost``, and the wait
     until it has room (None: never, the request is bigger than the whole budget)."""
     if kind == "concurrent":
-        return Violation(b, kind, f"{b.scope} {b.name}: concurrent streams limit of "
-                                  f"{b.limits.concurrent_streams} reached"), 1.0
+        return Violation(
+            b, kind, f"{b.scope} {b.name}: concurrent streams limit of {b.limits.concurrent_streams} reached"
+        ), 1.0
     lim = {"requests": b.limits.requests_per_minute, "tokens": b.limits.tokens_per_minute}[kind]
     if cost > lim:
-        return Violation(b, kind, f"{b.scope} {b.name}: this request needs {cost:.0f} {kind} but the whole "
-                                  f"budget is {lim} per minute; lower max_tokens or shorten the prompt"), None
+        return Violation(
+            b,
+            kind,
+            f"{b.scope} {b.name}: this request needs {cost:.0f} {kind} but the whole "
+            f"budget is {lim} per minute; lower max_tokens or shorten the prompt",
+        ), None
     wait = (cost - level) / (lim / 60.0)
     return Violation(b, kind, f"{b.scope} {b.name}: {kind} per minute limit of {lim} reached"), wait
 

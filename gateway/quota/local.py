@@ -63,8 +63,11 @@ class LocalStore(Store):
             return
         self._next_sweep = now + self.SWEEP_S
         self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
-        self._leases = {s: live for s, leases in self._leases.items()
-                        if (live := {lid: exp for lid, exp in leases.items() if exp > now})}
+        self._leases = {
+            s: live
+            for s, leases in self._leases.items()
+            if (live := {lid: exp for lid, exp in leases.items() if exp > now})
+        }
         self._held = {lid: v for lid, v in self._held.items() if v[1] > now}
 
     async def reserve(self, budgets, tokens, lease_id, lease_ttl_s):
@@ -144,5 +147,7 @@ class LocalStore(Store):
 
     async def remaining(self, budgets):
         now = self._clock()
-        return [Remaining(b, self._level(b, "requests", now), self._level(b, "tokens", now),
-                          len(self._leases_of(b, now))) for b in budgets]
+        return [
+            Remaining(b, self._level(b, "requests", now), self._level(b, "tokens", now), len(self._leases_of(b, now)))
+            for b in budgets
+        ]

