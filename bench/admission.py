@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "synthetic": {"tokens_per_s": 1000},
                 "metrics_listen": "",
             },
-            "gateway": {"workers": [{"address": worker}], "metrics_listen": ""},
+            "gateway": {"workers": [{"address": worker}], "metrics_listen": "", "http_listen": ""},
         }
         variants = {
             "off": {},

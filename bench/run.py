@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from bench import load
+from bench import load, typist
 from igw_common import launcher as stack
 
 MODEL = "smollm2-135m-instruct"
@@ -48,6 +48,7 @@ class Stack:
             "gateway": {
                 "listen": f"127.0.0.1:{stack.free_port()}",
                 "metrics_listen": "",
+                "http_listen": "",
                 "log_level": "warning",
                 "queue": {"max_queued": 4096},
             },
@@ -185,6 +186,15 @@ def report_md(results: dict) -> str:
                     f"{m.get('gateway_rss_kib_per_stream', '')} | {m['errors']:.0f} |"
                 )
         lines += ["", results[name]["setup"], ""]
+    if "typist" in results:
+        lines += [
+            "## As-you-type completion (supersession)",
+            "",
+            typist.report_md(results["typist"]),
+            "",
+            results["typist"]["setup"],
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
                 n = max(c if short else 2 * c, 4 if short else 8)
                 results["vllm"]["scenarios"][c] = scenario(targets, c, n, vtokens, rounds, vpid)
                 print(f"  vllm concurrency {c}: done", flush=True)
+            print("typist: as-you-type completion, with and without supersession", flush=True)
+            shape = dict(editors=2, bursts=1, keys=3, max_tokens=16) if short else {}
+            results["typist"] = typist.run(targets["envoy+gateway"], targets["direct"], **shape)
+            results["typist"]["setup"] = (
+                f"{shape.get('editors', 8)} editors typing bursts of {shape.get('keys', 6)} keystrokes 150 ms "
+                f"apart, {shape.get('bursts', 3)} bursts each; every keystroke a request of "
+                f"{shape.get('max_tokens', 64)} tokens (temperature 0) through Envoy + gateway to the vLLM worker."
+            )
         finally:
             if v:
                 v.stop()

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": {
             "listen": f"127.0.0.1:{stack.free_port()}",
             "metrics_listen": "",
+            "http_listen": "",
             "log_level": "warning",
             "drain_notice_s": 0,
             "drain_grace_s": 1,

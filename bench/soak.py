@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": {
             "listen": f"127.0.0.1:{stack.free_port()}",
             "metrics_listen": "",
+            "http_listen": "",
             "log_level": "warning",
             "auth": {"mode": "api_key", "key_file": str(keys_file)},
             "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},

@@ -215,6 +215,10 @@ def render(cfg: config_mod.Config) -> dict:
     }
     if e.max_stream_duration_s:
         route["max_stream_duration"] = {"max_stream_duration": _seconds(e.max_stream_duration_s)}
+    routes = [{"match": {"prefix": "/"}, "route": route}]
+    if cfg.gateway.http_listen:
+        # The OpenAI-compatible HTTP API: same listener, same filters (JWT, edge secret, rate limit).
+        routes.insert(0, {"match": {"prefix": "/v1/"}, "route": {**route, "cluster": "gateway_http"}})
 
     hcm = {
         "@type": HCM,
@@ -243,7 +247,7 @@ def render(cfg: config_mod.Config) -> dict:
                 {
                     "name": "gateway",
                     "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": route}],
+                    "routes": routes,
                 }
             ],
         },
@@ -267,8 +271,48 @@ def render(cfg: config_mod.Config) -> dict:
             },
         }
 
-    cluster = {
-        "name": "gateway",
+    grpc_health = {"grpc_health_check": {"service_name": GATEWAY_SERVICE}}
+    clusters = [_cluster("gateway", upstreams, e, http2=True, check=grpc_health)]
+    if cfg.gateway.http_listen:
+        clusters.append(
+            _cluster(
+                "gateway_http",
+                e.http_upstreams or [cfg.gateway.http_listen],
+                e,
+                http2=False,
+                check={"http_health_check": {"path": "/healthz"}},
+            )
+        )
+
+    static: dict = {
+        "listeners": [{"name": "public", "address": _socket(e.listen), "filter_chains": [chain]}],
+        "clusters": clusters,
+    }
+    if cfg.gateway.auth.mode == "jwt":
+        # Checked here too, so a secret Envoy and the gateway would read differently
+        # fails at render time instead of rejecting every call.
+        secret_path = Path(cfg.gateway.auth.edge_secret_file).resolve()
+        read_edge_secret(secret_path)
+        # Envoy reads the file itself (dropping a trailing newline, as the gateway does):
+        # the bootstrap names the file and never holds the secret.
+        static["secrets"] = [{"name": EDGE_SECRET_NAME, "generic_secret": {"secret": {"filename": str(secret_path)}}}]
+    return {"admin": {"address": _socket(e.admin_listen)}, "static_resources": static}
+
+
+def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> dict:
+    """Gateway replicas: least request, health-checked, never in panic mode."""
+    if http2:
+        # Keep long-lived upstream connections alive and detect dead peers. The gateway permits
+        # pings this often (gateway.min_ping_interval_ms, checked at load).
+        protocol = {
+            "http2_protocol_options": {
+                "connection_keepalive": {"interval": f"{e.upstream_keepalive_ms / 1000:g}s", "timeout": "10s"}
+            }
+        }
+    else:
+        protocol = {"http_protocol_options": {}}  # the HTTP API speaks HTTP/1.1 (server-sent events)
+    return {
+        "name": name,
         # STATIC for IPs; STRICT_DNS re-resolves names (e.g. a headless Service).
         "type": "STATIC" if all(_is_ip(_split(u)[0]) for u in upstreams) else "STRICT_DNS",
         "connect_timeout": f"{e.connect_timeout_ms / 1000:g}s",
@@ -279,17 +323,11 @@ def render(cfg: config_mod.Config) -> dict:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": HTTP_OPTS,
-                "explicit_http_config": {
-                    "http2_protocol_options": {
-                        # Keep long-lived upstream connections alive and detect dead peers.
-                        # The gateway permits pings this often (gateway.min_ping_interval_ms, checked at load).
-                        "connection_keepalive": {"interval": f"{e.upstream_keepalive_ms / 1000:g}s", "timeout": "10s"},
-                    }
-                },
+                "explicit_http_config": protocol,
             }
         },
         "load_assignment": {
-            "cluster_name": "gateway",
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(u)}} for u in upstreams]}],
         },
         "health_checks": [
@@ -301,24 +339,10 @@ def render(cfg: config_mod.Config) -> dict:
                 "no_traffic_interval": f"{e.health_check_interval_ms / 1000:g}s",
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": GATEWAY_SERVICE},
+                **check,
             }
         ],
     }
-
-    static: dict = {
-        "listeners": [{"name": "public", "address": _socket(e.listen), "filter_chains": [chain]}],
-        "clusters": [cluster],
-    }
-    if cfg.gateway.auth.mode == "jwt":
-        # Checked here too, so a secret Envoy and the gateway would read differently
-        # fails at render time instead of rejecting every call.
-        secret_path = Path(cfg.gateway.auth.edge_secret_file).resolve()
-        read_edge_secret(secret_path)
-        # Envoy reads the file itself (dropping a trailing newline, as the gateway does):
-        # the bootstrap names the file and never holds the secret.
-        static["secrets"] = [{"name": EDGE_SECRET_NAME, "generic_secret": {"secret": {"filename": str(secret_path)}}}]
-    return {"admin": {"address": _socket(e.admin_listen)}, "static_resources": static}
 
 
 def main(argv: list[str] | None = None) -> int:

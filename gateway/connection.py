@@ -68,6 +68,8 @@ class Job:
     sampling: wpb.Sampling
     deadline: float | None = None  # event-loop time; None = no deadline
     trace_context: dict[str, str] = field(default_factory=dict)
+    prompt: str = ""  # a raw prompt instead of messages (no chat template)
+    suffix: str = ""  # fill-in-the-middle: the text after the cursor
 
 
 class Claim:
@@ -133,6 +135,10 @@ class WorkerConnection:
     @property
     def max_context_tokens(self) -> int:
         return self.info.max_context_tokens if self.info is not None else 0
+
+    @property
+    def fill_in_middle(self) -> bool:
+        return self.info is not None and self.info.fill_in_middle
 
     @property
     def max_message_bytes(self) -> int:
@@ -294,6 +300,8 @@ class WorkerConnection:
             sampling=job.sampling,
             timeout_ms=timeout_ms,
             trace_context=job.trace_context,
+            prompt=job.prompt,
+            suffix=job.suffix,
         )
         size = submit.ByteSize() + 8  # + its tag and length inside GatewayMessage
         if size > self.max_message_bytes - 1024:

@@ -32,12 +32,14 @@ import grpc
 from gateway.auth import Authenticator, Principal
 from gateway.connection import Claim, Job
 from gateway.errors import (
+    SUPERSEDED_MESSAGE,
     RpcError,
     deadline_exceeded,
     invalid_argument,
     model_not_found,
     permission_denied,
     resource_exhausted,
+    superseded,
     unavailable,
 )
 from gateway.membership import WorkerSet
@@ -50,6 +52,7 @@ from gateway.streaming import RequestStream
 from gateway.validation import ValidRequest
 from gateway.vocabulary import priority_allowed
 from igw_common.config import GatewayConfig, QuotaLimits
+from inference.v1 import worker_pb2 as wpb
 
 log = logging.getLogger("gateway.dispatch")
 
@@ -81,6 +84,58 @@ class Done:
 Event = Started | Delta | Done
 
 
+class Superseded(Exception):
+    """Set on a queued ticket's grant when a newer request with the same key replaces it."""
+
+
+class _Holder:
+    """A request that holds a supersede key: where it is now, so a newer one can stop it there."""
+
+    __slots__ = ("key", "ticket", "stream", "superseded")
+
+    def __init__(self, key: tuple[str, str]):
+        self.key, self.ticket, self.stream, self.superseded = key, None, None, False
+
+    def supersede(self, scheduler: Scheduler) -> None:
+        self.superseded = True
+        stream, ticket = self.stream, self.ticket
+        if stream is not None and stream.worker is not None and not stream.finished:
+            stream.worker.cancel(stream, "superseded")  # the engine stops within a step; its room is free now
+            stream.on_error(grpc.StatusCode.ABORTED, SUPERSEDED_MESSAGE)
+        elif ticket is not None and not ticket.granted.done():
+            ticket.granted.set_exception(Superseded())
+            scheduler.cancel(ticket)
+        # Otherwise it is between steps (reserving quota): it sees the flag at the next one.
+
+
+class Supersession:
+    """(tenant, supersede key) -> the request holding it. Entries live as long as their request."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self._holders: dict[tuple[str, str], _Holder] = {}
+
+    def take(self, tenant: str, key: str) -> _Holder:
+        """Hold ``key`` for a new request, superseding the one that held it."""
+        holder = _Holder((tenant, key))
+        previous = self._holders.get(holder.key)
+        self._holders[holder.key] = holder
+        if previous is not None:
+            previous.supersede(self.scheduler)
+        return holder
+
+    def release(self, holder: _Holder) -> None:
+        if self._holders.get(holder.key) is holder:
+            del self._holders[holder.key]
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+
+def _usage_trailers(stream: RequestStream) -> tuple:
+    return (("igw-prompt-tokens", str(stream.prompt_tokens)), ("igw-completion-tokens", str(stream.completion_tokens)))
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -101,6 +156,7 @@ class Dispatcher:
         self.scheduler = scheduler
         self.metrics = metrics
         self.tracer = tracer
+        self.supersession = Supersession(scheduler)
 
     async def execute(
         self, headers, parse: Callable[[], ValidRequest], deadline: float | None, door: str
@@ -115,6 +171,7 @@ class Dispatcher:
         stream: RequestStream | None = None
         claim: Claim | None = None
         reservation = None
+        holder: _Holder | None = None
         m.active_streams.inc()
         try:
             with trace.span("igw.auth"):
@@ -128,26 +185,45 @@ class Dispatcher:
             priority = rec.priority = self._scheduling_class(principal, valid.priority)
             model = rec.model = self._admit_model(principal, valid)
             max_tokens = valid.sampling.max_tokens
+            if valid.supersede_key:
+                holder = self.supersession.take(principal.tenant, valid.supersede_key)
 
+            # A raw prompt (text completions) counts like one message for quota, affinity and placement.
+            texts = valid.messages or [wpb.ChatMessage(role="user", content=valid.prompt + valid.suffix)]
             trace.begin("igw.queue")
-            reservation = await self._reserve(principal, prompt_token_bound(valid.messages) + max_tokens)
+            reservation = await self._reserve(principal, prompt_token_bound(texts) + max_tokens)
             estimate = valid.estimated_prompt_tokens + max_tokens
             stream = RequestStream(
                 max_tokens, estimate, retries=self.cfg.queue.retry_before_first_token, itl_observer=m.itl.labels(model)
             )
+            if holder is not None:
+                holder.stream = stream
             sticky = principal.tenant if self.cfg.pool_affinity == "tenant" else valid.session_id or principal.tenant
             ticket = Ticket(
                 model=model,
                 tenant=principal.tenant,
                 priority=priority,
                 cost_tokens=estimate,
-                affinity=affinity_key(principal.tenant, valid.session_id, valid.messages),
+                affinity=affinity_key(principal.tenant, valid.session_id, texts),
                 pool=self.placement.choose_pool(model, sticky),
             )
-            job = Job(model=model, messages=valid.messages, sampling=valid.sampling, deadline=deadline)
+            job = Job(
+                model=model,
+                messages=valid.messages,
+                sampling=valid.sampling,
+                deadline=deadline,
+                prompt=valid.prompt,
+                suffix=valid.suffix,
+            )
             started_sent = first_token = False
             while True:  # once, plus once per retry after a worker failed before answering
+                if holder is not None:
+                    if holder.superseded:
+                        raise Superseded()
+                    holder.ticket = ticket
                 claim = await self._wait_for_worker(ticket, deadline, loop)
+                if holder is not None and holder.superseded:
+                    raise Superseded()
                 worker = claim.conn
                 if stream.dispatched_at is None:
                     m.queue_wait.labels(model, priority).observe(time.monotonic() - stream.created)
@@ -184,15 +260,10 @@ class Dispatcher:
                         code, message, field = update.error
                         if code == grpc.StatusCode.INVALID_ARGUMENT and field:
                             raise invalid_argument(field, message)
+                        if holder is not None and holder.superseded:
+                            raise Superseded()
                         # Usage so far rides in the trailers, e.g. for a stream cut by a dead worker.
-                        raise RpcError(
-                            code,
-                            message,
-                            trailers=(
-                                ("igw-prompt-tokens", str(stream.prompt_tokens)),
-                                ("igw-completion-tokens", str(stream.completion_tokens)),
-                            ),
-                        )
+                        raise RpcError(code, message, trailers=_usage_trailers(stream))
                     elif update.finish_reason is not None:
                         rec.finish_reason = update.finish_reason
                         trace.event("finish", finish_reason=update.finish_reason)
@@ -214,6 +285,11 @@ class Dispatcher:
                             trace.event("first_token")
                             trace.begin("igw.generate")
                         yield Delta(update.text, update.tokens)
+        except Superseded:
+            err = superseded(_usage_trailers(stream) if stream is not None else ())
+            rec.code, rec.reason = err.code, err.reason
+            m.superseded.inc()
+            raise err from None
         except RpcError as err:
             rec.code, rec.reason = err.code, err.reason
             raise
@@ -232,7 +308,9 @@ class Dispatcher:
                 f"the gateway failed on this request (id {rec.id} in its log); retrying may help",
             ) from None
         finally:
-            # The one abort path: client gone, deadline passed, or we failed mid-way.
+            # The one abort path: client gone, deadline passed, superseded, or we failed mid-way.
+            if holder is not None:
+                self.supersession.release(holder)
             if claim is not None:
                 claim.release()
             if stream is not None and stream.worker is not None and not stream.finished:
@@ -330,6 +408,10 @@ class Dispatcher:
             who = f"API key {principal.key_id}" if principal.key_id else f"tenant {principal.tenant}"
             raise permission_denied(
                 f"model: {who} may not use model {model!r}; it may use {', '.join(sorted(principal.models))}"
+            )
+        if valid.suffix and not self.workers.fill_in_middle(model):
+            raise invalid_argument(
+                "suffix", f"model {model} has no fill-in-the-middle tokens; send the prompt without a suffix"
             )
         window = self.workers.max_context_tokens(model)
         max_tokens = valid.sampling.max_tokens

@@ -38,10 +38,12 @@ class RpcError(Exception):
 
     @property
     def field(self) -> str:
-        """The request field at fault, for INVALID_ARGUMENT errors that name one."""
+        """The request field at fault, for errors that name one (a bad value, an unknown model)."""
         for d in self.details:
             if isinstance(d, error_details_pb2.BadRequest) and d.field_violations:
                 return d.field_violations[0].field
+            if isinstance(d, error_details_pb2.ResourceInfo):
+                return d.resource_type
         return ""
 
     @property
@@ -99,6 +101,15 @@ def unavailable(message: str, retry_after_s: float | None = None, reason: str = 
 
 def deadline_exceeded(message: str) -> RpcError:
     return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, message, reason="deadline_in_queue")
+
+
+SUPERSEDED_MESSAGE = "superseded: a newer request with the same supersede_key replaced this one"
+
+
+def superseded(trailers: tuple = ()) -> RpcError:
+    """The request was replaced by a newer one with the same supersede key (ABORTED, ErrorInfo SUPERSEDED)."""
+    info = error_details_pb2.ErrorInfo(reason="SUPERSEDED", domain="inference-gateway")
+    return RpcError(grpc.StatusCode.ABORTED, SUPERSEDED_MESSAGE, (info,), trailers, reason="superseded")
 
 
 def resource_exhausted(

@@ -145,6 +145,11 @@ class WorkerSet:
         sizes = [w.max_context_tokens for w in self.workers if w.model == model]
         return min(sizes) if sizes else None
 
+    def fill_in_middle(self, model: str) -> bool:
+        """Every worker serving ``model`` can fill in the middle (requests may go to any of them)."""
+        serving = [w for w in self.workers if w.model == model]
+        return bool(serving) and all(w.fill_in_middle for w in serving)
+
     def all_reached(self) -> bool:
         """Every worker has been reached once (so the catalog is complete)."""
         return all(w.model is not None for w in self.workers)

@@ -92,6 +92,11 @@ class GatewayMetrics:
             "Tokens a worker generated for a request after the gateway cancelled it.",
             registry=r,
         )
+        self.superseded = Counter(
+            "igw_superseded",
+            "Requests replaced by a newer one with the same supersede key (queued or generating).",
+            registry=r,
+        )
         self.retries = Counter(
             "igw_retries", "Requests placed again after their worker failed before the first token.", registry=r
         )

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway import service as service_mod
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
+from gateway.http_api import HttpApi
 from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics, PoolCollector
 from gateway.placement import Placement
@@ -85,6 +86,7 @@ class GatewayServer:
         self.metrics, self.workers, self.placement = core.metrics, core.workers, core.placement
         self.auth, self.quotas, self.scheduler = core.auth, core.quotas, core.scheduler
         self.service = GatewayService(cfg, self.core)
+        self.http = HttpApi(cfg, self.core) if cfg.http_listen else None
         self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(cfg))
@@ -102,6 +104,13 @@ class GatewayServer:
         if self.auth.key_file is not None:
             self._watch = asyncio.create_task(self.auth.watch())
         await self.server.start()
+        if self.http is not None:
+            try:
+                await self.http.start(self.cfg.http_listen)
+            except OSError as err:
+                raise SystemExit(
+                    f"gateway: cannot listen on {self.cfg.http_listen} (gateway.http_listen): {err}"
+                ) from None
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.workers.workers))
@@ -110,8 +119,9 @@ class GatewayServer:
         """NOT_SERVING first, still accepting calls until Envoy's health checks have
         seen it (drain_notice_s), then refuse new calls and let streams finish."""
         await self.health.enter_graceful_shutdown()
+        http = self.http.drain(self.cfg.drain_notice_s, self.cfg.drain_grace_s) if self.http else asyncio.sleep(0)
         await asyncio.sleep(self.cfg.drain_notice_s)
-        await self.server.stop(grace=self.cfg.drain_grace_s)
+        await asyncio.gather(self.server.stop(grace=self.cfg.drain_grace_s), http)
         if self._watch:
             self._watch.cancel()
         await self.quotas.close()
@@ -153,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="override gateway.listen")
     parser.add_argument("--worker", action="append", help="worker host:port (repeatable; overrides gateway.workers)")
     parser.add_argument("--metrics-listen", help='override gateway.metrics_listen ("" = off)')
+    parser.add_argument("--http-listen", help='override gateway.http_listen ("" = off)')
     args = parser.parse_args(argv)
     workers = [{"address": a} for a in args.worker] if args.worker else None
     cfg = config_mod.load_or_exit(
-        args.config, "gateway", listen=args.listen, workers=workers, metrics_listen=args.metrics_listen
+        args.config,
+        "gateway",
+        listen=args.listen,
+        workers=workers,
+        metrics_listen=args.metrics_listen,
+        http_listen=args.http_listen,
     )
     setup_logging(component="gateway", level=cfg.gateway.log_level)
     if cfg.gateway.event_loop == "uvloop":

@@ -29,6 +29,7 @@ ROLES = ("system", "user", "assistant")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 MAX_SESSION_ID_CHARS = 128
+SUPERSEDE_KEY = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
 CONTEXT_PREFIX = "Context from the caller, as JSON:\n"
 
 
@@ -42,6 +43,9 @@ class ValidRequest:
     session_id: str = ""
     priority: str | None = None  # as asked; None = the key's cap
     estimated_prompt_tokens: int = 0  # the scheduler's cost until the worker has tokenized the prompt
+    supersede_key: str = ""  # a newer request with this key (same tenant) cancels this one
+    prompt: str = ""  # a raw prompt (no chat template) instead of messages: text completions
+    suffix: str = ""  # fill-in-the-middle: the text after the cursor (prompt is the text before)
 
 
 def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
@@ -56,6 +60,7 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
             "model",
             "not a model name: use 1-128 characters from A-Z a-z 0-9 . _ : / @ + - (ListModels lists the names)",
         )
+    check_supersede_key(req.supersede_key, "supersede_key")
     if len(req.session_id) > MAX_SESSION_ID_CHARS:
         raise invalid_argument(
             "session_id", f"{len(req.session_id)} characters is over the limit of {MAX_SESSION_ID_CHARS}"
@@ -94,7 +99,13 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
         session_id=req.session_id,
         priority=PRIORITY_FROM_WIRE[req.priority],
         estimated_prompt_tokens=estimate_prompt_tokens(messages),
+        supersede_key=req.supersede_key,
     )
+
+
+def check_supersede_key(key: str, field: str) -> None:
+    if key and not SUPERSEDE_KEY.fullmatch(key):
+        raise invalid_argument(field, "use 1-128 characters from A-Z a-z 0-9 . _ : / @ -")
 
 
 def check_prompt_bytes(messages: list[wpb.ChatMessage], limits: Limits, field: str) -> None:

@@ -51,11 +51,26 @@ class Step:
     finish_reason: str | None = None
 
 
+# Fill-in-the-middle token triples (before the prefix, before the suffix, where generation starts) of the
+# model families that have them; a prompt is `first + prefix + second + suffix + third`.
+FIM_FORMATS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"),  # DeepSeek-Coder
+)
+
+
+def find_fim_tokens(vocabulary) -> tuple[str, str, str] | None:
+    """The first FIM format whose three tokens are all in ``vocabulary`` (a container of token strings)."""
+    return next((f for f in FIM_FORMATS if all(t in vocabulary for t in f)), None)
+
+
 class Engine(abc.ABC):
     name: str  # "vllm" or "synthetic"
     model: str
     max_context_tokens: int
     max_batch_tokens: int = 0  # tokens the engine holds at once (KV cache); 0 = unknown
+    fim_tokens: tuple[str, str, str] | None = None  # set when the model can fill in the middle
 
     async def start(self) -> None:
         """Load the model; called once before serving."""
@@ -66,6 +81,23 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def render(self, messages: list[dict[str, str]]) -> Prompt:
         """Render chat messages with the model's chat template and tokenize."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> Prompt:
+        """Tokenize a raw prompt as is (no chat template)."""
+
+    def render_raw(self, prompt: str, suffix: str) -> Prompt:
+        """A raw prompt, or with ``suffix`` a fill-in-the-middle prompt in the model's own format."""
+        if suffix:
+            if self.fim_tokens is None:
+                raise InvalidRequest(
+                    "suffix",
+                    f"model {self.model} has no fill-in-the-middle tokens; send the prompt "
+                    "alone, or use a code model that has them",
+                )
+            first, second, third = self.fim_tokens
+            prompt = f"{first}{prompt}{second}{suffix}{third}"
+        return self.tokenize(prompt)
 
     @abc.abstractmethod
     def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:

@@ -67,6 +67,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             engine=self.engine.name,
             max_batch_tokens=self.engine.max_batch_tokens,
             max_message_bytes=self.max_message_bytes,
+            fill_in_middle=self.engine.fim_tokens is not None,
         )
 
     async def Load(self, request, context):

@@ -117,7 +117,10 @@ class Session:
         messages = [{"role": m.role, "content": m.content} for m in sub.messages]
 
         def work():
-            prompt = self.engine.render(messages)
+            if sub.prompt or sub.suffix:
+                prompt = self.engine.render_raw(sub.prompt, sub.suffix)
+            else:
+                prompt = self.engine.render(messages)
             self.engine.check(prompt, sampling)
             return prompt
 

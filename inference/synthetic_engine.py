@@ -25,6 +25,8 @@ class SyntheticEngine(Engine):
         self.model = model
         self.max_context_tokens = cfg.max_context_tokens
         self.max_batch_tokens = cfg.max_batch_tokens
+        if cfg.fill_in_middle:
+            self.fim_tokens = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
         self._interval_s = 1.0 / cfg.tokens_per_s
         self._prefill_s = cfg.first_token_delay_ms / 1000
         self._words = cfg.text.split() or ["token"]
@@ -37,6 +39,9 @@ class SyntheticEngine(Engine):
         # role markers a chat template would add.
         n = sum(len(m["content"].split()) + 2 for m in messages) + 1
         return Prompt(token_ids=list(range(n)))
+
+    def tokenize(self, text: str) -> Prompt:
+        return Prompt(token_ids=list(range(len(text.split()) + 1)))
 
     def unfinished_requests(self) -> int:
         return self._active

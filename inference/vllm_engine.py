@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncIterator
 
 from igw_common.config import ConfigError, VllmConfig
-from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step
+from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step, find_fim_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class VllmEngine(Engine):
 
         self._llm = AsyncLLM.from_engine_args(self.engine_args())
         self._tokenizer = self._llm.get_tokenizer()
+        self.fim_tokens = find_fim_tokens(self._tokenizer.get_vocab())
         # The engine may have settled on a smaller window than asked for.
         self.max_context_tokens = int(self._llm.model_config.max_model_len)
         cache = self._llm.vllm_config.cache_config
@@ -92,6 +93,10 @@ class VllmEngine(Engine):
             raise InvalidRequest("messages", f"the model's chat template rejected the conversation: {err}") from None
         # The template already wrote the special tokens (BOS etc.).
         return Prompt(token_ids=list(self._tokenizer.encode(text, add_special_tokens=False)))
+
+    def tokenize(self, text: str) -> Prompt:
+        # As vLLM's own completions endpoint: the tokenizer's special tokens (BOS) are added.
+        return Prompt(token_ids=list(self._tokenizer.encode(text)))
 
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests() if self._llm else 0

@@ -83,6 +83,7 @@ def make_config(engine: str, **overrides) -> dict:
             "listen": f"127.0.0.1:{free_port()}",
             "drain_grace_s": 5,
             "metrics_listen": f"127.0.0.1:{free_port()}",
+            "http_listen": f"127.0.0.1:{free_port()}",
         },
         "worker": {
             "listen": f"127.0.0.1:{free_port()}",

@@ -22,6 +22,6 @@ ENV PATH=/opt/igw/bin:$PATH PYTHONUNBUFFERED=1
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin igw
 USER 10001
 # gRPC, Prometheus metrics, Envoy listener, Envoy admin (loopback only inside the pod)
-EXPOSE 50051 9464 8080
+EXPOSE 50051 50052 9464 8080
 ENTRYPOINT ["igw-gateway"]
 CMD ["--config", "/etc/igw/config.yaml"]

@@ -63,6 +63,7 @@ def render(cfg: config_mod.Config, config_text: str) -> list[dict]:
         port(w.metrics_listen),
     )
     envoy_port = port(e.listen)
+    gw_http = port(g.http_listen) if g.http_listen else None
     pre_stop_s = 5  # endpoints and Envoy's health checks notice the pod is going
     # Kubernetes must wait for: preStop, the drain notice, the drain grace, and a margin.
     gw_grace = int(pre_stop_s + g.drain_notice_s + g.drain_grace_s + 10)
@@ -184,7 +185,8 @@ def render(cfg: config_mod.Config, config_text: str) -> list[dict]:
                                 "ports": [
                                     {"name": "grpc", "containerPort": gw_port},
                                     {"name": "metrics", "containerPort": gw_metrics},
-                                ],
+                                ]
+                                + ([{"name": "http", "containerPort": gw_http}] if gw_http else []),
                                 "readinessProbe": grpc_probe(gw_port, "gateway.v1.Gateway", period=2, failures=1),
                                 "livenessProbe": grpc_probe(gw_port, "", period=10, failures=3),
                                 # Let endpoints update before SIGTERM starts the drain.
@@ -213,7 +215,8 @@ def render(cfg: config_mod.Config, config_text: str) -> list[dict]:
             "spec": {
                 "clusterIP": "None",
                 "selector": labels("gateway"),
-                "ports": [{"name": "grpc", "port": gw_port, "targetPort": gw_port}],
+                "ports": [{"name": "grpc", "port": gw_port, "targetPort": gw_port}]
+                + ([{"name": "http", "port": gw_http, "targetPort": gw_http}] if gw_http else []),
             },
         },
         {
@@ -399,7 +402,12 @@ def render(cfg: config_mod.Config, config_text: str) -> list[dict]:
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
         },
         allow("envoy-from-anywhere", "envoy", [envoy_port], [{"ipBlock": {"cidr": "0.0.0.0/0"}}]),
-        allow("gateway-from-envoy", "gateway", [gw_port], [{"podSelector": {"matchLabels": labels("envoy")}}]),
+        allow(
+            "gateway-from-envoy",
+            "gateway",
+            [gw_port] + ([gw_http] if gw_http else []),
+            [{"podSelector": {"matchLabels": labels("envoy")}}],
+        ),
         allow("gateway-metrics", "gateway", [gw_metrics], [monitoring]),
         allow("worker-from-gateway", "worker", [wk_port], [{"podSelector": {"matchLabels": labels("gateway")}}]),
         allow("worker-metrics", "worker", [wk_metrics], [monitoring]),

@@ -26,6 +26,10 @@ class EnvoyConfig(Section):
     upstreams: list[str] = Field(
         default_factory=list, description="gateway replicas (host:port); empty = gateway.listen"
     )
+    http_upstreams: list[str] = Field(
+        default_factory=list,
+        description="gateway replicas' HTTP API (host:port) that /v1/ routes to; empty = gateway.http_listen",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig)
     stream_idle_timeout_s: float = Field(
         300.0, gt=0, description="a stream with no bytes either way for this long is reset"
@@ -50,7 +54,7 @@ class EnvoyConfig(Section):
     def _addr(cls, v: str) -> str:
         return check_hostport(v)
 
-    @field_validator("upstreams")
+    @field_validator("upstreams", "http_upstreams")
     @classmethod
     def _ups(cls, v: list[str]) -> list[str]:
         return [check_hostport(x) for x in v]

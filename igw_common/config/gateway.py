@@ -169,6 +169,10 @@ class QueueConfig(Section):
 
 class GatewayConfig(Section):
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address of the gateway")
+    http_listen: str = Field(
+        "127.0.0.1:50052",
+        description='OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models); "" = off',
+    )
     name: str = Field("", description="replica name for logs; empty = the listen address")
     default_model: str = Field("", description="model used when a request names none; empty = the first worker's model")
     workers: list[WorkerEndpoint] = Field(
@@ -227,3 +231,4 @@ class GatewayConfig(Section):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     _addr = field_validator("listen")(lambda cls, v: check_hostport(v))
+    _http = field_validator("http_listen")(lambda cls, v: check_hostport(v) if v else v)

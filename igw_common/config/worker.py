@@ -31,6 +31,9 @@ class SyntheticConfig(Section):
     )
     first_token_delay_ms: int = Field(0, ge=0, description="simulated prefill time before a request's first token")
     max_batch_tokens: int = Field(0, ge=0, description="token capacity it reports, like vLLM's KV cache; 0 = none")
+    fill_in_middle: bool = Field(
+        False, description="claim fill-in-the-middle tokens (StarCoder's), for tests of `suffix`"
+    )
 
 
 class WorkerConfig(Section):

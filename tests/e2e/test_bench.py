@@ -41,5 +41,9 @@ def test_bench_short_mode_runs_to_completion(vllm_stack, tmp_path):
                 assert m["errors"] == 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0
             assert paths["envoy+gateway"]["tokens_per_s_vs_direct"] > 0
     assert "gateway_cpu_s_per_1k_tokens" in results["synthetic"]["scenarios"]["16"]["gateway"]
+    typed = results["typist"]
+    for mode in ("with", "without"):
+        assert typed[mode]["delivered_tokens"] > 0 and typed[mode]["lost_last_answers"] == 0
+    assert "As-you-type completion" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().startswith("# Gateway benchmark")
     assert (out / "ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,6 +32,7 @@ async def test_spans_of_one_call_share_the_client_trace_id():
                 "listen": worker_addr,
                 "engine": "synthetic",
                 "metrics_listen": "",
+                "http_listen": "",
                 "synthetic": {"tokens_per_s": 200},
             },
             "gateway": {

@@ -108,7 +108,7 @@ def test_no_secret_values_in_plain_manifests():
 @pytest.mark.parametrize(
     "name, ports, script",
     [
-        ("gateway.Dockerfile", {50051, 9464, 8080}, "igw-gateway"),
+        ("gateway.Dockerfile", {50051, 50052, 9464, 8080}, "igw-gateway"),
         ("worker-gpu.Dockerfile", {50061, 9465}, "igw-worker"),
         ("worker-cpu.Dockerfile", {50061, 9465}, "igw-worker"),
     ],
