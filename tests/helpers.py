@@ -192,3 +192,66 @@ def new_key(keys, tenant, *limits) -> str:
     key = igw_keys("issue", "--file", str(keys), "--tenant", tenant, *limits)
     time.sleep(0.6)  # every gateway's file watch (0.2 s) has seen it
     return key
+
+
+class TcpProxy:
+    """A loopback TCP relay in front of a server, to cut the network between two real processes and
+    restore it (what a failed node or a broken link looks like to the gateway)."""
+
+    def __init__(self, target: str):
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.target = target
+        self.address = f"127.0.0.1:{free_port()}"
+        self._listener = None
+        self._conns: list = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        host, port = self.address.rsplit(":", 1)
+        self._listener = self._socket.create_server((host, int(port)), reuse_port=True)
+        self._threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        host, port = self.target.rsplit(":", 1)
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket.create_connection((host, int(port)))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """Stop listening and reset every open connection: the server looks gone."""
+        self._listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.close()
+            except OSError:
+                pass

@@ -160,7 +160,7 @@ def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tu
             rows.extend(reference_rows(ann, key + "."))
             continue
         item = next(iter(getattr(ann, "__args__", ())), None)
-        if isinstance(item, type) and issubclass(item, BaseModel) and item is not WorkerEndpoint:
+        if isinstance(item, type) and issubclass(item, BaseModel):
             default = f.get_default(call_default_factory=True)
             rows.append((key, json.dumps([d.model_dump() for d in default]), f.description or ""))
             rows.extend(reference_rows(item, key + "[]."))

@@ -11,6 +11,19 @@ from igw_common.config.base import Section, TracingConfig, check_hostport
 
 class WorkerEndpoint(Section):
     address: str = Field(description="host:port of the worker's gRPC server")
+    protocol: Literal["igw", "vllm-grpc"] = Field(
+        "igw",
+        description='"igw" (our worker, inference.v1) or "vllm-grpc" (a stock vLLM gRPC server, vllm_engine.proto; '
+        "the gateway tokenizes and detokenizes)",
+    )
+    tokenizer: str = Field(
+        "",
+        description="vllm-grpc: the model folder (tokenizer.json, chat template) on the gateway host; empty = the "
+        "path the server reports if present here, else the server's own tokenizer bundle",
+    )
+    max_concurrent_requests: int = Field(
+        0, ge=0, description="vllm-grpc: requests sent at once; 0 = the server's scheduler window (max_num_seqs)"
+    )
 
     _addr = field_validator("address")(lambda cls, v: check_hostport(v))
 

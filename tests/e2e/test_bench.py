@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 
-def test_bench_short_mode_runs_to_completion(vllm_stack, tmp_path):
+def test_bench_short_mode_runs_to_completion(vllm_stack, stock_vllm_grpc, tmp_path):
     out = tmp_path / "bench"
     r = subprocess.run(
         [
@@ -25,22 +25,32 @@ def test_bench_short_mode_runs_to_completion(vllm_stack, tmp_path):
             vllm_stack.worker,
             "--vllm-target",
             vllm_stack.envoy,
+            "--stock-vllm",
+            stock_vllm_grpc.worker,
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     results = json.loads((out / "report.json").read_text())
     assert set(results["synthetic"]["scenarios"]) == {"1", "16"}
     assert set(results["vllm"]["scenarios"]) == {"1", "8"}
-    for name in ("synthetic", "vllm"):
+    assert set(results["peer-synthetic"]["scenarios"]) == {"1", "16"}
+    assert set(results["peer-vllm"]["scenarios"]) == {"1", "4"}
+    for name in ("synthetic", "vllm", "peer-synthetic", "peer-vllm"):
         for paths in results[name]["scenarios"].values():
             assert "direct" in paths and "envoy+gateway" in paths
-            for m in paths.values():
-                assert m["errors"] == 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0
+            for p, m in paths.items():
+                if p != "ours_vs_smg":
+                    assert m["errors"] == 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0, (name, p, m)
             assert paths["envoy+gateway"]["tokens_per_s_vs_direct"] > 0
-    assert "gateway_cpu_s_per_1k_tokens" in results["synthetic"]["scenarios"]["16"]["gateway"]
+    for name in ("peer-synthetic", "peer-vllm"):
+        for paths in results[name]["scenarios"].values():
+            assert paths["smg"]["proxy_cpu_s_per_1k_tokens"] > 0 and paths["ours_vs_smg"]["tokens_per_s"] > 0
+            assert paths["envoy+gateway"]["proxy_cpu_s_per_1k_tokens"] > 0
+    assert "proxy_cpu_s_per_1k_tokens" in results["synthetic"]["scenarios"]["16"]["gateway"]
+    assert "relative to SMG" in (out / "report.md").read_text()
     typed = results["typist"]
     for mode in ("with", "without"):
         assert typed[mode]["delivered_tokens"] > 0 and typed[mode]["lost_last_answers"] == 0
