@@ -246,6 +246,10 @@ class TcpProxy:
 
     def cut(self) -> None:
         """Stop listening and reset every open connection: the server looks gone."""
+        try:  # wakes the accept() blocked in the other thread; close() alone would leave it waiting
+            self._listener.shutdown(self._socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             conns, self._conns = self._conns, []

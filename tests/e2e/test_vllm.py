@@ -309,6 +309,7 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     cfg["gateway"]["listen"] = f"127.0.0.1:{free_port()}"
     cfg["gateway"]["queue"] = {"max_in_flight_per_worker": 1}
     cfg["gateway"]["metrics_listen"] = ""
+    cfg["gateway"]["http_listen"] = ""  # the first gateway holds its HTTP port
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     from igw_common import launcher as stack

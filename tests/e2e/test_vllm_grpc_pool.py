@@ -106,8 +106,11 @@ def test_cancel_and_deadline_reach_both_engines(pool):
         with pytest.raises(grpc.RpcError) as info:
             run(
                 stub,
-                gpb.ExecuteRequest(task=f"Count from {i} to 600.", sampling=gpb.SamplingParams(max_tokens=800)),
-                timeout=4,
+                gpb.ExecuteRequest(
+                    task=f"Write a very long story about dragon number {i}.",
+                    sampling=gpb.SamplingParams(max_tokens=800),
+                ),
+                timeout=1.5,
             )
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: stock_running(stock) == 0, 5, "the stock server kept a request past its deadline")

@@ -92,9 +92,11 @@ async def warm_up(h: Harness) -> None:
     await asyncio.sleep(0.05)
 
 
-def slow_redis(r: RedisServer, seconds: float) -> asyncio.Task:
-    """Make Redis unresponsive for real: DEBUG SLEEP blocks its one thread."""
+async def slow_redis(r: RedisServer, seconds: float) -> asyncio.Task:
+    """Make Redis unresponsive for real: DEBUG SLEEP blocks its one thread. Returns once Redis is
+    asleep (a probe goes unanswered), so what the test sends next really waits."""
     client = aioredis.Redis(port=r.port)
+    await client.ping()  # connected first: the sleep is one command on an open socket
 
     async def sleep():
         try:
@@ -102,14 +104,24 @@ def slow_redis(r: RedisServer, seconds: float) -> asyncio.Task:
         finally:
             await client.aclose()
 
-    return asyncio.create_task(sleep())
+    task = asyncio.create_task(sleep())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        probe = aioredis.Redis(port=r.port)
+        try:
+            await asyncio.wait_for(probe.ping(), 0.02)
+        except asyncio.TimeoutError:
+            return task  # unanswered: asleep
+        finally:
+            await probe.aclose()
+    raise AssertionError("Redis never went to sleep")
 
 
 async def test_cancel_during_reserve_leaves_no_lease(redis_debug):
     h = Harness(redis_debug.url, redis_timeout_ms=3_000)
     try:
         await warm_up(h)
-        sleeper = slow_redis(redis_debug, 0.4)
+        sleeper = await slow_redis(redis_debug, 0.4)
         await asyncio.sleep(0.05)  # Redis is asleep: the script below is sent and waits in its socket
         caller = asyncio.create_task(h.q.reserve(budgets(), 600))
         await asyncio.sleep(0.1)
@@ -133,7 +145,7 @@ async def test_slow_call_that_runs_late_is_undone_fail_open(redis_debug):
         sync = redis.Redis(port=redis_debug.port)
         zadds = lambda: sync.info("commandstats").get("cmdstat_zadd", {}).get("calls", 0)  # noqa: E731
         before = zadds()
-        sleeper = slow_redis(redis_debug, 0.6)
+        sleeper = await slow_redis(redis_debug, 0.6)
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
         r = await h.q.reserve(budgets(), 600)

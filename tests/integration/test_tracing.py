@@ -32,12 +32,12 @@ async def test_spans_of_one_call_share_the_client_trace_id():
                 "listen": worker_addr,
                 "engine": "synthetic",
                 "metrics_listen": "",
-                "http_listen": "",
                 "synthetic": {"tokens_per_s": 200},
             },
             "gateway": {
                 "listen": gw_addr,
                 "metrics_listen": "",
+                "http_listen": "",
                 "workers": [{"address": worker_addr}],
                 "drain_notice_s": 0,
                 "drain_grace_s": 1,
