@@ -38,6 +38,7 @@ from gateway.v1 import gateway_pb2
 # Running as a script puts envoy/ first on sys.path; nothing here is named
 # like a package we import, so that is harmless.
 from igw_common import config as config_mod
+from igw_common.config.gateway import replica_addresses
 from igw_common.edge import EDGE_SECRET_HEADER, read_edge_secret
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -197,7 +198,8 @@ def _http_filters(cfg: config_mod.Config) -> list[dict]:
 
 def render(cfg: config_mod.Config) -> dict:
     e = cfg.envoy
-    upstreams = e.upstreams or [cfg.gateway.listen]
+    # Every gateway process of this host (gateway.processes), unless the replicas are listed.
+    upstreams = e.upstreams or replica_addresses(cfg.gateway.listen, cfg.gateway.processes)
 
     route: dict = {
         "cluster": "gateway",
@@ -277,7 +279,7 @@ def render(cfg: config_mod.Config) -> dict:
         clusters.append(
             _cluster(
                 "gateway_http",
-                e.http_upstreams or [cfg.gateway.http_listen],
+                e.http_upstreams or replica_addresses(cfg.gateway.http_listen, cfg.gateway.processes),
                 e,
                 http2=False,
                 check={"http_health_check": {"path": "/healthz"}},

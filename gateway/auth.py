@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from gateway.errors import unauthenticated
-from gateway.keys import KEY_PATTERN, KeyFile, hash_key, read_key_file
+from gateway.keys import KEY_PATTERN, KeyEntry, KeyFile, hash_key, read_key_file
 from gateway.vocabulary import INTERACTIVE
 from igw_common.config import AuthConfig, QuotaLimits
 from igw_common.edge import EDGE_SECRET_HEADER, read_edge_secret
@@ -130,6 +130,28 @@ class Authenticator:
             return self._from_jwt(md)
         return self._from_key(md)
 
+    def principal_for(self, tenant: str, key_id: str) -> Principal:
+        """The caller a background job was submitted by, as the key file says now: a job of a key revoked
+        or removed since it was submitted is refused (UNAUTHENTICATED), like a call with that key."""
+        if key_id:
+            entry = self._keys.keys.get(key_id)
+            if entry is None or entry.revoked or entry.tenant != tenant:
+                raise unauthenticated(f"API key {key_id}, which submitted this job, was revoked or removed")
+            return self._principal(key_id, entry)
+        if self.cfg.mode == "api_key":
+            raise unauthenticated("this job was submitted without an API key; this gateway requires one")
+        return Principal(tenant, "", frozenset(), INTERACTIVE, QuotaLimits(), self.tenant_limits(tenant))
+
+    def _principal(self, key_id: str, entry: KeyEntry) -> Principal:
+        return Principal(
+            entry.tenant,
+            key_id,
+            frozenset(entry.models),
+            entry.priority_max,
+            entry.limits,
+            self.tenant_limits(entry.tenant),
+        )
+
     def _from_key(self, md: dict[str, str]) -> Principal:
         presented = md.get("x-api-key", "")
         auth = md.get("authorization", "")
@@ -150,14 +172,7 @@ class Authenticator:
         key_id = m.group(1)
         if entry.revoked:
             raise unauthenticated(f"API key {key_id} has been revoked")
-        return Principal(
-            entry.tenant,
-            key_id,
-            frozenset(entry.models),
-            entry.priority_max,
-            entry.limits,
-            self.tenant_limits(entry.tenant),
-        )
+        return self._principal(key_id, entry)
 
     def _from_jwt(self, md: dict[str, str]) -> Principal:
         got = md.get(EDGE_SECRET_HEADER, "").encode()

@@ -10,6 +10,15 @@ disconnect, deadline, an error) runs the same ``finally``, which cancels it
 on the worker (vLLM aborts it within one engine step), gives back any room
 it held and settles its quota.
 
+State that outlives a stream joins here, so every door gets it: server-side
+sessions (``gateway.sessions``: the stored history goes around the new turn
+before admission; the turn is written only at ``done``), the response cache
+(``gateway.cache``: a hit replays a stored answer instead of queueing; a miss
+is recorded and stored at ``done``), and what a request costs
+(``gateway.quota.pricing``: reserved with the quota at admission, settled to
+the real cost). Background jobs (``gateway.jobs``) run through ``execute``
+with the principal that submitted them.
+
 Front doors (gRPC ``Execute`` in ``gateway.service``) are thin adapters: they
 turn their own request into a ``ValidRequest`` (the ``parse`` callback, so
 errors name their own fields), iterate ``execute``'s events (``Started``,
@@ -30,6 +39,7 @@ from dataclasses import dataclass
 import grpc
 
 from gateway.auth import Authenticator, Principal
+from gateway.cache import Entry, Flight, ResponseCache
 from gateway.connection import Claim, Job
 from gateway.errors import (
     SUPERSEDED_MESSAGE,
@@ -46,10 +56,12 @@ from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestRecord, RequestTrace, excerpt
 from gateway.placement import Placement, affinity_key
-from gateway.quota import Budget, Denied, Quotas, StoreUnavailable, prompt_token_bound
+from gateway.quota import MICROS, Budget, Denied, Pricing, Quotas, StoreUnavailable, prompt_token_bound
+from gateway.redis_state import StateUnavailable
 from gateway.scheduler import QueueFull, Scheduler, Ticket
-from gateway.streaming import RequestStream
-from gateway.validation import ValidRequest
+from gateway.sessions import ActiveTurn, Sessions
+from gateway.streaming import Pacer, RequestStream
+from gateway.validation import ValidRequest, estimate_prompt_tokens
 from gateway.vocabulary import priority_allowed
 from igw_common.config import GatewayConfig, QuotaLimits
 from inference.v1 import worker_pb2 as wpb
@@ -63,6 +75,9 @@ class Started:
     model: str
     worker: str
     prompt_tokens: int
+    session_history_turns: int = 0  # server-side sessions: earlier turns sent with this one
+    session_turns_dropped: int = 0  # ... and the oldest ones trimmed to fit
+    cache_hit: bool = False
 
 
 @dataclass(slots=True)
@@ -79,6 +94,8 @@ class Done:
     queue_ms: int
     ttft_ms: int
     total_ms: int
+    cost_micros: int = 0  # micro-units of gateway.pricing.currency
+    cache_hit: bool = False
 
 
 Event = Started | Delta | Done
@@ -147,6 +164,9 @@ class Dispatcher:
         scheduler: Scheduler,
         metrics: GatewayMetrics,
         tracer,
+        pricing: Pricing | None = None,
+        cache: ResponseCache | None = None,
+        sessions: Sessions | None = None,
     ):
         self.cfg = cfg
         self.workers = workers
@@ -157,12 +177,22 @@ class Dispatcher:
         self.metrics = metrics
         self.tracer = tracer
         self.supersession = Supersession(scheduler)
+        self.pacer = Pacer()
+        self.pricing = pricing or Pricing(cfg.pricing)
+        self.cache = cache  # None: gateway.cache.enabled is off
+        self.sessions = sessions  # None: gateway.sessions.enabled is off
 
     async def execute(
-        self, headers, parse: Callable[[], ValidRequest], deadline: float | None, door: str
+        self,
+        headers,
+        parse: Callable[[], ValidRequest],
+        deadline: float | None,
+        door: str,
+        principal: Principal | None = None,
     ) -> AsyncIterator[Event]:
         """Run one request. ``headers``: the caller's metadata (lower-case names); ``deadline``: event-loop
-        time or None. Raises ``RpcError`` for every refusal or failure; the caller must close the
+        time or None; ``principal``: the caller when it was authenticated earlier (a job runs as whoever
+        submitted it). Raises ``RpcError`` for every refusal or failure; the caller must close the
         generator (``contextlib.aclosing``) so an abandoned request is aborted at once."""
         m = self.metrics
         loop = asyncio.get_running_loop()
@@ -171,11 +201,14 @@ class Dispatcher:
         stream: RequestStream | None = None
         claim: Claim | None = None
         reservation = None
+        settle_as: tuple[int, int] | None = None  # (tokens, cost) a cache hit is charged
         holder: _Holder | None = None
+        turn: ActiveTurn | None = None
+        flight: Flight | None = None
         m.active_streams.inc()
         try:
             with trace.span("igw.auth"):
-                principal = self.auth.authenticate(headers)
+                principal = principal or self.auth.authenticate(headers)
             rec.tenant, rec.key_id = principal.tenant, principal.key_id
             rec.tenant_label = self.auth.tenant_label(principal.tenant)
             valid = parse()
@@ -188,10 +221,34 @@ class Dispatcher:
             if valid.supersede_key:
                 holder = self.supersession.take(principal.tenant, valid.supersede_key)
 
+            if self.sessions is not None and self.sessions.applies(valid):
+                turn = await self._session_turn(principal, valid, model)
+                valid.messages = turn.messages  # the stored history around this turn
+                valid.estimated_prompt_tokens = estimate_prompt_tokens(turn.messages)
+                rec.session_turns_dropped = turn.dropped
             # A raw prompt (text completions) counts like one message for quota, affinity and placement.
             texts = valid.messages or [wpb.ChatMessage(role="user", content=valid.prompt + valid.suffix)]
+            if self.cache is not None and (key := self.cache.key(principal.tenant, model, valid, texts)):
+                hit, flight = await self.cache.lookup(key, model, deadline)
+                rec.cache = "miss"
+                if hit is not None:
+                    rec.cache, rec.pool, rec.worker = "hit", "cache", "cache"
+                    settle_as = self._hit_charge(model, hit)
+                    reservation = await self._reserve(principal, *settle_as)
+                    events = self._replay(hit, valid, turn, rec, settle_as[1])
+                    for ev in events[:-1]:
+                        yield ev
+                    if turn is not None:
+                        turn.answer.append(hit.text)
+                        await self._commit_turn(turn, hit.prompt_tokens, hit.completion_tokens)
+                    yield events[-1]
+                    return
             trace.begin("igw.queue")
-            reservation = await self._reserve(principal, prompt_token_bound(texts) + max_tokens)
+            reservation = await self._reserve(
+                principal,
+                prompt_token_bound(texts) + max_tokens,
+                self.pricing.cost(model, prompt_token_bound(texts), max_tokens),
+            )
             estimate = valid.estimated_prompt_tokens + max_tokens
             stream = RequestStream(
                 max_tokens, estimate, retries=self.cfg.queue.retry_before_first_token, itl_observer=m.itl.labels(model)
@@ -216,6 +273,9 @@ class Dispatcher:
                 suffix=valid.suffix,
             )
             started_sent = first_token = False
+            interval = (
+                valid.stream_interval_ms if valid.stream_interval_ms is not None else self.cfg.stream_interval_ms
+            ) / 1000
             while True:  # once, plus once per retry after a worker failed before answering
                 if holder is not None:
                     if holder.superseded:
@@ -236,10 +296,20 @@ class Dispatcher:
                     update = await stream.next()
                     if update.accepted_prompt_tokens is not None:
                         # The real prompt is known: hold only prompt + max_tokens from now on.
-                        self.quotas.trim(reservation, update.accepted_prompt_tokens + max_tokens)
+                        accepted = update.accepted_prompt_tokens
+                        self.quotas.trim(
+                            reservation, accepted + max_tokens, self.pricing.cost(model, accepted, max_tokens)
+                        )
                         if not started_sent:
                             started_sent = True
-                            yield Started(valid.request_id, model, stream.worker_name, update.accepted_prompt_tokens)
+                            yield Started(
+                                valid.request_id,
+                                model,
+                                stream.worker_name,
+                                accepted,
+                                turn.history_turns if turn else 0,
+                                turn.dropped if turn else 0,
+                            )
                     elif update.retry_from is not None:
                         log.warning(
                             "request %s: worker %s failed before the first token; retrying elsewhere",
@@ -267,6 +337,12 @@ class Dispatcher:
                     elif update.finish_reason is not None:
                         rec.finish_reason = update.finish_reason
                         trace.event("finish", finish_reason=update.finish_reason)
+                        if flight is not None:
+                            await flight.finish(
+                                model, stream.prompt_tokens, stream.completion_tokens, rec.finish_reason
+                            )
+                        if turn is not None:
+                            await self._commit_turn(turn, stream.prompt_tokens, stream.completion_tokens)
                         yield Done(
                             update.finish_reason,
                             stream.prompt_tokens,
@@ -274,6 +350,7 @@ class Dispatcher:
                             stream.ms_since_created(stream.dispatched_at),
                             stream.ms_since_created(stream.first_token_at),
                             stream.ms_since_created(None),
+                            self.pricing.cost(model, stream.prompt_tokens, stream.completion_tokens),
                         )
                         return
                     else:
@@ -284,7 +361,13 @@ class Dispatcher:
                             )
                             trace.event("first_token")
                             trace.begin("igw.generate")
+                        if flight is not None:
+                            flight.add(update.text, update.tokens)
+                        if turn is not None:
+                            turn.answer.append(update.text)
                         yield Delta(update.text, update.tokens)
+                        if interval:  # let the next steps merge into one message
+                            await self.pacer.wait(interval, stream)
         except Superseded:
             err = superseded(_usage_trailers(stream) if stream is not None else ())
             rec.code, rec.reason = err.code, err.reason
@@ -311,14 +394,21 @@ class Dispatcher:
             # The one abort path: client gone, deadline passed, superseded, or we failed mid-way.
             if holder is not None:
                 self.supersession.release(holder)
+            if flight is not None:
+                flight.release()  # not stored (failed or cancelled): an identical request waiting generates
             if claim is not None:
                 claim.release()
             if stream is not None and stream.worker is not None and not stream.finished:
                 stream.worker.cancel(
                     stream, "deadline" if rec.code == grpc.StatusCode.DEADLINE_EXCEEDED else "cancelled"
                 )
+            if settle_as is not None:
+                rec.cost_micros = settle_as[1]
+            elif stream is not None:
+                rec.cost_micros = self.pricing.cost(rec.model, stream.prompt_tokens, stream.completion_tokens)
             if reservation is not None:
-                self.quotas.settle(reservation, stream.prompt_tokens + stream.completion_tokens if stream else 0)
+                used = settle_as[0] if settle_as else stream.prompt_tokens + stream.completion_tokens if stream else 0
+                self.quotas.settle(reservation, used, rec.cost_micros)
             m.active_streams.dec()
             self._account(rec, stream)
             trace.finish(rec)
@@ -333,7 +423,75 @@ class Dispatcher:
             m.duration.labels(rec.model, rec.pool).observe(time.monotonic() - stream.created)
             m.tokens.labels(label, rec.model, "input").inc(stream.prompt_tokens)
             m.tokens.labels(label, rec.model, "output").inc(stream.completion_tokens)
+        if rec.cost_micros:
+            m.cost.labels(label, rec.model).inc(rec.cost_micros / MICROS)
         rec.log_line(stream)
+
+    # --- sessions and the response cache -----------------------------------------------------------
+
+    async def _session_turn(self, principal: Principal, valid: ValidRequest, model: str) -> ActiveTurn:
+        try:
+            return await self.sessions.begin(principal.tenant, valid, self.workers.max_context_tokens(model))
+        except StateUnavailable as err:
+            self.metrics.state_store_failures.labels("sessions").inc()
+            log.warning("session store unavailable: %s", err)
+            raise unavailable(
+                "the session store is unreachable, so this turn was not run; retry shortly", 1.0, reason="session_store"
+            ) from None
+
+    async def _commit_turn(self, turn: ActiveTurn, prompt_tokens: int, completion_tokens: int) -> None:
+        """Write a finished turn before its ``done`` goes out, so the next turn sees it."""
+        try:
+            await self.sessions.commit(turn, prompt_tokens, completion_tokens)
+        except StateUnavailable as err:
+            self.metrics.state_store_failures.labels("sessions").inc()
+            log.warning("session store unavailable: %s", err)
+            raise unavailable(
+                "the answer is complete but the session store did not save this turn: the session is as it was "
+                "before it; send the turn again",
+                1.0,
+                reason="session_store",
+            ) from None
+
+    def _hit_charge(self, model: str, hit: Entry) -> tuple[int, int]:
+        """(tokens, cost) a cache hit is charged: gateway.cache.hit_charge."""
+        if self.cfg.cache.hit_charge == "full":
+            return hit.prompt_tokens + hit.completion_tokens, self.pricing.cost(
+                model, hit.prompt_tokens, hit.completion_tokens
+            )
+        return 0, 0
+
+    def _replay(self, hit: Entry, valid: ValidRequest, turn: ActiveTurn | None, rec: RequestRecord, cost: int):
+        """The events of a cache hit: started, the deltas as they were stored, done."""
+        rec.finish_reason, rec.usage = hit.finish_reason, (hit.prompt_tokens, hit.completion_tokens)
+        elapsed = lambda: max(0, round((time.monotonic() - rec.started) * 1000))  # noqa: E731
+        events: list[Event] = [
+            Started(
+                valid.request_id,
+                hit.model,
+                "cache",
+                hit.prompt_tokens,
+                turn.history_turns if turn else 0,
+                turn.dropped if turn else 0,
+                cache_hit=True,
+            )
+        ]
+        events += [Delta(text, tokens) for text, tokens in hit.pieces]
+        ttft = elapsed()
+        self.metrics.ttft.labels(hit.model, "cache").observe(ttft / 1000)
+        events.append(
+            Done(
+                hit.finish_reason,
+                hit.prompt_tokens,
+                hit.completion_tokens,
+                0,
+                ttft,
+                elapsed(),
+                cost,
+                cache_hit=True,
+            )
+        )
+        return events
 
     async def _wait_for_worker(self, ticket: Ticket, deadline: float | None, loop) -> Claim:
         """Queue until a worker has room. Cancel or deadline while queued: out of the queue at once."""
@@ -360,16 +518,16 @@ class Dispatcher:
             limits = principal.key_limits
             if limits == QuotaLimits():
                 limits = self.cfg.quota.default_key_limits
-            budgets.append(Budget("key", principal.key_id, limits, tenant=principal.tenant))
+            budgets.append(Budget("key", principal.key_id, limits, principal.tenant, self.pricing.currency))
         limits = principal.tenant_limits
         if limits == QuotaLimits():
             limits = self.cfg.quota.default_tenant_limits
-        budgets.append(Budget("tenant", principal.tenant, limits, tenant=principal.tenant))
+        budgets.append(Budget("tenant", principal.tenant, limits, principal.tenant, self.pricing.currency))
         return budgets
 
-    async def _reserve(self, principal: Principal, tokens: int):
+    async def _reserve(self, principal: Principal, tokens: int, cost: int = 0):
         try:
-            return await self.quotas.reserve(self.budgets(principal), tokens)
+            return await self.quotas.reserve(self.budgets(principal), tokens, cost)
         except Denied as denied:
             raise resource_exhausted(
                 f"quota exceeded: {denied}",

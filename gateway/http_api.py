@@ -3,6 +3,8 @@
     POST /v1/chat/completions   (stream: true -> server-sent events, data: [DONE])
     POST /v1/completions        (suffix -> fill-in-the-middle where the model has the tokens)
     GET  /v1/models
+    GET  /v1/sessions/{session_id}     (server-side sessions: the caller's stored conversation)
+    DELETE /v1/sessions/{session_id}
 
 It is served by the gateway process itself, on the same event loop as the
 gRPC door, over the same request core (``gateway.dispatch``): one queue, one
@@ -13,7 +15,10 @@ queue and worker sessions and could only approximate both.
 Headers: ``Authorization: Bearer <API key>`` as for gRPC; ``x-igw-priority``
 (interactive | batch), ``x-igw-session-id``, ``x-igw-supersede-key``,
 ``x-igw-request-id`` (a label) and ``x-igw-timeout-ms`` (a deadline) carry
-what ``ExecuteRequest`` fields carry. A client that disconnects cancels the
+what ``ExecuteRequest`` fields carry, and ``x-igw-cache: bypass`` skips the
+response cache; a response answered from the cache carries ``x-igw-cache: hit``,
+and one whose session history was trimmed ``x-igw-session-turns-dropped`` (both
+are known at the first event, before the status line goes out). A client that disconnects cancels the
 request handler (aiohttp's handler cancellation), which takes the core's one
 abort path: the engine drops the request within a step.
 """
@@ -29,6 +34,7 @@ import grpc
 from aiohttp import web
 
 from gateway import openai_format
+from gateway import sessions as sessions_mod
 from gateway.dispatch import Delta, Dispatcher, Done, Started
 from gateway.errors import RpcError, invalid_argument
 from igw_common.config import GatewayConfig
@@ -63,6 +69,9 @@ class HttpApi:
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/sessions/{session_id}", self.get_session)
+        self.app.router.add_delete("/v1/sessions/{session_id}", self.delete_session)
+        self.sessions = sessions_mod.SessionApi(core)
         self.app.router.add_get("/healthz", self.healthz)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -106,6 +115,22 @@ class HttpApi:
         except RpcError as err:
             return _json_error(err)
         return web.json_response(openai_format.models_list(sorted(self.core.workers.models())))
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        sid = request.match_info["session_id"]
+        try:
+            stored = await self.sessions.get(_headers(request), sid)
+        except RpcError as err:
+            return _json_error(err)
+        return web.json_response(sessions_mod.to_json(sid, stored))
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        sid = request.match_info["session_id"]
+        try:
+            await self.sessions.delete(_headers(request), sid)
+        except RpcError as err:
+            return _json_error(err)
+        return web.json_response({"object": "session.deleted", "id": sid, "deleted": True})
 
     # --- one completion ---------------------------------------------------------------------
 
@@ -164,14 +189,15 @@ class HttpApi:
                     text.append(ev.text)
                 elif isinstance(ev, Done):
                     return web.json_response(
-                        answer.whole("".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
+                        answer.whole("".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens),
+                        headers=_state_headers(first),
                     )
                 ev = await anext(events)
         except RpcError as err:
             return _json_error(err)
 
     async def _stream(self, request, events, first, answer: openai_format.Answer) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        resp = web.StreamResponse(headers={**_SSE_HEADERS, **_state_headers(first)})
         await resp.prepare(request)
         ev = first
         try:
@@ -194,6 +220,17 @@ class HttpApi:
             await resp.write(_sse(openai_format.error_body(err)[1]))
         await resp.write_eof()
         return resp
+
+
+def _state_headers(first) -> dict[str, str]:
+    """What the first event says about the response cache and the session's history."""
+    out = {}
+    if isinstance(first, Started):
+        if first.cache_hit:
+            out["x-igw-cache"] = "hit"
+        if first.session_turns_dropped:
+            out["x-igw-session-turns-dropped"] = str(first.session_turns_dropped)
+    return out
 
 
 def _headers(request: web.Request) -> tuple[tuple[str, str], ...]:

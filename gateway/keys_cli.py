@@ -3,7 +3,7 @@
     igw-keys issue  --file keys.yaml --tenant acme [--model M ...] [--rpm N] [--tpm N] [--concurrent N]
     igw-keys revoke --file keys.yaml KEY_ID
     igw-keys list   --file keys.yaml
-    igw-keys tenant --file keys.yaml acme [--rpm N] [--tpm N] [--concurrent N]
+    igw-keys tenant --file keys.yaml acme [--rpm N] [--tpm N] [--concurrent N] [--spend-per-day X] [--spend-per-month X]
 
 `issue` prints the new key once, on stdout; the file keeps only its SHA-256.
 Changes are serialized by a lock file beside the key file (``.<name>.lock``),
@@ -29,6 +29,8 @@ def _limits(args, base: QuotaLimits | None = None) -> QuotaLimits:
         requests_per_minute=args.rpm if args.rpm is not None else base.requests_per_minute,
         tokens_per_minute=args.tpm if args.tpm is not None else base.tokens_per_minute,
         concurrent_streams=args.concurrent if args.concurrent is not None else base.concurrent_streams,
+        spend_per_day=args.spend_per_day if args.spend_per_day is not None else base.spend_per_day,
+        spend_per_month=args.spend_per_month if args.spend_per_month is not None else base.spend_per_month,
     )
 
 
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--rpm", type=int, help="requests per minute (0 = unlimited)")
         sp.add_argument("--tpm", type=int, help="tokens per minute (0 = unlimited)")
         sp.add_argument("--concurrent", type=int, help="concurrent streams (0 = unlimited)")
+        sp.add_argument(
+            "--spend-per-day", type=float, help="spend budget per UTC day, in gateway.pricing.currency (0 = none)"
+        )
+        sp.add_argument("--spend-per-month", type=float, help="spend budget per UTC month (0 = none)")
 
     issue = sub.add_parser("issue", help="create a key and print it once")
     issue.add_argument("--tenant", required=True)

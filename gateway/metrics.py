@@ -103,6 +103,61 @@ class GatewayMetrics:
         self.quota_store_failures = Counter(
             "igw_quota_store_failures", "Calls to the shared quota store (Redis) that failed.", registry=r
         )
+        self.cost = Counter(
+            "igw_cost",
+            "What requests cost, in units of gateway.pricing.currency (prompt and completion tokens at the "
+            "model's prices; cache hits as gateway.cache.hit_charge says).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "igw_cache_hits", "Requests answered from the response cache (no worker ran).", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            "igw_cache_misses",
+            "Cacheable requests the cache could not answer (generated, then stored).",
+            ["model"],
+            registry=r,
+        )
+        self.cache_bytes = Counter(
+            "igw_cache_bytes",
+            "Bytes of cached answers, by direction: stored (written) or served (read for a hit).",
+            ["direction"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "igw_cache_evictions",
+            "Answers dropped or never stored, by reason: capacity (memory store full, least recently used), "
+            "expired (memory store), too_large (over gateway.cache.max_entry_bytes).",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_memory_bytes = Gauge(
+            "igw_cache_memory_bytes", "Bytes held by the in-process response cache (store memory).", registry=r
+        )
+        self.session_turns_dropped = Counter(
+            "igw_session_turns_dropped",
+            "Oldest turns trimmed from server-side sessions to fit the model's context or the session limits.",
+            registry=r,
+        )
+        self.state_store_failures = Counter(
+            "igw_state_store_failures",
+            "Redis calls of the cache, sessions or jobs that failed or timed out, by feature.",
+            ["feature"],
+            registry=r,
+        )
+        self.jobs = Counter(
+            "igw_jobs",
+            "Job events on this gateway, by outcome: submitted, started, rerun (a run after a gateway died or "
+            "a transient refusal), succeeded, failed, refused_stale (a finished run that was no longer the "
+            "job's current one: not recorded).",
+            ["outcome"],
+            registry=r,
+        )
+        self.jobs_running = Gauge("igw_jobs_running", "Jobs this gateway is running now.", registry=r)
+        self.jobs_queued = Gauge(
+            "igw_jobs_queued", "Jobs waiting or running in the shared queue (every gateway sees the same).", registry=r
+        )
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")

@@ -31,7 +31,7 @@ _ids = itertools.count(1)
 class RequestRecord:
     """What the log line and metrics say about one call. Client-sent values enter only once validated."""
 
-    door: str  # "grpc" or "http"
+    door: str  # "grpc", "http" or "job"
     id: str = field(default_factory=lambda: f"{next(_ids)}")  # ours, for correlating log lines
     request_id: str = ""  # the client's label, once validated
     tenant: str = ""
@@ -46,6 +46,10 @@ class RequestRecord:
     reason: str = ""
     started: float = field(default_factory=time.monotonic)
     task_excerpt: str = ""  # only with gateway.log_prompts
+    cache: str = ""  # "hit" or "miss" for a cacheable request (gateway.cache), else ""
+    cost_micros: int = 0  # micro-units of gateway.pricing.currency
+    session_turns_dropped: int = 0
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens of an answer that had no stream (a hit)
 
     def log_line(self, stream) -> None:
         fields = {
@@ -70,6 +74,13 @@ class RequestRecord:
                 queue_ms=stream.ms_since_created(stream.dispatched_at) if stream.dispatched_at else None,
                 ttft_ms=stream.ms_since_created(stream.first_token_at) if stream.first_token_at else None,
             )
+        elif self.usage is not None:
+            fields.update(prompt_tokens=self.usage[0], completion_tokens=self.usage[1])
+        fields["cost_micros"] = self.cost_micros
+        if self.cache:
+            fields["cache"] = self.cache
+        if self.session_turns_dropped:
+            fields["session_turns_dropped"] = self.session_turns_dropped
         fields["total_ms"] = max(0, round((time.monotonic() - self.started) * 1000))
         if self.task_excerpt:
             fields["task"] = self.task_excerpt

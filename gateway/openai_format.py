@@ -26,6 +26,7 @@ from gateway.validation import (
     REQUEST_ID,
     ValidRequest,
     check_prompt_bytes,
+    check_stream_interval,
     check_supersede_key,
     estimate_prompt_tokens,
 )
@@ -208,6 +209,14 @@ def _common(body, headers: dict[str, str], limits: Limits) -> dict:
         raise _bad("x-igw-session-id", "at most 128 characters")
     supersede_key = headers.get("x-igw-supersede-key", "")
     check_supersede_key(supersede_key, "x-igw-supersede-key")
+    cache = headers.get("x-igw-cache", "")
+    if cache not in ("", "bypass"):
+        raise _bad("x-igw-cache", 'only "bypass" (skip the response cache) is supported')
+    interval = headers.get("x-igw-stream-interval-ms")
+    if interval is not None:
+        if not interval.isdigit():
+            raise _bad("x-igw-stream-interval-ms", "a whole number of milliseconds")
+        interval = check_stream_interval(int(interval), "x-igw-stream-interval-ms")
     return {
         "model": model,
         "stream": stream,
@@ -216,6 +225,8 @@ def _common(body, headers: dict[str, str], limits: Limits) -> dict:
         "priority": priority,
         "session_id": session_id,
         "supersede_key": supersede_key,
+        "cache_bypass": cache == "bypass",
+        "stream_interval_ms": interval,
     }
 
 
@@ -256,6 +267,8 @@ def chat_request(body, headers: dict[str, str], limits: Limits) -> tuple[ValidRe
         priority=common["priority"],
         estimated_prompt_tokens=estimate_prompt_tokens(messages),
         supersede_key=common["supersede_key"],
+        stream_interval_ms=common["stream_interval_ms"],
+        cache_bypass=common["cache_bypass"],
     )
     return valid, {"kind": "chat", **common}
 
@@ -290,6 +303,8 @@ def completion_request(body, headers: dict[str, str], limits: Limits) -> tuple[V
         supersede_key=common["supersede_key"],
         prompt=prompt,
         suffix=suffix,
+        stream_interval_ms=common["stream_interval_ms"],
+        cache_bypass=common["cache_bypass"],
     )
     return valid, {"kind": "completion", **common}
 

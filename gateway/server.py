@@ -17,14 +17,17 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway import service as service_mod
 from gateway.auth import Authenticator
+from gateway.cache import ResponseCache
 from gateway.dispatch import Dispatcher
 from gateway.http_api import HttpApi
+from gateway.jobs import JobQueue, JobRunner, JobService
 from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics, PoolCollector
 from gateway.placement import Placement
-from gateway.quota import Quotas
+from gateway.quota import Pricing, Quotas
 from gateway.scheduler import Scheduler
 from gateway.service import GatewayService
+from gateway.sessions import Sessions
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import PRIORITIES
 from igw_common import config as config_mod
@@ -65,6 +68,10 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> Dispatche
     metrics.queue_limit.set(cfg.queue.max_queued)
     for prio in PRIORITIES:
         metrics.queue_depth.labels(prio).set_function(lambda p=prio: scheduler.depth(p))
+    cache = ResponseCache(cfg.cache, cfg.redis_url_for("cache"), metrics) if cfg.cache.enabled else None
+    sessions = (
+        Sessions(cfg.sessions, cfg.limits, cfg.redis_url_for("sessions"), metrics) if cfg.sessions.enabled else None
+    )
     return Dispatcher(
         cfg,
         workers,
@@ -74,6 +81,9 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> Dispatche
         scheduler,
         metrics,
         tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider),
+        pricing=Pricing(cfg.pricing),
+        cache=cache,
+        sessions=sessions,
     )
 
 
@@ -85,7 +95,13 @@ class GatewayServer:
         self.core = core = build_core(cfg, tracer_provider)
         self.metrics, self.workers, self.placement = core.metrics, core.workers, core.placement
         self.auth, self.quotas, self.scheduler = core.auth, core.quotas, core.scheduler
-        self.service = GatewayService(cfg, self.core)
+        self.jobs: JobRunner | None = None
+        jobs = None
+        if cfg.jobs.enabled:
+            queue = JobQueue(cfg, cfg.redis_url_for("jobs"))
+            jobs = JobService(cfg, core, queue)
+            self.jobs = JobRunner(cfg, core, queue, cfg.name or cfg.listen)
+        self.service = GatewayService(cfg, self.core, jobs)
         self.http = HttpApi(cfg, self.core) if cfg.http_listen else None
         self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
@@ -104,6 +120,8 @@ class GatewayServer:
         if self.auth.key_file is not None:
             self._watch = asyncio.create_task(self.auth.watch())
         await self.server.start()
+        if self.jobs is not None:
+            self.jobs.start()
         if self.http is not None:
             try:
                 await self.http.start(self.cfg.http_listen)
@@ -121,10 +139,15 @@ class GatewayServer:
         await self.health.enter_graceful_shutdown()
         http = self.http.drain(self.cfg.drain_notice_s, self.cfg.drain_grace_s) if self.http else asyncio.sleep(0)
         await asyncio.sleep(self.cfg.drain_notice_s)
-        await asyncio.gather(self.server.stop(grace=self.cfg.drain_grace_s), http)
+        # Running jobs get the streams' grace too; what is left is given back to the queue for another gateway.
+        jobs = self.jobs.drain(self.cfg.drain_grace_s) if self.jobs else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace=self.cfg.drain_grace_s), http, jobs)
         if self._watch:
             self._watch.cancel()
         await self.quotas.close()
+        for state in (self.core.cache, self.core.sessions, self.jobs.q if self.jobs else None):
+            if state is not None:
+                await state.close()
         await self.workers.close()
 
 

@@ -9,6 +9,9 @@ the core's one abort path cancels the request on the worker.
 Requests are decoded by ``safe_deserializer``, so a body protobuf cannot
 decode (e.g. ``context`` nested deeper than protobuf allows, invalid UTF-8)
 is INVALID_ARGUMENT naming the field, not an UNKNOWN from gRPC's internals.
+
+Sessions (``GetSession``, ``DeleteSession``: ``gateway.sessions.SessionApi``) and jobs (``SubmitJob``,
+``GetJob``, ``WatchJob``: ``gateway.jobs.JobService``) are thin adapters too, with safe deserializers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from gateway import sessions as sessions_mod
 from gateway import validation
 from gateway.dispatch import Delta, Dispatcher, Done, Started
 from gateway.errors import RpcError, unavailable
@@ -36,9 +40,11 @@ def _headers(context) -> tuple[tuple[str, str], ...]:
 
 
 class GatewayService(gpb_grpc.GatewayServicer):
-    def __init__(self, cfg: GatewayConfig, core: Dispatcher):
+    def __init__(self, cfg: GatewayConfig, core: Dispatcher, jobs=None):
         self.cfg = cfg
         self.core = core
+        self.sessions = sessions_mod.SessionApi(core)
+        self.jobs = jobs  # gateway.jobs.JobService, or None when gateway.jobs.enabled is off
 
     async def Execute(self, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
@@ -63,6 +69,8 @@ class GatewayService(gpb_grpc.GatewayServicer):
                                 model=ev.model,
                                 worker=ev.worker,
                                 prompt_tokens=ev.prompt_tokens,
+                                session_history_turns=ev.session_history_turns,
+                                session_turns_dropped=ev.session_turns_dropped,
                             )
                         )
                     elif isinstance(ev, Done):
@@ -71,6 +79,8 @@ class GatewayService(gpb_grpc.GatewayServicer):
                                 finish_reason=FINISH_TO_PUBLIC[ev.finish_reason],
                                 usage=gpb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
                                 timings=gpb.Timings(queue_ms=ev.queue_ms, ttft_ms=ev.ttft_ms, total_ms=ev.total_ms),
+                                cost_micros=ev.cost_micros,
+                                cache_hit=ev.cache_hit,
                             )
                         )
         except RpcError as err:
@@ -99,10 +109,72 @@ class GatewayService(gpb_grpc.GatewayServicer):
                     requests_available=_u32(r.requests_available) if r.budget.limits.requests_per_minute else 0,
                     tokens_available=_u32(r.tokens_available) if r.budget.limits.tokens_per_minute else 0,
                     concurrent_streams_in_use=_u32(r.concurrent_in_use),
+                    spend_per_day_limit_micros=r.budget.day_limit,
+                    spent_today_micros=max(0, r.spent_today) if r.budget.day_limit else 0,
+                    spend_per_month_limit_micros=r.budget.month_limit,
+                    spent_this_month_micros=max(0, r.spent_this_month) if r.budget.month_limit else 0,
                 )
                 for r in left
             ],
+            currency=self.core.pricing.currency,
         )
+
+    # --- server-side sessions -------------------------------------------------------------------
+
+    async def GetSession(self, request, context):
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            stored = await self.sessions.get(_headers(context), request.session_id)
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
+        return sessions_mod.to_proto(request.session_id, stored)
+
+    async def DeleteSession(self, request, context):
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            await self.sessions.delete(_headers(context), request.session_id)
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
+        return gpb.DeleteSessionResponse()
+
+    # --- background jobs -------------------------------------------------------------------------
+
+    def _jobs(self):
+        if self.jobs is None:
+            raise RpcError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "background jobs are off on this gateway (gateway.jobs.enabled)",
+                reason="jobs_off",
+            )
+        return self.jobs
+
+    async def SubmitJob(self, request, context):
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            return await self._jobs().submit(_headers(context), request)
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
+
+    async def GetJob(self, request, context):
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            return await self._jobs().get(_headers(context), request.job_id)
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
+
+    async def WatchJob(self, request, context):
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            async with contextlib.aclosing(self._jobs().watch(_headers(context), request.job_id)) as events:
+                async for ev in events:
+                    yield ev
+        except RpcError as err:
+            await context.abort_with_status(err.to_status())
 
     async def ListModels(self, request, context):
         try:
@@ -184,6 +256,59 @@ def safe_deserializer(data: bytes):
         return _explain(data)
 
 
+def _lenient(name: str):
+    """Message ``name`` with its string and message fields as ``bytes``, to find the one at fault."""
+    proto = descriptor_pb2.FileDescriptorProto()
+    gpb.DESCRIPTOR.CopyToProto(proto)
+    msg = next(m for m in proto.message_type if m.name == name)
+    for f in msg.field:
+        if f.type in (f.TYPE_STRING, f.TYPE_MESSAGE, f.TYPE_ENUM):
+            f.type = f.TYPE_INT32 if f.type == f.TYPE_ENUM else f.TYPE_BYTES
+            f.ClearField("type_name")
+    lenient = descriptor_pb2.FileDescriptorProto(
+        name=f"igw_lenient_{name}.proto", package="igw.lenient", syntax="proto3", message_type=[msg]
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(lenient)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"igw.lenient.{name}"))
+
+
+def _safe(cls):
+    """A deserializer for a request of strings (and, for SubmitJobRequest, an ExecuteRequest): what protobuf
+    cannot decode becomes an ``Undecodable`` naming the field."""
+    lenient = _lenient(cls.DESCRIPTOR.name)
+
+    def explain(data: bytes) -> Undecodable:
+        try:
+            raw = lenient.FromString(data)
+        except DecodeError:
+            return Undecodable("request", f"the body is not a {cls.DESCRIPTOR.full_name} message")
+        for f in lenient.DESCRIPTOR.fields:
+            if f.type != f.TYPE_BYTES or f.is_repeated:
+                continue
+            value = getattr(raw, f.name)
+            if f.name == "request":  # SubmitJobRequest.request: an ExecuteRequest
+                try:
+                    gpb.ExecuteRequest.FromString(value)
+                except DecodeError:
+                    inner = _explain(value)
+                    return Undecodable(f"request.{inner.field}", inner.description)
+                continue
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                return Undecodable(f.name, "is not valid UTF-8")
+        return Undecodable("request", "cannot be decoded")
+
+    def deserialize(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return explain(data)
+
+    return deserialize
+
+
 def add_to_server(service: GatewayService, server) -> None:
     """Register the service like the generated ``add_GatewayServicer_to_server``, but with
     ``safe_deserializer`` for Execute."""
@@ -202,6 +327,31 @@ def add_to_server(service: GatewayService, server) -> None:
             service.GetQuota,
             request_deserializer=gpb.GetQuotaRequest.FromString,
             response_serializer=gpb.GetQuotaResponse.SerializeToString,
+        ),
+        "GetSession": grpc.unary_unary_rpc_method_handler(
+            service.GetSession,
+            request_deserializer=_safe(gpb.GetSessionRequest),
+            response_serializer=gpb.Session.SerializeToString,
+        ),
+        "DeleteSession": grpc.unary_unary_rpc_method_handler(
+            service.DeleteSession,
+            request_deserializer=_safe(gpb.DeleteSessionRequest),
+            response_serializer=gpb.DeleteSessionResponse.SerializeToString,
+        ),
+        "SubmitJob": grpc.unary_unary_rpc_method_handler(
+            service.SubmitJob,
+            request_deserializer=_safe(gpb.SubmitJobRequest),
+            response_serializer=gpb.Job.SerializeToString,
+        ),
+        "GetJob": grpc.unary_unary_rpc_method_handler(
+            service.GetJob,
+            request_deserializer=_safe(gpb.GetJobRequest),
+            response_serializer=gpb.Job.SerializeToString,
+        ),
+        "WatchJob": grpc.unary_stream_rpc_method_handler(
+            service.WatchJob,
+            request_deserializer=_safe(gpb.WatchJobRequest),
+            response_serializer=gpb.WatchJobResponse.SerializeToString,
         ),
     }
     name = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name

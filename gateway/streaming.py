@@ -20,6 +20,37 @@ import grpc
 _COMPACT_AT = 32
 
 
+class Pacer:
+    """Clock for streams that merge engine steps (``stream_interval_ms``): after sending a delta, a stream
+    waits for the next tick of its interval before it takes the next one, so the steps in between arrive
+    as one message. One timer per interval value for all streams, not one per stream; a stream that ends
+    meanwhile stops waiting at once (its last text and ``done`` never wait for a tick)."""
+
+    def __init__(self):
+        self._waiters: dict[float, list[asyncio.Future]] = {}
+
+    async def wait(self, interval_s: float, stream: "RequestStream") -> None:
+        if stream.finished:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        waiters = self._waiters.get(interval_s)
+        if waiters is None:
+            waiters = self._waiters[interval_s] = []
+            loop.call_later(interval_s, self._tick, interval_s)
+        waiters.append(waiter)
+        stream.pacing = waiter
+        try:
+            await waiter
+        finally:
+            stream.pacing = None
+
+    def _tick(self, interval_s: float) -> None:
+        for waiter in self._waiters.pop(interval_s, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 @dataclass(slots=True)
 class Update:
     """What the request core should do next; exactly one group of fields is set."""
@@ -55,6 +86,7 @@ class RequestStream:
         self._tokens = 0
         self._final: Update | None = None
         self._wake = asyncio.Event()
+        self.pacing: asyncio.Future | None = None  # set while the core waits for its Pacer tick
 
     # --- worker side ------------------------------------------------------------
 
@@ -107,6 +139,8 @@ class RequestStream:
         if self._final is None:
             self._final = update
             self._wake.set()
+            if self.pacing is not None and not self.pacing.done():
+                self.pacing.set_result(None)  # the end goes out now, not at the next tick
 
     def detach(self) -> None:
         """Off its worker: the room it held there is free."""

@@ -46,6 +46,9 @@ class ValidRequest:
     supersede_key: str = ""  # a newer request with this key (same tenant) cancels this one
     prompt: str = ""  # a raw prompt (no chat template) instead of messages: text completions
     suffix: str = ""  # fill-in-the-middle: the text after the cursor (prompt is the text before)
+    cache_bypass: bool = False  # neither answered from nor stored in the response cache
+    context_messages: int = 0  # leading messages made from `context` (per request: never stored in a session)
+    stream_interval_ms: int | None = None  # merge steps into a delta at most this often; None = the default
 
 
 def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
@@ -83,6 +86,7 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
     messages: list[wpb.ChatMessage] = []
     if req.HasField("context") and req.context.fields:
         messages.append(wpb.ChatMessage(role="system", content=CONTEXT_PREFIX + context_json(req.context, limits)))
+    context_messages = len(messages)
     messages.extend(wpb.ChatMessage(role=m.role, content=m.content) for m in req.messages)
     if req.task.strip():
         messages.append(wpb.ChatMessage(role="user", content=req.task))
@@ -100,7 +104,21 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
         priority=PRIORITY_FROM_WIRE[req.priority],
         estimated_prompt_tokens=estimate_prompt_tokens(messages),
         supersede_key=req.supersede_key,
+        cache_bypass=req.cache_bypass,
+        context_messages=context_messages,
+        stream_interval_ms=check_stream_interval(req.stream_interval_ms, "stream_interval_ms")
+        if req.HasField("stream_interval_ms")
+        else None,
     )
+
+
+MAX_STREAM_INTERVAL_MS = 1000
+
+
+def check_stream_interval(value: int, field: str) -> int:
+    if not 0 <= value <= MAX_STREAM_INTERVAL_MS:
+        raise invalid_argument(field, f"must be 0-{MAX_STREAM_INTERVAL_MS} ms, got {value}")
+    return value
 
 
 def check_supersede_key(key: str, field: str) -> None:

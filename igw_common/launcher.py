@@ -29,6 +29,7 @@ import importlib.util
 import inspect
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,6 +48,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from igw_common import config as config_mod
+from igw_common.config.gateway import replica_addresses
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RENDER_SCRIPT = REPO_ROOT / "envoy" / "render.py"
@@ -66,11 +68,38 @@ LEFTOVER_GRACE_S = 5.0
 DUPLICATE_SIGNAL_S = 0.25
 
 
+_handed_out: set[int] = set()
+_random = random.SystemRandom()  # not the global generator, which a test may seed
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago (tests and benches)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that was free a moment ago (tests and benches).
+
+    Taken below the kernel's ephemeral range: a port the kernel hands out (bind to 0) is soon handed
+    out again as the source port of some outgoing connection, and the server meant to listen on it
+    then fails with "address already in use". Never the same port twice from one process."""
+    low, _ = _ephemeral_range()
+    top = low - 1 if low > 12_000 else 65_535
+    for _ in range(1_000):
+        port = _random.randint(10_000, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free TCP port found on loopback")
 
 
 def load_envoy_renderer():
@@ -526,6 +555,25 @@ class Processes:
             timeout_s,
         )
 
+    def start_gateways(self) -> None:
+        """Every gateway process of this host (``gateway.processes``): ``gateway``, then ``gateway-1``, ...,
+        process i on the configured ports + i (Envoy's upstreams are the same list)."""
+        g = self.cfg.gateway
+        if g.processes == 1:
+            self.start_gateway()
+            return
+        listens = replica_addresses(g.listen, g.processes)
+        metrics = replica_addresses(g.metrics_listen, g.processes)
+        https = replica_addresses(g.http_listen, g.processes)
+        for i in range(g.processes):
+            extra = ["--listen", listens[i], "--metrics-listen", metrics[i], "--http-listen", https[i]]
+            self.start_process(
+                f"gateway-{i}" if i else "gateway",
+                [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],
+                listens[i],
+                60,
+            )
+
     def start_gateway(self, name: str = "gateway", listen: str | None = None) -> None:
         extra = []
         if listen:  # another replica beside the configured one: its own ports
@@ -747,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             "(first start converts the model and compiles; allow a few minutes)"
         )
         procs.start_worker()
-        procs.start_gateway()
+        procs.start_gateways()
         procs.start_envoy()
         say(
             f"\nigw-stack: ready in {time.monotonic() - t0:.0f} s. Envoy listens on {cfg.envoy.listen}; try\n"

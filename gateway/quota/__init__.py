@@ -6,6 +6,11 @@ to its minute's budget and then proceeds at the steady rate. Concurrent
 streams are leases, renewed while their stream runs and expiring after
 ``gateway.quota.lease_ttl_s`` should a gateway die without releasing them.
 
+Spend budgets (per UTC day and month, ``spend_per_day``/``spend_per_month``) ride on the same
+reservation: the cost of prompt + ``max_tokens`` at the model's price (``pricing``) is reserved with
+the tokens, trimmed with them, and settled to the real cost; Redis checks and charges every window of
+every budget in the same script as the buckets.
+
 Exactness: at admission, one call reserves *everything* a request may use
 on every budget it is subject to (key and tenant): one request, and
 ``prompt_tokens + max_tokens`` tokens. Either all budgets have room and all
@@ -27,12 +32,14 @@ Modules:
 - ``redis_store``: ``RedisStore``, one Lua script per operation
   (``lua/*.lua`` behind a shared prelude), atomic on the Redis server, so
   several gateway replicas share one budget exactly, on Redis's own clock;
-- ``base``: budgets, outcomes and the store interface.
+- ``base``: budgets, outcomes and the store interface;
+- ``pricing``: what a request costs (integer micro-units of the currency) and the spend windows.
 """
 
 from gateway.quota.base import KINDS, Budget, Denied, Remaining, Reservation, Store, StoreUnavailable, Violation
 from gateway.quota.local import LocalStore
 from gateway.quota.policy import Quotas, prompt_token_bound
+from gateway.quota.pricing import MICROS, Pricing, Window, format_micros, window_at
 from gateway.quota.redis_store import RedisStore
 
 __all__ = [
@@ -40,6 +47,8 @@ __all__ = [
     "Budget",
     "Denied",
     "LocalStore",
+    "MICROS",
+    "Pricing",
     "Quotas",
     "RedisStore",
     "Remaining",
@@ -47,5 +56,8 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "Violation",
+    "Window",
+    "format_micros",
     "prompt_token_bound",
+    "window_at",
 ]

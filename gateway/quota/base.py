@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import abc
+import time
 import uuid
 from dataclasses import dataclass, field
 
+from gateway.quota.pricing import Window, format_micros, to_micros, window_at
 from igw_common.config import QuotaLimits
 
-KINDS = ("requests", "tokens", "concurrent")
+# The store scripts number kinds from 1 in this order.
+KINDS = ("requests", "tokens", "concurrent", "spend_day", "spend_month")
+SPEND_KINDS = ("spend_day", "spend_month")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class Budget:
     name: str
     limits: QuotaLimits
     tenant: str = ""
+    currency: str = "USD"  # of the spend limits, for messages
 
     def __post_init__(self):
         if not self.tenant:
@@ -34,6 +39,25 @@ class Budget:
     @property
     def subject(self) -> str:
         return f"{self.scope}:{self.name}"
+
+    @property
+    def day_limit(self) -> int:
+        """Spend budget per UTC day, micro-units (0 = none)."""
+        return to_micros(self.limits.spend_per_day)
+
+    @property
+    def month_limit(self) -> int:
+        return to_micros(self.limits.spend_per_month)
+
+    def limited(self) -> bool:
+        lim = self.limits
+        return bool(
+            lim.requests_per_minute
+            or lim.tokens_per_minute
+            or lim.concurrent_streams
+            or lim.spend_per_day
+            or lim.spend_per_month
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,9 @@ class Reservation:
     lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     store: "Store | None" = None
     expires_at: float = 0.0  # event-loop time at which the store forgets it unless it is renewed
+    cost: int = 0  # spend held now, micro-units (lowered by trim, settled to the real cost)
+    # The day and month it was charged to: refunds go back there, even after midnight.
+    window: Window = field(default_factory=lambda: window_at(time.time()))
 
 
 @dataclass
@@ -78,11 +105,36 @@ class Remaining:
     requests_available: float
     tokens_available: float
     concurrent_in_use: int
+    spent_today: int = 0  # micro-units, reservations of running requests included (tracked where a budget is set)
+    spent_this_month: int = 0
 
 
-def violation(b: Budget, kind: str, level: float, cost: float) -> tuple[Violation, float | None]:
+def violation(
+    b: Budget, kind: str, level: float, cost: float, window: Window | None = None
+) -> tuple[Violation, float | None]:
     """The violation of a per-minute bucket at ``level`` by a request costing ``cost``, and the wait
-    until it has room (None: never, the request is bigger than the whole budget)."""
+    until it has room (None: never, the request is bigger than the whole budget). For a spend budget,
+    ``level`` is what was spent in the window and ``cost`` what the request reserves (micro-units); it
+    has room again when the window ends."""
+    if kind in SPEND_KINDS:
+        daily = kind == "spend_day"
+        lim, what = (b.day_limit, "daily") if daily else (b.month_limit, "monthly")
+        window = window or window_at(time.time())
+        money = lambda v: format_micros(int(v), b.currency)  # noqa: E731
+        if cost > lim:
+            return Violation(
+                b,
+                kind,
+                f"{b.scope} {b.name}: this request may cost up to {money(cost)} but the whole {what} spend "
+                f"budget is {money(lim)}; lower max_tokens or shorten the prompt",
+            ), None
+        end = window.day_end if daily else window.month_end
+        return Violation(
+            b,
+            kind,
+            f"{b.scope} {b.name}: {what} spend budget of {money(lim)} reached ({money(level)} spent or reserved "
+            f"{'today' if daily else 'this month'} (UTC); this request may cost up to {money(cost)})",
+        ), max(1.0, end - time.time())
     if kind == "concurrent":
         return Violation(
             b, kind, f"{b.scope} {b.name}: concurrent streams limit of {b.limits.concurrent_streams} reached"
@@ -104,17 +156,37 @@ class Store(abc.ABC):
     call retried after a timeout (it may have run) never refunds twice."""
 
     @abc.abstractmethod
-    async def reserve(self, budgets: list[Budget], tokens: int, lease_id: str, lease_ttl_s: float) -> None:
-        """Charge one request, ``tokens`` tokens and a stream lease on every budget, or raise Denied.
-        Charging twice under one lease id charges once."""
+    async def reserve(
+        self,
+        budgets: list[Budget],
+        tokens: int,
+        lease_id: str,
+        lease_ttl_s: float,
+        cost: int = 0,
+        window: Window | None = None,
+    ) -> None:
+        """Charge one request, ``tokens`` tokens, ``cost`` micro-units of spend (in ``window``: the
+        current one by default) and a stream lease on every budget, or raise Denied. Charging twice
+        under one lease id charges once."""
 
     @abc.abstractmethod
-    async def adjust(self, budgets: list[Budget], lease_id: str, hold_tokens: int, end: bool) -> None:
-        """Lower what the reservation holds to ``hold_tokens`` and refund the difference; with ``end``,
-        end the reservation and its lease."""
+    async def adjust(
+        self,
+        budgets: list[Budget],
+        lease_id: str,
+        hold_tokens: int,
+        end: bool,
+        hold_cost: int | None = None,
+        window: Window | None = None,
+    ) -> None:
+        """Lower what the reservation holds to ``hold_tokens`` (and ``hold_cost``, None = unchanged) and
+        refund the difference to the window it was charged in; with ``end``, end the reservation and its
+        lease."""
 
     @abc.abstractmethod
-    async def undo(self, budgets: list[Budget], lease_id: str, lease_ttl_s: float) -> None:
+    async def undo(
+        self, budgets: list[Budget], lease_id: str, lease_ttl_s: float, window: Window | None = None
+    ) -> None:
         """Refund everything the reservation charged (its request too) and end its lease; a reserve
         under this lease id that arrives later charges nothing."""
 
@@ -124,8 +196,8 @@ class Store(abc.ABC):
         holds (settled, undone or expired), which is not brought back."""
 
     @abc.abstractmethod
-    async def remaining(self, budgets: list[Budget]) -> list[Remaining]:
-        """What each budget has left now."""
+    async def remaining(self, budgets: list[Budget], window: Window | None = None) -> list[Remaining]:
+        """What each budget has left now (and has spent in the current window)."""
 
     async def close(self) -> None:
         pass

@@ -34,6 +34,7 @@ class _Repair:
     undo: bool
     hold: int = 0
     end: bool = False
+    hold_cost: int | None = None
     give_up_at: float = 0.0  # undo: when the reserve's lease has expired anyway; adjust: r.expires_at
 
     def deadline(self) -> float:
@@ -60,15 +61,12 @@ class Quotas:
 
     # --- reserve ------------------------------------------------------------------------------------
 
-    async def reserve(self, budgets: list[Budget], tokens: int) -> Reservation | None:
-        budgets = [
-            b
-            for b in budgets
-            if b.limits.requests_per_minute or b.limits.tokens_per_minute or b.limits.concurrent_streams
-        ]
+    async def reserve(self, budgets: list[Budget], tokens: int, cost: int = 0) -> Reservation | None:
+        """Reserve one request, ``tokens`` tokens and ``cost`` micro-units of spend on every budget."""
+        budgets = [b for b in budgets if b.limited()]
         if not budgets:
             return None
-        r = Reservation(budgets=budgets, tokens=tokens)
+        r = Reservation(budgets=budgets, tokens=tokens, cost=cost)
         # Its own task: a caller cancelled mid-call (the script may already have run) does not cut it
         # short, and what it charged is settled when it completes.
         task = self._background(self._reserve(r))
@@ -88,7 +86,7 @@ class Quotas:
         ttl = self.cfg.lease_ttl_s
         if self.shared is not None:
             try:
-                await self.shared.reserve(r.budgets, r.tokens, r.lease_id, ttl)
+                await self.shared.reserve(r.budgets, r.tokens, r.lease_id, ttl, r.cost, r.window)
                 r.store = self.shared
             except StoreUnavailable as err:
                 self._on_store_failure()
@@ -101,7 +99,7 @@ class Quotas:
                     "quota store unavailable on reserve; using this gateway's local limits (fail open): %s", err
                 )
         if r.store is None:
-            await self.local.reserve(r.budgets, r.tokens, r.lease_id, ttl)
+            await self.local.reserve(r.budgets, r.tokens, r.lease_id, ttl, r.cost, r.window)
             r.store = self.local
         r.expires_at = loop.time() + ttl
         self._open[r.lease_id] = r
@@ -111,26 +109,33 @@ class Quotas:
 
     # --- trim, settle -------------------------------------------------------------------------------
 
-    def trim(self, r: Reservation | None, tokens_now: int) -> None:
-        """Lower the reservation to ``tokens_now`` (the real prompt is known). The refund is written in
-        the background: the stream does not wait for the store before its first token."""
-        if r is None or tokens_now >= r.tokens:
+    def trim(self, r: Reservation | None, tokens_now: int, cost_now: int | None = None) -> None:
+        """Lower the reservation to ``tokens_now`` (and ``cost_now``): the real prompt is known. The refund
+        is written in the background: the stream does not wait for the store before its first token."""
+        if r is None:
             return
-        r.tokens = tokens_now
-        self._background(self._adjust(r, tokens_now, end=False))
+        cost_now = None if cost_now is None or cost_now >= r.cost else cost_now
+        if tokens_now >= r.tokens and cost_now is None:
+            return
+        r.tokens = min(r.tokens, tokens_now)
+        if cost_now is not None:
+            r.cost = cost_now
+        self._background(self._adjust(r, r.tokens, end=False, hold_cost=cost_now))
 
-    def settle(self, r: Reservation | None, used_tokens: int) -> None:
-        """Refund what was reserved but not used and end the lease (in the background)."""
+    def settle(self, r: Reservation | None, used_tokens: int, used_cost: int | None = None) -> None:
+        """Refund what was reserved but not used (tokens, and spend down to ``used_cost``: None = keep
+        what is held) and end the lease (in the background)."""
         if r is None:
             return
         self._open.pop(r.lease_id, None)
-        self._background(self._adjust(r, max(0, min(used_tokens, r.tokens)), end=True))
+        hold_cost = None if used_cost is None else max(0, min(used_cost, r.cost))
+        self._background(self._adjust(r, max(0, min(used_tokens, r.tokens)), end=True, hold_cost=hold_cost))
 
-    async def _adjust(self, r: Reservation, hold: int, end: bool) -> None:
+    async def _adjust(self, r: Reservation, hold: int, end: bool, hold_cost: int | None = None) -> None:
         # Both ask the store for a target (hold this much), not a delta: in any order, retried or not,
         # the store ends up holding the least asked for, refunded once.
         try:
-            await r.store.adjust(r.budgets, r.lease_id, hold, end)
+            await r.store.adjust(r.budgets, r.lease_id, hold, end, hold_cost, r.window)
         except StoreUnavailable as err:
             self._on_store_failure()
             # Logged once per outage by the repair loop, not per request.
@@ -140,7 +145,7 @@ class Quotas:
                 hold,
                 err,
             )
-            self._queue_repair(_Repair(r, undo=False, hold=hold, end=end))
+            self._queue_repair(_Repair(r, undo=False, hold=hold, end=end, hold_cost=hold_cost))
 
     def _background(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -160,9 +165,11 @@ class Quotas:
 
     async def _repair_once(self, item: _Repair) -> None:
         if item.undo:
-            await self.shared.undo(item.r.budgets, item.r.lease_id, self.cfg.lease_ttl_s)
+            await self.shared.undo(item.r.budgets, item.r.lease_id, self.cfg.lease_ttl_s, item.r.window)
         else:
-            await self.shared.adjust(item.r.budgets, item.r.lease_id, item.hold, item.end)
+            await self.shared.adjust(
+                item.r.budgets, item.r.lease_id, item.hold, item.end, item.hold_cost, item.r.window
+            )
 
     async def _repair_loop(self) -> None:
         loop = asyncio.get_running_loop()

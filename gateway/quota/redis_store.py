@@ -4,7 +4,14 @@ replicas share one budget exactly.
 Keys (prefix ``gateway.quota.redis_key_prefix``; tenant and names percent-encoded)::
 
     <prefix>{t:<tenant>}:<scope>:<name>:req|tok|leases   a budget's buckets and stream leases
+    <prefix>{t:<tenant>}:<scope>:<name>:sd:<day>          spend of one UTC day (micro-units; days since 1970)
+    <prefix>{t:<tenant>}:<scope>:<name>:sm:<yyyymm>       spend of one UTC month
     <prefix>{t:<tenant>}:res:<lease id>                   what one reservation holds (or a tombstone)
+
+Spend windows are named by the gateway's clock at reserve time and remembered with the reservation, so a
+refund after midnight goes back to the day that was charged. Each window's key is checked and charged
+atomically, so replicas whose clocks differ by a second near midnight can charge neighbouring windows for
+that second, but no window ever holds more than its budget.
 
 ``{t:<tenant>}`` is a Redis Cluster hash tag: a key budget and its tenant's budget live in one hash
 slot, so one script may touch both (no CROSSSLOT).
@@ -18,6 +25,7 @@ refill) prepended at load time.
 from __future__ import annotations
 
 import asyncio
+import time
 from importlib import resources
 from urllib.parse import quote
 
@@ -26,7 +34,18 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.quota.base import KINDS, Budget, Denied, Remaining, Reservation, Store, StoreUnavailable, violation
+from gateway.quota.base import (
+    KINDS,
+    SPEND_KINDS,
+    Budget,
+    Denied,
+    Remaining,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    violation,
+)
+from gateway.quota.pricing import Window, window_at
 
 # Redis refuses these before running the script (nothing was written): no undo needed.
 _REFUSED_UNRUN = {
@@ -85,9 +104,11 @@ class RedisStore(Store):
             raise ValueError(f"one quota call must concern one tenant, got {len(tenants)}")
         return f"{self._prefix}{{t:{_esc(tenants.pop())}}}"
 
-    def _keys(self, tag: str, b: Budget) -> list[str]:
+    def _keys(self, tag: str, b: Budget, w: Window | None = None) -> list[str]:
+        """requests bucket, tokens bucket, lease set, spend of the window's day and month."""
         base = f"{tag}:{b.scope}:{_esc(b.name)}"
-        return [f"{base}:req", f"{base}:tok", f"{base}:leases"]
+        w = w or window_at(time.time())
+        return [f"{base}:req", f"{base}:tok", f"{base}:leases", f"{base}:sd:{w.day}", f"{base}:sm:{w.month}"]
 
     @staticmethod
     def _record(tag: str, lease_id: str) -> str:
@@ -114,38 +135,56 @@ class RedisStore(Store):
     async def _call(self, op: str, keys: list[str], args: list):
         return await self._run(op, lambda: self._scripts[op](keys=keys, args=args))
 
-    async def reserve(self, budgets, tokens, lease_id, lease_ttl_s):
+    async def reserve(self, budgets, tokens, lease_id, lease_ttl_s, cost=0, window=None):
         tag = self._tag(budgets)
-        keys, args = [self._record(tag, lease_id)], [len(budgets), tokens, lease_id, int(lease_ttl_s * 1000)]
+        w = window or window_at(time.time())
+        keys = [self._record(tag, lease_id)]
+        args = [len(budgets), tokens, lease_id, int(lease_ttl_s * 1000), int(cost), w.day_expire_at, w.month_expire_at]
         for b in budgets:
-            keys += self._keys(tag, b)
-            args += [b.limits.requests_per_minute, b.limits.tokens_per_minute, b.limits.concurrent_streams]
+            keys += self._keys(tag, b, w)
+            args += [
+                b.limits.requests_per_minute,
+                b.limits.tokens_per_minute,
+                b.limits.concurrent_streams,
+                b.day_limit,
+                b.month_limit,
+            ]
         out = await self._call("reserve", keys, args)
         if int(out[0]) == 1:
             return
         if int(out[0]) == 2:
             raise StoreUnavailable("Redis: this reservation was undone already", maybe_applied=False)
-        wait_ms = int(out[1])
-        violations = []
+        wait_ms = int(out[1])  # of the buckets (requests, tokens, streams); -1: waiting cannot help
+        violations, waits = [], []
         for j in range(2, len(out), 3):
             kind, b = KINDS[int(out[j]) - 1], budgets[int(out[j + 1]) - 1]
-            violations.append(violation(b, kind, int(out[j + 2]) / 1000, 1 if kind == "requests" else tokens)[0])
-        raise Denied(None if wait_ms < 0 else wait_ms / 1000, violations)
+            if kind in SPEND_KINDS:
+                v, wait = violation(b, kind, int(out[j + 2]), cost, w)
+            else:
+                v = violation(b, kind, int(out[j + 2]) / 1000, 1 if kind == "requests" else tokens)[0]
+                wait = None if wait_ms < 0 else wait_ms / 1000
+            violations.append(v)
+            waits.append(wait)
+        raise Denied(None if None in waits else max(waits), violations)
 
-    async def adjust(self, budgets, lease_id, hold_tokens, end):
+    async def adjust(self, budgets, lease_id, hold_tokens, end, hold_cost=None, window=None):
         tag = self._tag(budgets)
-        keys, args = [self._record(tag, lease_id)], [len(budgets), max(0, hold_tokens), lease_id, int(end)]
+        w = window or window_at(time.time())
+        hold_money = -1 if hold_cost is None else max(0, int(hold_cost))
+        keys = [self._record(tag, lease_id)]
+        args = [len(budgets), max(0, hold_tokens), lease_id, int(end), hold_money]
         for b in budgets:
-            keys += self._keys(tag, b)[1:]
-            args.append(b.limits.tokens_per_minute)
+            keys += self._keys(tag, b, w)[1:]
+            args += [b.limits.tokens_per_minute, b.day_limit, b.month_limit]
         await self._call("adjust", keys, args)
 
-    async def undo(self, budgets, lease_id, lease_ttl_s):
+    async def undo(self, budgets, lease_id, lease_ttl_s, window=None):
         tag = self._tag(budgets)
+        w = window or window_at(time.time())
         keys, args = [self._record(tag, lease_id)], [len(budgets), lease_id, int(lease_ttl_s * 1000)]
         for b in budgets:
-            keys += self._keys(tag, b)
-            args += [b.limits.requests_per_minute, b.limits.tokens_per_minute]
+            keys += self._keys(tag, b, w)
+            args += [b.limits.requests_per_minute, b.limits.tokens_per_minute, b.day_limit, b.month_limit]
         await self._call("undo", keys, args)
 
     async def renew(self, reservations: list[Reservation], lease_ttl_s):
@@ -168,15 +207,23 @@ class RedisStore(Store):
             alive += [int(x) == 1 for x in await self._run("renew", send)]
         return alive
 
-    async def remaining(self, budgets):
+    async def remaining(self, budgets, window=None):
         tag = self._tag(budgets)
+        w = window or window_at(time.time())
         keys, args = [], [len(budgets)]
         for b in budgets:
-            keys += self._keys(tag, b)
+            keys += self._keys(tag, b, w)
             args += [b.limits.requests_per_minute, b.limits.tokens_per_minute]
         out = await self._call("remaining", keys, args)
         return [
-            Remaining(b, int(out[3 * i]) / 1000, int(out[3 * i + 1]) / 1000, int(out[3 * i + 2]))
+            Remaining(
+                b,
+                int(out[5 * i]) / 1000,
+                int(out[5 * i + 1]) / 1000,
+                int(out[5 * i + 2]),
+                int(out[5 * i + 3]),
+                int(out[5 * i + 4]),
+            )
             for i, b in enumerate(budgets)
         ]
 

@@ -26,28 +26,38 @@ from igw_common.config.base import ConfigError, Section, TracingConfig
 from igw_common.config.envoy import EdgeRateLimit, EnvoyConfig, TlsConfig
 from igw_common.config.gateway import (
     AuthConfig,
+    CacheConfig,
     GatewayConfig,
+    JobsConfig,
     Limits,
+    ModelPrice,
     PoolConfig,
+    PricingConfig,
     QueueConfig,
     QuotaConfig,
     QuotaLimits,
+    SessionsConfig,
     WorkerEndpoint,
 )
 from igw_common.config.worker import SyntheticConfig, VllmConfig, WorkerConfig
 
 __all__ = [
     "AuthConfig",
+    "CacheConfig",
     "Config",
     "ConfigError",
     "EdgeRateLimit",
     "EnvoyConfig",
     "GatewayConfig",
+    "JobsConfig",
     "Limits",
+    "ModelPrice",
     "PoolConfig",
+    "PricingConfig",
     "QueueConfig",
     "QuotaConfig",
     "QuotaLimits",
+    "SessionsConfig",
     "SyntheticConfig",
     "TlsConfig",
     "TracingConfig",
@@ -82,6 +92,22 @@ class Config(Section):
                 f"gateway.min_ping_interval_ms ({g.min_ping_interval_ms}) must not exceed "
                 f"envoy.upstream_keepalive_ms ({e.upstream_keepalive_ms}): the gateway would close "
                 "Envoy's connections for pinging too often"
+            )
+        quotas_apply = (
+            g.auth.mode != "none"
+            or g.auth.key_file
+            or g.quota.default_key_limits != QuotaLimits()
+            or g.quota.default_tenant_limits != QuotaLimits()
+        )
+        if g.processes > 1 and g.quota.store == "local" and quotas_apply:
+            raise ValueError(
+                f"gateway.processes is {g.processes} but gateway.quota.store is local: each process would keep its "
+                "own quotas; use gateway.quota.store: redis so the processes share them exactly"
+            )
+        if g.processes > 1 and g.sessions.enabled and g.sessions.store == "memory":
+            raise ValueError(
+                f"gateway.processes is {g.processes} but gateway.sessions.store is memory: a conversation's next "
+                "turn may reach another process, which does not know it; use gateway.sessions.store: redis"
             )
         need = g.limits.max_request_bytes + g.limits.max_context_bytes + 65_536
         if w.max_message_bytes < need:

@@ -52,7 +52,7 @@ class Limits(Section):
 
 
 class QuotaLimits(Section):
-    """Per-minute budgets; 0 = unlimited."""
+    """Per-minute budgets and spend budgets per day and month; 0 = unlimited."""
 
     # At most 2**32-1: GetQuota reports limits as uint32.
     requests_per_minute: int = Field(
@@ -62,6 +62,17 @@ class QuotaLimits(Section):
         0, ge=0, le=2**32 - 1, description="prompt + completion tokens per minute, reserved at admission"
     )
     concurrent_streams: int = Field(0, ge=0, le=2**32 - 1, description="streams open at once")
+    # Currency units (e.g. 25.0 = 25 USD): what operators write; kept as integer micro-units inside.
+    spend_per_day: float = Field(
+        0.0,
+        ge=0,
+        le=1e7,  # micro-units stay below 1e14: exact through Redis Lua (numbers print with 14 digits)
+        description="spend budget per UTC day, in units of gateway.pricing.currency (e.g. 25.0); "
+        "each request reserves the cost of prompt + max_tokens at admission, settled to its real cost",
+    )
+    spend_per_month: float = Field(
+        0.0, ge=0, le=1e7, description="spend budget per UTC calendar month, in units of gateway.pricing.currency"
+    )
 
 
 class AuthConfig(Section):
@@ -147,6 +158,149 @@ class QuotaConfig(Section):
     )
 
 
+class ModelPrice(Section):
+    model: str = Field(min_length=1, description="model name as ListModels shows it")
+    input_per_million: float = Field(
+        0.0, ge=0, le=1e6, description="price of 1M prompt tokens, in units of gateway.pricing.currency"
+    )
+    output_per_million: float = Field(
+        0.0, ge=0, le=1e6, description="price of 1M generated tokens, in units of gateway.pricing.currency"
+    )
+
+
+class PricingConfig(Section):
+    """What requests cost: ``Done.cost_micros``, the log line, ``igw_cost_total`` and spend budgets."""
+
+    currency: str = Field("USD", min_length=1, max_length=16, description="currency of every price and budget")
+    models: list[ModelPrice] = Field(
+        default_factory=list, description="price per model; a model not listed costs `default`"
+    )
+    default: ModelPrice = Field(
+        default_factory=lambda: ModelPrice(model="*"),
+        description="price of models `models` does not list (0 = free: spend budgets never bind for them)",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v):
+        names = [m.model for m in v]
+        if len(names) != len(set(names)):
+            raise ValueError("a model is priced twice")
+        return v
+
+
+class CacheConfig(Section):
+    """Exact-match cache of deterministic answers (temperature 0, or a fixed seed)."""
+
+    enabled: bool = Field(False, description="answer repeated deterministic requests from the cache")
+    store: Literal["memory", "redis"] = Field(
+        "memory", description='"memory" (this process) or "redis" (shared by all replicas)'
+    )
+    redis_url: str = Field(
+        "",
+        description="Redis for store redis; empty = gateway.quota.redis_url (then gateway.quota.store must be redis)",
+    )
+    redis_key_prefix: str = Field("igw:c:", description="prefix of every cache key in Redis")
+    ttl_s: float = Field(3_600.0, gt=0, description="how long an answer stays cached")
+    max_entry_bytes: int = Field(
+        262_144, gt=0, description="answers larger than this (stored form: text and deltas) are not cached"
+    )
+    memory_max_bytes: int = Field(
+        67_108_864, gt=0, description="store memory: total size of cached answers; the least recently used go first"
+    )
+    hit_charge: Literal["request", "full"] = Field(
+        "request",
+        description='what a hit costs against quotas and spend budgets: "request" = one request and a stream '
+        'slot, no tokens, no cost (no worker ran); "full" = the same as the miss it replays',
+    )
+    single_flight: bool = Field(
+        True,
+        description="identical misses arriving together: one generates, the others wait for its answer "
+        "(at most single_flight_wait_ms) and are served as hits",
+    )
+    single_flight_wait_ms: int = Field(
+        30_000, gt=0, description="longest wait for another request's identical answer before generating anyway"
+    )
+    redis_timeout_ms: int = Field(
+        250, gt=0, description="a cache call to Redis slower than this counts as a miss (the request is generated)"
+    )
+
+
+class SessionsConfig(Section):
+    """Server-side conversations: with a session_id, the gateway keeps the history; a client sends its new turn."""
+
+    enabled: bool = Field(
+        False,
+        description="store the conversation of requests that carry a session_id (chat requests only); "
+        "off = session_id only gives worker affinity",
+    )
+    store: Literal["memory", "redis"] = Field(
+        "memory", description='"memory" (this process) or "redis" (shared by all replicas)'
+    )
+    redis_url: str = Field(
+        "",
+        description="Redis for store redis; empty = gateway.quota.redis_url (then gateway.quota.store must be redis)",
+    )
+    redis_key_prefix: str = Field("igw:s:", description="prefix of every session key in Redis")
+    ttl_s: float = Field(86_400.0, gt=0, description="a session untouched this long is forgotten")
+    max_turns: int = Field(
+        256, gt=0, description="turns a session keeps at most; older ones are dropped first (reported)"
+    )
+    max_session_bytes: int = Field(
+        1_048_576,
+        gt=0,
+        description="text a session keeps at most (history sent to the worker is also bounded by "
+        "gateway.limits.max_prompt_bytes); older turns are dropped first",
+    )
+    context_margin_tokens: int = Field(
+        64,
+        ge=0,
+        description="tokens kept free beside history + new turn + max_tokens for the chat template, since the "
+        "new turn's tokens are estimated before the worker counts them",
+    )
+    memory_max_sessions: int = Field(
+        100_000, gt=0, description="store memory: sessions kept at most; the least recently used go first"
+    )
+    redis_timeout_ms: int = Field(
+        1_000, gt=0, description="a session read or write slower than this fails the turn with UNAVAILABLE"
+    )
+
+
+class JobsConfig(Section):
+    """Durable background jobs (SubmitJob/GetJob/WatchJob) on a Redis Stream with a consumer group."""
+
+    enabled: bool = Field(
+        False, description="serve SubmitJob/GetJob/WatchJob and run jobs here; needs Redis (jobs outlive a gateway)"
+    )
+    redis_url: str = Field(
+        "",
+        description="Redis of the job queue; empty = gateway.quota.redis_url (then gateway.quota.store must be redis)",
+    )
+    redis_key_prefix: str = Field("igw:j:", description="prefix of every job key in Redis (one hash slot)")
+    concurrency: int = Field(4, gt=0, description="jobs this gateway runs at once")
+    claim_idle_ms: int = Field(
+        30_000,
+        ge=1_000,
+        description="a running job whose gateway sent no heartbeat for this long (it died) is claimed by "
+        "another gateway and rerun from the start; heartbeats go every claim_idle_ms/3",
+    )
+    result_ttl_s: float = Field(86_400.0, gt=0, description="how long a finished job's result can be read")
+    max_queued: int = Field(
+        100_000, gt=0, description="jobs waiting or running in all; more are refused with RESOURCE_EXHAUSTED"
+    )
+    max_attempts: int = Field(
+        3,
+        gt=0,
+        description="runs a job gets (reruns after a gateway died, retries after a transient refusal such as a "
+        "quota); then it fails with the last error",
+    )
+    run_timeout_s: float = Field(900.0, gt=0, description="deadline of one run, queueing for a worker included")
+    watch_flush_ms: int = Field(
+        50, gt=0, description="a running job's deltas are written for WatchJob at most this often, merged"
+    )
+    redis_timeout_ms: int = Field(2_000, gt=0, description="a job call to Redis slower than this fails")
+
+
 class PoolConfig(Section):
     name: str = Field(
         min_length=1, description="pool name, e.g. stable / canary or blue / green (metrics label `pool`)"
@@ -180,8 +334,32 @@ class QueueConfig(Section):
     )
 
 
+def replica_addresses(listen: str, count: int) -> list[str]:
+    """host:port of each of ``count`` processes: ``listen``'s port, then the next ones."""
+    if not listen:
+        return [""] * count
+    host, _, port = listen.rpartition(":")
+    return [f"{host}:{int(port) + i}" for i in range(count)]
+
+
 class GatewayConfig(Section):
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address of the gateway")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="gateway processes igw-stack runs on this host behind the same Envoy (one per core); process i "
+        "listens on the ports of listen, metrics_listen and http_listen + i; more than 1 needs quota.store redis "
+        "when any quota applies, so they share quotas exactly",
+    )
+    stream_interval_ms: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="merge engine steps into one delta at most this often (ms; the first token always at once); "
+        "0 = a delta per step; a request may ask for its own (stream_interval_ms, x-igw-stream-interval-ms). "
+        "Fewer messages per token: about half the gateway's CPU per token at 1 ms engine steps (docs/performance.md)",
+    )
     http_listen: str = Field(
         "127.0.0.1:50052",
         description='OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models); "" = off',
@@ -242,6 +420,29 @@ class GatewayConfig(Section):
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     _addr = field_validator("listen")(lambda cls, v: check_hostport(v))
     _http = field_validator("http_listen")(lambda cls, v: check_hostport(v) if v else v)
+
+    @model_validator(mode="after")
+    def _redis_for_state(self):
+        """Features that keep state in Redis need one configured: their own redis_url, or the quota store's."""
+        needs = [("cache", self.cache.store == "redis"), ("sessions", self.sessions.store == "redis")]
+        needs.append(("jobs", self.jobs.enabled))
+        for name, uses_redis in needs:
+            if uses_redis and not getattr(self, name).redis_url and self.quota.store != "redis":
+                what = "gateway.jobs.enabled" if name == "jobs" else f"gateway.{name}.store: redis"
+                why = " (jobs must outlive a gateway, so they live in Redis)" if name == "jobs" else ""
+                raise ValueError(
+                    f"{what} needs Redis{why}: set gateway.{name}.redis_url, or gateway.quota.store: redis "
+                    "to use gateway.quota.redis_url"
+                )
+        return self
+
+    def redis_url_for(self, section: str) -> str:
+        """The Redis of a stateful feature (cache, sessions, jobs): its own, else the quota store's."""
+        return getattr(self, section).redis_url or self.quota.redis_url

@@ -106,6 +106,14 @@ def test_configuration_reference_is_generated_from_the_schema():
             {"gateway": {"limits": {"max_request_bytes": 32_000_000}}},
             ["worker.max_message_bytes", "gateway.limits.max_request_bytes"],
         ),
+        (
+            {"gateway": {"processes": 2, "auth": {"mode": "api_key", "key_file": "keys.yaml"}}},
+            ["gateway.processes", "gateway.quota.store"],
+        ),
+        (
+            {"gateway": {"processes": 2, "sessions": {"enabled": True}}},
+            ["gateway.processes", "gateway.sessions.store"],
+        ),
     ],
 )
 def test_limits_that_meet_across_components_are_checked_together(cfg, names):

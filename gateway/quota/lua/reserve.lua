@@ -1,19 +1,23 @@
--- Reserve one request, ARGV tokens and a stream lease on every budget, all or nothing.
--- KEYS: the reservation's record, then 3 per budget: requests bucket, tokens bucket, lease set.
--- ARGV: n budgets, tokens, lease id, lease TTL (ms), then 3 per budget: rpm, tpm, concurrent streams.
+-- Reserve one request, ARGV tokens, ARGV spend and a stream lease on every budget, all or nothing.
+-- KEYS: the reservation's record, then 5 per budget: requests bucket, tokens bucket, lease set, spend of
+-- the UTC day, spend of the UTC month (the caller names the windows, so refunds find them again).
+-- ARGV: n budgets, tokens, lease id, lease TTL (ms), spend (micro-units), day key expire-at, month key
+-- expire-at (Unix s), then 5 per budget: rpm, tpm, concurrent streams, day limit, month limit (0 = none).
 -- Returns {1}: charged (or charged already by an earlier run of this call: never twice);
 -- {2}: refused, this reservation was undone (its caller gave up waiting for this call);
--- {0, wait ms (-1: waiting cannot help), then kind (1 requests, 2 tokens, 3 concurrent), budget index,
--- level * 1000 per violation}.
+-- {0, wait ms (-1: waiting cannot help), then kind (1 requests, 2 tokens, 3 concurrent, 4 day spend,
+-- 5 month spend), budget index, level * 1000 (spend: micro-units spent) per violation}. The wait covers
+-- the buckets; the caller adds the wait until a spend window ends.
 local rec = KEYS[1]
 local n, cost, lease, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local money, dexp, mexp = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local st = redis.call('HGET', rec, 'st')
 if st == 'undone' then return {2} end
 if st then return {1} end
 
 local out, worst, levels = {0, 0}, 0, {}
 for i = 1, n do
-  local a, k = 4 + 3 * (i - 1), 1 + 3 * (i - 1)
+  local a, k = 7 + 5 * (i - 1), 1 + 5 * (i - 1)
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   for kind, c in ipairs({{KEYS[k + 1], rpm, 1}, {KEYS[k + 2], tpm, cost}}) do
     local key, lim, need = c[1], c[2], c[3]
@@ -35,6 +39,15 @@ for i = 1, n do
       table.insert(out, 3); table.insert(out, i); table.insert(out, 0)
     end
   end
+  for w = 1, 2 do
+    local lim = tonumber(ARGV[a + 3 + w])
+    if lim > 0 then
+      local spent = tonumber(redis.call('GET', KEYS[k + 3 + w]) or '0')
+      if spent + money > lim then
+        table.insert(out, 3 + w); table.insert(out, i); table.insert(out, spent)
+      end
+    end
+  end
 end
 if #out > 2 then
   out[2] = worst
@@ -42,7 +55,7 @@ if #out > 2 then
 end
 
 for i = 1, n do
-  local a, k = 4 + 3 * (i - 1), 1 + 3 * (i - 1)
+  local a, k = 7 + 5 * (i - 1), 1 + 5 * (i - 1)
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   if rpm > 0 then set_level(KEYS[k + 1], rpm, levels[KEYS[k + 1]] - 1) end
   if tpm > 0 then set_level(KEYS[k + 2], tpm, levels[KEYS[k + 2]] - cost) end
@@ -50,7 +63,13 @@ for i = 1, n do
     redis.call('ZADD', KEYS[k + 3], now + ttl, lease)
     extend(KEYS[k + 3], ttl + 1000)
   end
+  for w = 1, 2 do
+    if tonumber(ARGV[a + 3 + w]) > 0 then
+      redis.call('INCRBY', KEYS[k + 3 + w], string.format('%d', money))
+      redis.call('EXPIREAT', KEYS[k + 3 + w], w == 1 and dexp or mexp)
+    end
+  end
 end
-redis.call('HSET', rec, 'st', 'open', 'tok', cost)
+redis.call('HSET', rec, 'st', 'open', 'tok', cost, 'spend', string.format('%d', money))
 redis.call('PEXPIRE', rec, ttl)
 return {1}

@@ -1,0 +1,74 @@
+"""What a request costs, and the UTC day and month its spend counts against.
+
+Costs are integer micro-units (millionths) of ``gateway.pricing.currency``. A price "per 1M tokens" in
+currency units is exactly micro-units per token, so a request costs
+``prompt_tokens * input_price + completion_tokens * output_price`` micro-units, rounded up to a whole
+micro-unit. Prices are held as integer micro-units per 1M tokens, so the arithmetic is exact integers:
+the same figure in the stores, the ``done`` message, the log line and ``igw_cost_total``.
+
+Rounding up keeps the reservation at admission (prompt bound + max_tokens) an upper bound of the settled
+cost (the real prompt + the tokens generated), so a settle never charges more than was reserved.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+from dataclasses import dataclass
+
+from igw_common.config import PricingConfig
+
+MICROS = 1_000_000
+
+
+def to_micros(units: float) -> int:
+    """Currency units (config) -> integer micro-units."""
+    return round(units * MICROS)
+
+
+def format_micros(micros: int, currency: str) -> str:
+    return f"{micros / MICROS:.6f}".rstrip("0").rstrip(".") + f" {currency}"
+
+
+class Pricing:
+    def __init__(self, cfg: PricingConfig):
+        self.currency = cfg.currency
+        # Micro-units per 1M tokens: integers, so costs are exact.
+        self._prices = {p.model: (to_micros(p.input_per_million), to_micros(p.output_per_million)) for p in cfg.models}
+        self._default = (to_micros(cfg.default.input_per_million), to_micros(cfg.default.output_per_million))
+
+    def prices(self, model: str) -> tuple[int, int]:
+        return self._prices.get(model, self._default)
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+        """Micro-units, rounded up."""
+        p_in, p_out = self.prices(model)
+        total = max(0, prompt_tokens) * p_in + max(0, completion_tokens) * p_out
+        return -(-total // MICROS)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The spend windows a reservation counts against: a UTC day and a UTC calendar month, with when their keys
+    may expire and when each window ends (for ``retry-after``). Unix seconds."""
+
+    day: int  # days since 1970-01-01 (UTC)
+    month: int  # yyyymm
+    day_end: float
+    month_end: float
+
+    @property
+    def day_expire_at(self) -> int:
+        return int(self.day_end) + 86_400  # a day's spend is kept a day after it, for late refunds
+
+    @property
+    def month_expire_at(self) -> int:
+        return int(self.month_end) + 86_400
+
+
+def window_at(now: float) -> Window:
+    d = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    day = int(now // 86_400)
+    y, m = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    month_end = calendar.timegm((y, m, 1, 0, 0, 0))
+    return Window(day=day, month=d.year * 100 + d.month, day_end=(day + 1) * 86_400.0, month_end=float(month_end))
