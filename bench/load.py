@@ -130,7 +130,9 @@ async def direct(worker: str, model: str, concurrency: int, requests: int, max_t
     return Run(list(records.values()), elapsed)
 
 
-async def via_gateway(target: str, concurrency: int, requests: int, max_tokens: int) -> Run:
+async def via_gateway(
+    target: str, concurrency: int, requests: int, max_tokens: int, stream_interval_ms: int | None = None
+) -> Run:
     """``requests`` Execute calls, ``concurrency`` at a time."""
     async with grpc.aio.insecure_channel(target) as ch:
         stub = gpb_grpc.GatewayStub(ch)
@@ -144,6 +146,8 @@ async def via_gateway(target: str, concurrency: int, requests: int, max_tokens: 
                 req = gpb.ExecuteRequest(
                     task=f"{TASK} ({i})", sampling=gpb.SamplingParams(max_tokens=max_tokens, temperature=0)
                 )
+                if stream_interval_ms is not None:
+                    req.stream_interval_ms = stream_interval_ms
                 try:
                     async for resp in stub.Execute(req, timeout=600):
                         if resp.WhichOneof("event") == "delta":

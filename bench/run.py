@@ -57,6 +57,7 @@ class Stack:
         synthetic_rate: float = 1000.0,
         protocol: str = "igw",
         stock: str | None = None,
+        processes: int = 1,
     ):
         self.dir = workdir
         self.protocol = protocol
@@ -68,6 +69,7 @@ class Stack:
                 "http_listen": "",
                 "log_level": "warning",
                 "queue": {"max_queued": 4096},
+                "processes": processes,
             },
             "worker": {
                 "listen": stock or f"127.0.0.1:{stack.free_port()}",
@@ -102,7 +104,7 @@ class Stack:
             )
         else:
             self.processes.start_worker()
-        self.processes.start_gateway()
+        self.processes.start_gateways()
         self.processes.start_envoy()
 
     def stop(self) -> None:
@@ -115,7 +117,8 @@ class Stack:
     def paths(self, with_gateway_alone: bool = False) -> dict[str, tuple[str, str, list[int | None]]]:
         """path name -> (load kind, address, pids of the proxies to measure)."""
         w, g, e = self.cfg["worker"]["listen"], self.cfg["gateway"]["listen"], self.cfg["envoy"]["listen"]
-        gw, envoy = self.pid("gateway"), self.pid("envoy")
+        gws = [p.pid for n, p in self.procs.items() if n.startswith("gateway")]
+        gw, envoy = gws[0] if gws else None, self.pid("envoy")
         if self.protocol == "vllm-grpc":
             return {
                 "direct": ("vllm-grpc", w, []),
@@ -162,7 +165,14 @@ class ProcSampler:
 
 
 def run_path(
-    kind: str, addr: str, pids: list, concurrency: int, requests: int, max_tokens: int, prompts: list | None
+    kind: str,
+    addr: str,
+    pids: list,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompts: list | None,
+    interval_ms: int | None = None,
 ) -> dict:
     with ProcSampler(pids) as sampler:
         if kind == "igw":
@@ -172,7 +182,7 @@ def run_path(
         elif kind == "smg":
             result = asyncio.run(peer.openai_chat(addr, MODEL, concurrency, requests, max_tokens))
         else:
-            result = asyncio.run(load.via_gateway(addr, concurrency, requests, max_tokens))
+            result = asyncio.run(load.via_gateway(addr, concurrency, requests, max_tokens, interval_ms))
     out = load.summary(result)
     if pids:
         tokens = max(1, result.tokens)
@@ -190,8 +200,8 @@ def scenario(
     per_path: dict[str, list[dict]] = {p: [] for p in names}
     for r in range(rounds):
         for p in names[r % len(names) :] + names[: r % len(names)]:
-            kind, addr, pids = paths[p]
-            per_path[p].append(run_path(kind, addr, pids, concurrency, requests, max_tokens, prompts))
+            kind, addr, pids, *opts = paths[p]
+            per_path[p].append(run_path(kind, addr, pids, concurrency, requests, max_tokens, prompts, *opts))
     merged = {}
     for p, runs in per_path.items():
         m = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "ttft_ms_all"}
@@ -221,6 +231,8 @@ def _ratio(a, b):
 
 TITLES = {
     "synthetic": "Synthetic engine, our worker protocol (gateway overhead)",
+    "intervals": "Stream interval: merging engine steps into fewer messages",
+    "processes": "Gateway processes per host",
     "vllm": "vLLM CPU worker (ours), SmolLM2-135M",
     "peer-synthetic": "Peer comparison: synthetic engine behind vLLM's gRPC contract",
     "peer-vllm": "Peer comparison: vLLM's stock gRPC server, SmolLM2-135M",
@@ -388,6 +400,53 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         s.stop()
+
+    # 1b. What the stream interval and more gateway processes do (full mode: the machine's time is long).
+    if not short:
+        (work / "intervals").mkdir()
+        s = Stack("synthetic", work / "intervals", synthetic_rate=1000.0)
+        try:
+            s.start()
+            ps = s.paths()
+            paths = {"direct": ps["direct"]}
+            for iv in (0, 10, 25):
+                paths[f"envoy+gateway {iv} ms"] = (*ps["envoy+gateway"], iv)
+            results["intervals"] = {
+                "scenarios": {},
+                "setup": (
+                    "Synthetic worker at 1000 tokens/s per stream, 64 tokens per request; the requests ask for "
+                    "stream_interval_ms 0 (a message per engine step), 10 (the default) or 25."
+                ),
+            }
+            for c in (64, 256):
+                results["intervals"]["scenarios"][c] = scenario(paths, c, 2 * c, 64, rounds)
+                print(f"  intervals {c} streams: done", flush=True)
+        finally:
+            s.stop()
+        results["processes"] = {
+            "scenarios": {256: {}},
+            "setup": (
+                "256 streams through Envoy to 1 and then 2 gateway processes (gateway.processes), synthetic worker at "
+                "1000 tokens/s per stream, default stream interval; on this 2-core machine the load generator, Envoy "
+                "and the worker take the other core's time, so the second process can only add what is left."
+            ),
+        }
+        for n in (1, 2):
+            (work / f"processes-{n}").mkdir()
+            s = Stack("synthetic", work / f"processes-{n}", synthetic_rate=1000.0, processes=n)
+            try:
+                s.start()
+                ps = s.paths()
+                paths = {
+                    "direct": ps["direct"],
+                    f"envoy+{n} gateway process{'es' if n > 1 else ''}": ps["envoy+gateway"],
+                }
+                got = scenario(paths, 256, 512, 64, rounds)
+                results["processes"]["scenarios"][256].setdefault("direct", got["direct"])
+                results["processes"]["scenarios"][256].update({k: v for k, v in got.items() if k != "direct"})
+                print(f"  processes {n}: done", flush=True)
+            finally:
+                s.stop()
 
     # 2. Our vLLM worker, and the typist.
     if not args.skip_vllm:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import grpc
 import psutil
-import yaml
 
+from bench.stack_config import synthetic_stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from igw_common import launcher as stack
@@ -55,19 +55,23 @@ class PeakRss:
 async def hold_streams(target: str, n: int, hold_s: float, max_tokens: int, read: bool) -> int:
     """Open n streams; read them fully (read=True) or take one message each and then hold them unread.
     Returns how many streams were open at the end of the hold."""
-    # One channel per 100 streams: several HTTP/2 connections, as many clients would have.
-    channels = [grpc.aio.insecure_channel(target) for _ in range((n + 99) // 100)]
+    # One connection per 20 streams, as many clients would have: streams that read nothing fill their
+    # connection's flow-control window, and a connection whose window is full carries nothing else, not
+    # even the first message of a newer stream on it (a client library effect, not the gateway's).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range((n + 19) // 20)]
     calls = []
     try:
-        for i in range(n):
-            stub = gpb_grpc.GatewayStub(channels[i % len(channels)])
-            calls.append(
-                stub.Execute(
+        for first in range(0, n, 50):  # 50 at a time, each batch open (`started`) before the next
+            batch = [
+                gpb_grpc.GatewayStub(channels[i % len(channels)]).Execute(
                     gpb.ExecuteRequest(task=f"stream {i}", sampling=gpb.SamplingParams(max_tokens=max_tokens)),
                     timeout=hold_s + 300,
                 )
-            )
-        await asyncio.gather(*(c.read() for c in calls))  # `started`: every stream is open on the gateway
+                for i in range(first, min(n, first + 50))
+            ]
+            await asyncio.gather(*(c.read() for c in batch))
+            calls += batch
 
         async def drain(c):
             while await c.read() is not grpc.aio.EOF:
@@ -112,29 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="igw-bench-slow-"))
-    cfg = {
-        "gateway": {
-            "listen": f"127.0.0.1:{stack.free_port()}",
-            "metrics_listen": "",
-            "http_listen": "",
-            "log_level": "warning",
-            "drain_notice_s": 0,
-            "drain_grace_s": 1,
-            "queue": {"max_queued": args.streams * 2},
-        },
-        "worker": {
-            "listen": f"127.0.0.1:{stack.free_port()}",
-            "engine": "synthetic",
-            "metrics_listen": "",
-            "log_level": "warning",
+    cfg, procs = synthetic_stack(
+        work,
+        gateway={"drain_notice_s": 0, "drain_grace_s": 1, "queue": {"max_queued": args.streams * 2}},
+        worker={
             "max_concurrent_requests": args.streams * 2,
             "synthetic": {"tokens_per_s": 1000.0, "max_context_tokens": 100_000},
         },
-        "envoy": {"listen": f"127.0.0.1:{stack.free_port()}", "admin_listen": f"127.0.0.1:{stack.free_port()}"},
-    }
-    cfg["gateway"]["workers"] = [{"address": cfg["worker"]["listen"]}]
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    procs = stack.Processes(work / "config.yaml", log_dir=work)
+    )
     try:
         procs.start_worker()
         results = {}

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import grpc
 import psutil
-import yaml
 
+from bench.stack_config import synthetic_stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from igw_common import launcher as stack
@@ -158,32 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         ).stdout.strip(),
     }
-    cfg = {
-        "gateway": {
-            "listen": f"127.0.0.1:{stack.free_port()}",
-            "metrics_listen": "",
-            "http_listen": "",
-            "log_level": "warning",
+    cfg, procs = synthetic_stack(
+        work,
+        gateway={
             "auth": {"mode": "api_key", "key_file": str(keys_file)},
             "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
             "worker_reconnect_backoff_ms": 200,
         },
-        "worker": {
-            "listen": f"127.0.0.1:{stack.free_port()}",
-            "engine": "synthetic",
-            "metrics_listen": "",
-            "log_level": "warning",
-            "synthetic": {"tokens_per_s": 200},
-        },
-        "envoy": {
-            "listen": f"127.0.0.1:{stack.free_port()}",
-            "admin_listen": f"127.0.0.1:{stack.free_port()}",
-            "access_log_path": "/dev/null",
-        },
-    }
-    cfg["gateway"]["workers"] = [{"address": cfg["worker"]["listen"]}]
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    procs = stack.Processes(work / "config.yaml", log_dir=work)
+        worker={"synthetic": {"tokens_per_s": 200}},
+        envoy={"access_log_path": "/dev/null"},
+    )
     load = Load(cfg["envoy"]["listen"], keys)
     status = 0
     try:
