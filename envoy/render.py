@@ -74,6 +74,13 @@ ACCESS_LOG_FORMAT = {
 }
 
 
+NOT_FOUND_BODY = (
+    '{"error": {"message": "no such route: the HTTP API is under /v1/ (POST /v1/chat/completions, '
+    'POST /v1/completions, GET /v1/models); gRPC calls need content-type application/grpc", '
+    '"type": "not_found_error", "param": null, "code": "not_found"}}'
+)
+
+
 def _split(hostport: str) -> tuple[str, int]:
     host, _, port = hostport.rpartition(":")
     return host.strip("[]"), int(port)
@@ -217,7 +224,21 @@ def render(cfg: config_mod.Config) -> dict:
     }
     if e.max_stream_duration_s:
         route["max_stream_duration"] = {"max_stream_duration": _seconds(e.max_stream_duration_s)}
-    routes = [{"match": {"prefix": "/"}, "route": route}]
+    routes = [
+        # gRPC only (content-type application/grpc*): anything else sent to the gRPC server would be
+        # reset, which a client sees as a 503 with no hint of what it did wrong.
+        {"match": {"prefix": "/", "grpc": {}}, "route": route},
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": NOT_FOUND_BODY}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        },
+    ]
     if cfg.gateway.http_listen:
         # The OpenAI-compatible HTTP API: same listener, same filters (JWT, edge secret, rate limit).
         routes.insert(0, {"match": {"prefix": "/v1/"}, "route": {**route, "cluster": "gateway_http"}})

@@ -37,6 +37,7 @@ from gateway import openai_format
 from gateway import sessions as sessions_mod
 from gateway.dispatch import Delta, Dispatcher, Done, Started
 from gateway.errors import RpcError, invalid_argument
+from gateway.validation import header_number
 from igw_common.config import GatewayConfig
 
 log = logging.getLogger("gateway.http_api")
@@ -156,6 +157,8 @@ class HttpApi:
             )
         except (ValueError, UnicodeDecodeError):
             return _json_error(invalid_argument("body", "not valid JSON"))
+        except RecursionError:  # the JSON decoder's own depth limit
+            return _json_error(invalid_argument("body", "JSON nested too deeply"))
         how: dict = {}
 
         def parse():
@@ -241,6 +244,4 @@ def _deadline(headers: dict[str, str]) -> float | None:
     raw = headers.get("x-igw-timeout-ms")
     if not raw:
         return None
-    if not raw.isdigit() or not 0 < int(raw) <= 2**32 - 1:
-        raise invalid_argument("x-igw-timeout-ms", "a whole number of milliseconds, > 0")
-    return asyncio.get_running_loop().time() + int(raw) / 1000
+    return asyncio.get_running_loop().time() + header_number(raw, "x-igw-timeout-ms", 1, 2**32 - 1) / 1000

@@ -22,13 +22,14 @@ import grpc
 
 from gateway.errors import RpcError, clip, invalid_argument
 from gateway.validation import (
+    MAX_STREAM_INTERVAL_MS,
     MODEL_NAME,
     REQUEST_ID,
     ValidRequest,
     check_prompt_bytes,
-    check_stream_interval,
     check_supersede_key,
     estimate_prompt_tokens,
+    header_number,
 )
 from gateway.vocabulary import BATCH, INTERACTIVE
 from igw_common.config import Limits
@@ -214,9 +215,7 @@ def _common(body, headers: dict[str, str], limits: Limits) -> dict:
         raise _bad("x-igw-cache", 'only "bypass" (skip the response cache) is supported')
     interval = headers.get("x-igw-stream-interval-ms")
     if interval is not None:
-        if not interval.isdigit():
-            raise _bad("x-igw-stream-interval-ms", "a whole number of milliseconds")
-        interval = check_stream_interval(int(interval), "x-igw-stream-interval-ms")
+        interval = header_number(interval, "x-igw-stream-interval-ms", 0, MAX_STREAM_INTERVAL_MS)
     return {
         "model": model,
         "stream": stream,

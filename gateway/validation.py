@@ -115,6 +115,14 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
 MAX_STREAM_INTERVAL_MS = 1000
 
 
+def header_number(raw: str, field: str, low: int, high: int) -> int:
+    """A whole number from an HTTP header: ASCII digits only (str.isdigit also takes "²", which int()
+    refuses) and at most 10 of them (int() refuses over 4,300), so a hostile value is a 400, not a 500."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
+        raise invalid_argument(field, f"a whole number of milliseconds, {low}-{high}")
+    return int(raw)
+
+
 def check_stream_interval(value: int, field: str) -> int:
     if not 0 <= value <= MAX_STREAM_INTERVAL_MS:
         raise invalid_argument(field, f"must be 0-{MAX_STREAM_INTERVAL_MS} ms, got {value}")
