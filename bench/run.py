@@ -338,6 +338,14 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+CHECKPOINT: Path | None = None  # report.json, rewritten after every level: a run cut short keeps what it measured
+
+
+def checkpoint(results: dict) -> None:
+    if CHECKPOINT is not None:
+        CHECKPOINT.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def section(
     results, name, s: Stack, levels, tokens, rounds, short, setup, with_gateway_alone=False, prompts=None
 ) -> None:
@@ -346,6 +354,7 @@ def section(
         n = max(c if short else 2 * c, 4 if short else 8)
         results[name]["scenarios"][c] = scenario(s.paths(with_gateway_alone), c, n, tokens, rounds, prompts)
         print(f"  {name} {c} streams: done", flush=True)
+        checkpoint(results)
 
 
 SMG_NOTE = (
@@ -377,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    global CHECKPOINT
+    CHECKPOINT = args.out / "report.json"
     work = Path(tempfile.mkdtemp(prefix="igw-bench-"))
 
     # 1. Our worker protocol at full speed.
@@ -421,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in (64, 256):
                 results["intervals"]["scenarios"][c] = scenario(paths, c, 2 * c, 64, rounds)
                 print(f"  intervals {c} streams: done", flush=True)
+                checkpoint(results)
         finally:
             s.stop()
         results["processes"] = {
@@ -445,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["processes"]["scenarios"][256].setdefault("direct", got["direct"])
                 results["processes"]["scenarios"][256].update({k: v for k, v in got.items() if k != "direct"})
                 print(f"  processes {n}: done", flush=True)
+                checkpoint(results)
             finally:
                 s.stop()
 
@@ -469,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = max(c if short else 2 * c, 4 if short else 8)
                 results["vllm"]["scenarios"][c] = scenario(paths, c, n, vtokens, rounds)
                 print(f"  vllm {c} streams: done", flush=True)
+                checkpoint(results)
             print("typist: as-you-type completion, with and without supersession", flush=True)
             shape = dict(editors=2, bursts=1, keys=3, max_tokens=16) if short else {}
             results["typist"] = typist.run(paths["envoy+gateway"][1], paths["direct"][1], **shape)
