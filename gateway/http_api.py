@@ -159,6 +159,16 @@ class HttpApi:
             return _json_error(invalid_argument("body", "not valid JSON"))
         except RecursionError:  # the JSON decoder's own depth limit
             return _json_error(invalid_argument("body", "JSON nested too deeply"))
+        try:
+            # JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no text protobuf or a
+            # log line can carry. Refused here, once for the whole body, before any field is read.
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return _json_error(
+                invalid_argument("body", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send text")
+            )
+        except RecursionError:
+            return _json_error(invalid_argument("body", "JSON nested too deeply"))
         how: dict = {}
 
         def parse():

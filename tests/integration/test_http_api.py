@@ -174,6 +174,21 @@ def test_body_over_the_size_budget_is_refused(http_stack):
     assert status in (413, 429) and "error" in json.loads(out)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"messages": [{"role": "user", "content": "\\ud800 lone"}]}',  # valid JSON, not text
+        b'{"messages": [{"role": "user", "content": "hi"}], "\\udfff": 1}',
+        b"[" * 50_000 + b"]" * 50_000,  # deeper than the decoder goes
+    ],
+)
+def test_bodies_that_are_json_but_not_text_are_a_400(http_stack, body):
+    s, k = http_stack
+    status, _, out = raw(s, "POST", "/v1/chat/completions", body, {"authorization": f"Bearer {k['good']}"})
+    assert status == 400, out[:300]
+    assert json.loads(out)["error"]["param"] == "body"
+
+
 def test_no_worker_is_503(tmp_path):
     cfg = make_config("synthetic")
     s = build_stack(tmp_path, cfg)
