@@ -214,3 +214,15 @@ def check_call(stub, request, md, timeout):
             sum(r.delta.tokens for r in out if r.WhichOneof("event") == "delta") == out[-1].done.usage.completion_tokens
         )
     return code
+
+
+def leases_in_use(stub, md, timeout_s: float = 5.0) -> dict[str, int]:
+    """Concurrent-stream leases the caller's budgets hold ({scope: count}), polled until all are 0 or
+    ``timeout_s`` passes (settles are written in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        q = stub.GetQuota(gpb.GetQuotaRequest(), metadata=md, timeout=5)
+        in_use = {b.scope: b.concurrent_streams_in_use for b in q.budgets}
+        if all(v == 0 for v in in_use.values()) or time.monotonic() > deadline:
+            return in_use
+        time.sleep(0.1)

@@ -20,8 +20,6 @@ instead of the reproducible default sequence.
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from hypothesis import given, settings
@@ -37,6 +35,7 @@ from tests.adversarial import (
     CanaryLoop,
     check_call,
     credentials,
+    leases_in_use,
     metadata_for,
     requests,
     timeouts,
@@ -119,13 +118,7 @@ def test_after_the_storm_nothing_leaked(hostile):
     assert canary.completed >= 3, "the canary hardly ran"
     print(f"\n{hostile['calls']} hostile calls: {hostile['codes']}; {canary.completed} canary streams, all exact")
     md = [("authorization", f"Bearer {key}")]
-    deadline = time.monotonic() + 5
-    while True:  # settles are written in the background
-        q = stub.GetQuota(gpb.GetQuotaRequest(), metadata=md, timeout=5)
-        in_use = {b.scope: b.concurrent_streams_in_use for b in q.budgets}
-        if all(v == 0 for v in in_use.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    in_use = leases_in_use(stub, md)
     assert in_use == {"key": 0, "tenant": 0}, in_use
     load, _ = s.wait_worker_idle(5)
     assert load.active_requests == 0 and load.engine_unfinished_requests == 0

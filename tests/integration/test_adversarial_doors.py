@@ -35,6 +35,7 @@ from tests.adversarial import (
     check_call,
     credentials,
     json_value,
+    leases_in_use,
     metadata_for,
     odd_text,
     requests,
@@ -404,13 +405,7 @@ def test_after_the_storm_nothing_leaked(doors):
     assert not canary.failures, canary.failures[:5]
     assert canary.completed >= 3, "the canary hardly ran"
     print(f"\n{calls}; {len(doors['jobs'])} jobs accepted; {canary.completed} canary streams, all exact")
-    deadline = time.monotonic() + 5
-    while True:  # settles are written in the background
-        q = stub.GetQuota(gpb.GetQuotaRequest(), metadata=md, timeout=5)
-        in_use = {b.scope: b.concurrent_streams_in_use for b in q.budgets}
-        if all(v == 0 for v in in_use.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    in_use = leases_in_use(stub, md)
     assert in_use == {"key": 0, "tenant": 0}, in_use
     deadline = time.monotonic() + 5
     while stock_running(doors["stock"]) and time.monotonic() < deadline:
