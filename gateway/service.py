@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import NoReturn
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc
 
 from gateway import sessions as sessions_mod
 from gateway import validation
@@ -37,6 +39,25 @@ from igw_common.config import GatewayConfig, QuotaLimits
 
 def _headers(context) -> tuple[tuple[str, str], ...]:
     return tuple(context.invocation_metadata() or ())
+
+
+# gRPC's error for a batch the core refused because the call had already ended. It is not public API, so
+# a grpc without it makes the except clause below catch nothing (the traceback comes back, nothing breaks).
+_CALL_ENDED_IN_CORE = getattr(cygrpc, "ExecuteBatchError", ())
+
+
+async def _abort(context, err: RpcError) -> NoReturn:
+    """End the call with ``err``'s status (and its rich details).
+
+    When the client's deadline passes, gRPC's core ends the call at the same moment our own deadline
+    raises DEADLINE_EXCEEDED, so the status can meet a call that is already over: sending it then fails
+    with ExecuteBatchError, which gRPC logs with a traceback unless it has seen the close first. The
+    client has its status from the core either way; end the handler as a cancelled call, quietly.
+    """
+    try:
+        await context.abort_with_status(err.to_status())
+    except _CALL_ENDED_IN_CORE:
+        raise asyncio.CancelledError from None
 
 
 class GatewayService(gpb_grpc.GatewayServicer):
@@ -84,7 +105,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                             )
                         )
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
 
     async def GetQuota(self, request, context):
         try:
@@ -92,11 +113,9 @@ class GatewayService(gpb_grpc.GatewayServicer):
             budgets = [b for b in self.core.budgets(principal) if b.limits != QuotaLimits()]
             left = await self.core.quotas.remaining(budgets) if budgets else []
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
         except StoreUnavailable:
-            await context.abort_with_status(
-                unavailable("the quota store is unreachable; retry shortly", 1.0).to_status()
-            )
+            await _abort(context, unavailable("the quota store is unreachable; retry shortly", 1.0))
         return gpb.GetQuotaResponse(
             tenant=principal.tenant,
             budgets=[
@@ -127,7 +146,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 raise request.error()
             stored = await self.sessions.get(_headers(context), request.session_id)
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
         return sessions_mod.to_proto(request.session_id, stored)
 
     async def DeleteSession(self, request, context):
@@ -136,7 +155,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 raise request.error()
             await self.sessions.delete(_headers(context), request.session_id)
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
         return gpb.DeleteSessionResponse()
 
     # --- background jobs -------------------------------------------------------------------------
@@ -156,7 +175,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 raise request.error()
             return await self._jobs().submit(_headers(context), request)
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
 
     async def GetJob(self, request, context):
         try:
@@ -164,7 +183,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 raise request.error()
             return await self._jobs().get(_headers(context), request.job_id)
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
 
     async def WatchJob(self, request, context):
         try:
@@ -174,13 +193,13 @@ class GatewayService(gpb_grpc.GatewayServicer):
                 async for ev in events:
                     yield ev
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
 
     async def ListModels(self, request, context):
         try:
             self.core.auth.authenticate(_headers(context))  # the catalog is for callers only
         except RpcError as err:
-            await context.abort_with_status(err.to_status())
+            await _abort(context, err)
         workers = self.core.workers
         default = workers.default_model()
         return gpb.ListModelsResponse(
