@@ -244,7 +244,8 @@ def report_md(results: dict) -> str:
         "# Gateway benchmark",
         "",
         f"{results['machine']}; {results['mode']} mode; "
-        f"each figure is the median of {results['rounds']} rounds, paths in rotating order.",
+        f"each figure is the median of {results['rounds']} rounds, paths in rotating order; "
+        f"measured {results.get('date', '')}, sections: {', '.join(results.get('sections', []))}.",
         "",
     ]
     for name, title in TITLES.items():
@@ -289,7 +290,7 @@ def report_md(results: dict) -> str:
                     f"| {c} | {r['tokens_per_s']} | {r['ttft_p50']} | {r['ttft_p99']} | "
                     f"{r['cpu_per_token']} | {r['peak_rss']} |"
                 )
-        lines += ["", results[name]["setup"], ""]
+        lines += ["", f"{results[name]['setup']} Measured {results.get('date', '')}.", ""]
     if "typist" in results:
         lines += [
             "## As-you-type completion (supersession)",
@@ -302,16 +303,27 @@ def report_md(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _by_heading(body: str) -> tuple[str, dict[str, str]]:
+    """Split markdown into what comes before the first ``### `` heading and {heading: its text}."""
+    parts = ("\n" + body).split("\n### ")
+    return parts[0].strip(), {p.split("\n", 1)[0]: "### " + p.strip() for p in parts[1:]}
+
+
 def write_docs(page: Path, report: str) -> None:
-    """Replace what is between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in ``page`` with the
-    report's tables (the prose around them is written by hand and stays)."""
+    """Put the report's tables between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in ``page``
+    (the prose around them is written by hand and stays). A table of a section this run did not measure
+    (``--only``) keeps its earlier text; the lead line says which sections this run measured."""
     text = page.read_text()
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
     head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    body = report.split("\n", 1)[1].strip()  # without the report's own title
-    body = body.replace("\n## ", "\n### ")
-    page.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    old, _, tail = rest.partition(end)
+    body = report.split("\n", 1)[1].strip().replace("\n## ", "\n### ")  # without the report's title
+    lead, new = _by_heading(body)
+    _, kept = _by_heading(old.strip())
+    order = [f"{t}" for t in list(TITLES.values()) + ["As-you-type completion (supersession)"]]
+    merged = {**kept, **new}
+    sections = [merged[t] for t in order if t in merged]  # a heading no longer written is dropped
+    page.write_text(f"{head}{begin}\n{lead}\n\n" + "\n\n".join(sections) + f"\n{end}{tail}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -357,6 +369,9 @@ def section(
         checkpoint(results)
 
 
+# What --only can choose, in the order a full run takes them ("vllm" includes the typist).
+SECTIONS = ("synthetic", "intervals", "processes", "vllm", "peer-synthetic", "peer-vllm")
+
 SMG_NOTE = (
     " SMG speaks OpenAI HTTP/SSE to its client (one JSON chunk per token over HTTP/1.1), our gateway "
     "gRPC (one protobuf message per token over HTTP/2, through Envoy): each is measured on its own "
@@ -376,7 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-target", help="Envoy of that stack")
     p.add_argument("--stock-vllm", help="a running stock vLLM gRPC server (else one is started)")
     p.add_argument("--docs", type=Path, help="also put the tables into this page, between its bench markers")
+    p.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        default=list(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all); with --docs, the "
+        "page's tables of the other sections stay as they were",
+    )
     args = p.parse_args(argv)
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    want = set(args.only)
 
     short = args.short
     rounds = 1 if short else 3
@@ -384,36 +410,46 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "short" if short else "full",
         "rounds": rounds,
         "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "date": time.strftime("%Y-%m-%d"),
     }
+    results["sections"] = [
+        n
+        for n in SECTIONS
+        if n in want
+        and not (short and n in ("intervals", "processes"))
+        and not (args.skip_vllm and n in ("vllm", "peer-vllm"))
+        and not (args.skip_peer and n.startswith("peer"))
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     global CHECKPOINT
     CHECKPOINT = args.out / "report.json"
     work = Path(tempfile.mkdtemp(prefix="igw-bench-"))
 
     # 1. Our worker protocol at full speed.
-    levels, tokens = ([1, 16], 16) if short else ([1, 16, 64, 256], 64)
-    print(f"synthetic: 1000 tokens/s per stream, max_tokens={tokens}, streams {levels}", flush=True)
-    (work / "synthetic").mkdir()
-    s = Stack("synthetic", work / "synthetic", synthetic_rate=1000.0)
-    try:
-        s.start()
-        section(
-            results,
-            "synthetic",
-            s,
-            levels,
-            tokens,
-            rounds,
-            short,
-            with_gateway_alone=True,
-            setup=f"Synthetic worker at 1000 tokens/s per stream (1 ms engine steps), {tokens} tokens per "
-            "request, requests per level = max(2 x streams, 16).",
-        )
-    finally:
-        s.stop()
+    if "synthetic" in want:
+        levels, tokens = ([1, 16], 16) if short else ([1, 16, 64, 256], 64)
+        print(f"synthetic: 1000 tokens/s per stream, max_tokens={tokens}, streams {levels}", flush=True)
+        (work / "synthetic").mkdir()
+        s = Stack("synthetic", work / "synthetic", synthetic_rate=1000.0)
+        try:
+            s.start()
+            section(
+                results,
+                "synthetic",
+                s,
+                levels,
+                tokens,
+                rounds,
+                short,
+                with_gateway_alone=True,
+                setup=f"Synthetic worker at 1000 tokens/s per stream (1 ms engine steps), {tokens} tokens per "
+                "request, requests per level = max(2 x streams, 16).",
+            )
+        finally:
+            s.stop()
 
     # 1b. What the stream interval and more gateway processes do (full mode: the machine's time is long).
-    if not short:
+    if not short and "intervals" in want:
         (work / "intervals").mkdir()
         s = Stack("synthetic", work / "intervals", synthetic_rate=1000.0)
         try:
@@ -435,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint(results)
         finally:
             s.stop()
+    if not short and "processes" in want:
         results["processes"] = {
             "scenarios": {256: {}},
             "setup": (
@@ -462,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 s.stop()
 
     # 2. Our vLLM worker, and the typist.
-    if not args.skip_vllm:
+    if not args.skip_vllm and "vllm" in want:
         vlevels, vtokens = ([1, 8], 16) if short else ([1, 8, 32], 64)
         v = None
         if args.vllm_worker and args.vllm_target:
@@ -496,32 +533,33 @@ def main(argv: list[str] | None = None) -> int:
                 v.stop()
 
     # 3. and 4. The peer gateway (SMG) against ours, in front of the same vLLM gRPC servers.
-    if not args.skip_peer:
+    if not args.skip_peer and want & {"peer-synthetic", "peer-vllm"}:
         from inference import embedded_model
 
         folder = str(embedded_model.prepare())
         plevels, ptokens = ([1, 16], 16) if short else ([1, 64, 256], 64)
-        print(f"peer-synthetic: {PEER_RATE:g} tokens/s per stream, streams {plevels}", flush=True)
-        (work / "peer-synthetic").mkdir()
-        s = Stack("synthetic", work / "peer-synthetic", synthetic_rate=PEER_RATE, protocol="vllm-grpc")
-        try:
-            s.start()
-            prompts = peer.chat_prompts(folder, max(max(plevels) * (1 if short else 2), 16))
-            section(
-                results,
-                "peer-synthetic",
-                s,
-                plevels,
-                ptokens,
-                rounds,
-                short,
-                prompts=prompts,
-                setup=f"Synthetic engine behind vllm_engine.proto at {PEER_RATE:g} tokens/s per stream (its "
-                f"ceiling on 2 cores is ~8,500 tokens/s), {ptokens} tokens per request." + SMG_NOTE,
-            )
-        finally:
-            s.stop()
-        if not args.skip_vllm:
+        if "peer-synthetic" in want:
+            print(f"peer-synthetic: {PEER_RATE:g} tokens/s per stream, streams {plevels}", flush=True)
+            (work / "peer-synthetic").mkdir()
+            s = Stack("synthetic", work / "peer-synthetic", synthetic_rate=PEER_RATE, protocol="vllm-grpc")
+            try:
+                s.start()
+                prompts = peer.chat_prompts(folder, max(max(plevels) * (1 if short else 2), 16))
+                section(
+                    results,
+                    "peer-synthetic",
+                    s,
+                    plevels,
+                    ptokens,
+                    rounds,
+                    short,
+                    prompts=prompts,
+                    setup=f"Synthetic engine behind vllm_engine.proto at {PEER_RATE:g} tokens/s per stream (its "
+                    f"ceiling on 2 cores is ~8,500 tokens/s), {ptokens} tokens per request." + SMG_NOTE,
+                )
+            finally:
+                s.stop()
+        if not args.skip_vllm and "peer-vllm" in want:
             vlevels, vtokens = ([1, 4], 16) if short else ([1, 8, 32], 64)
             print("peer-vllm: vLLM's stock gRPC server ...", flush=True)
             (work / "peer-vllm").mkdir()
