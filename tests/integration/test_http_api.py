@@ -175,6 +175,25 @@ def test_body_over_the_size_budget_is_refused(http_stack):
 
 
 @pytest.mark.parametrize(
+    "method, path, status, code",
+    [
+        ("GET", "/v1/nope/" + "x" * 3000, 404, "unknown_route"),
+        ("PUT", "/v1/chat/completions", 405, "method_not_allowed"),
+        ("GET", "/v1/completions", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_routes_and_methods_get_openai_errors(http_stack, method, path, status, code):
+    s, k = http_stack
+    got, hdrs, out = raw(s, method, path, b"{}", {"authorization": f"Bearer {k['good']}"})
+    assert got == status and hdrs["content-type"].startswith("application/json"), out[:300]
+    err = json.loads(out)["error"]
+    assert err["code"] == code and err["type"] == "invalid_request_error"
+    assert "x" * 100 not in err["message"] and len(out) < 1_000  # the client's path is not echoed
+    if status == 405:
+        assert "POST" in hdrs["allow"] and "POST" in err["message"]
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b'{"messages": [{"role": "user", "content": "\\ud800 lone"}]}',  # valid JSON, not text
