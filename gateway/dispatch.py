@@ -367,7 +367,7 @@ class Dispatcher:
                             turn.answer.append(update.text)
                         yield Delta(update.text, update.tokens)
                         if interval:  # let the next steps merge into one message
-                            await self.pacer.wait(interval, stream)
+                            await self.pacer.after_send(interval, stream, loop.time())
         except Superseded:
             err = superseded(_usage_trailers(stream) if stream is not None else ())
             rec.code, rec.reason = err.code, err.reason

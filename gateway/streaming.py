@@ -21,13 +21,21 @@ _COMPACT_AT = 32
 
 
 class Pacer:
-    """Clock for streams that merge engine steps (``stream_interval_ms``): after sending a delta, a stream
-    waits for the next tick of its interval before it takes the next one, so the steps in between arrive
-    as one message. One timer per interval value for all streams, not one per stream; a stream that ends
-    meanwhile stops waiting at once (its last text and ``done`` never wait for a tick)."""
+    """Clock for streams that merge engine steps (``stream_interval_ms``): a delta that comes less than an
+    interval after the stream's last message waits for the next tick of that interval, so the steps in
+    between arrive as one message; one that comes later goes out at once (a stream slower than its
+    interval costs no timer wakeup per token). One timer per interval value for all streams, not one per
+    stream; a stream that ends meanwhile stops waiting at once (its last text and ``done`` never wait)."""
 
     def __init__(self):
         self._waiters: dict[float, list[asyncio.Future]] = {}
+
+    async def after_send(self, interval_s: float, stream: "RequestStream", sent_at: float) -> None:
+        """Return when the stream may take its next update, its last message having gone out at ``sent_at``
+        (the loop's clock)."""
+        await stream.ready()
+        if asyncio.get_running_loop().time() - sent_at < interval_s:
+            await self.wait(interval_s, stream)
 
     async def wait(self, interval_s: float, stream: "RequestStream") -> None:
         if stream.finished:
@@ -154,6 +162,12 @@ class RequestStream:
         return self._final is not None
 
     # --- core side -----------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Until there is something to take: the acceptance, text or the end."""
+        while self._accepted is None and not self._text and not self._tokens and self._final is None:
+            self._wake.clear()
+            await self._wake.wait()
 
     async def next(self) -> Update:
         """The next thing to send: acceptance, then merged text, then the end."""

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from gateway.streaming import RequestStream
+from gateway.streaming import Pacer, RequestStream
 
 
 class FakeClaim:
@@ -79,3 +79,62 @@ async def test_inter_token_latency_is_observed_per_token_as_it_arrives():
     await asyncio.sleep(0.02)
     s.on_delta("bc", 2)
     assert len(seen) == 2 and all(0.005 < v < 0.5 for v in seen)
+
+
+class CountingPacer(Pacer):
+    def __init__(self):
+        super().__init__()
+        self.waits = 0
+
+    async def wait(self, interval_s, stream):
+        self.waits += 1
+        await super().wait(interval_s, stream)
+
+
+async def _paced_reader(pacer: Pacer, s: RequestStream, interval_s: float) -> list[int]:
+    """The core's loop in small: take an update, send it, let the pacer hold the next one back."""
+    loop, sizes = asyncio.get_running_loop(), []
+    while True:
+        u = await s.next()
+        if u.finish_reason:
+            return sizes
+        sizes.append(u.tokens)
+        await pacer.after_send(interval_s, s, loop.time())
+
+
+async def test_pacer_merges_steps_faster_than_the_interval():
+    pacer, s = CountingPacer(), RequestStream(max_tokens=200, cost_tokens=300)
+    reader = asyncio.ensure_future(_paced_reader(pacer, s, 0.025))
+    for _ in range(120):  # 1 ms engine steps for about 120 ms (more on a loaded machine)
+        s.on_delta("t", 1)
+        await asyncio.sleep(0.001)
+    s.on_finished("length", 1)
+    sizes = await reader
+    assert sum(sizes) == 120 and sizes[0] == 1  # every token, and the first one at once, alone
+    assert len(sizes) < 30 and max(sizes) > 1  # merged: far fewer messages than steps
+    assert pacer.waits >= len(sizes) - 1  # each later message waited for a tick
+
+
+async def test_pacer_costs_no_tick_when_steps_are_slower_than_the_interval():
+    pacer, s = CountingPacer(), RequestStream(max_tokens=20, cost_tokens=30)
+    reader = asyncio.ensure_future(_paced_reader(pacer, s, 0.005))
+    for _ in range(8):
+        s.on_delta("t", 1)
+        await asyncio.sleep(0.03)  # six intervals between steps
+    s.on_finished("length", 1)
+    assert await reader == [1] * 8 and pacer.waits == 0
+
+
+async def test_pacer_lets_the_end_out_without_waiting_for_a_tick():
+    pacer, s = Pacer(), RequestStream(max_tokens=20, cost_tokens=30)
+    loop = asyncio.get_running_loop()
+    s.on_delta("a", 1)
+    await s.next()
+    sent = loop.time()
+    held = asyncio.ensure_future(pacer.after_send(1.0, s, sent))  # a 1 s interval
+    await asyncio.sleep(0.01)
+    s.on_delta("b", 1)  # within the interval: held for the tick
+    await asyncio.sleep(0.01)
+    assert not held.done()
+    s.on_finished("stop", 1)
+    await asyncio.wait_for(held, 0.5)  # released by the end, long before the tick
