@@ -64,6 +64,10 @@ class Session:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.abort_reasons: dict[str, str] = {}
         self._outbox: list[pb.Event] = []
+        # The delta of each request waiting in the outbox: a step that comes before the frame holding it has
+        # gone out (the gateway reads slower than the engine steps) is added to it, so the outbox holds at
+        # most one delta per request, not one per step, and the gateway handles one event for those steps.
+        self._unsent_deltas: dict[str, pb.TokenDelta] = {}
         self._wake = asyncio.Event()
         self._reader_done = False
         self._seq = 0
@@ -155,7 +159,7 @@ class Session:
                     completion += step.tokens
                     self.counters.completion_tokens_total += step.tokens
                     if step.tokens or step.text:
-                        self._emit(pb.Event(request_id=rid, delta=pb.TokenDelta(text=step.text, tokens=step.tokens)))
+                        self._emit_delta(rid, step.text, step.tokens)
                     if step.finish_reason is not None:
                         span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
                         span.set_attribute("gen_ai.usage.output_tokens", completion)
@@ -214,6 +218,16 @@ class Session:
         self._outbox.append(event)
         self._wake.set()
 
+    def _emit_delta(self, rid: str, text: str, tokens: int) -> None:
+        unsent = self._unsent_deltas.get(rid)
+        if unsent is not None:  # its previous step has not gone out yet: one delta for both
+            unsent.text += text
+            unsent.tokens += tokens
+            return
+        event = pb.Event(request_id=rid, delta=pb.TokenDelta(text=text, tokens=tokens))
+        self._unsent_deltas[rid] = event.delta
+        self._emit(event)
+
     async def frames(self) -> AsyncIterator[pb.WorkerFrame]:
         """One frame per engine step.
 
@@ -227,6 +241,7 @@ class Session:
             await asyncio.sleep(0)
             if self._outbox:
                 events, self._outbox = self._outbox, []
+                self._unsent_deltas = {}
                 self._seq += 1
                 self.counters.frames_sent_total += 1
                 yield pb.WorkerFrame(events=events, seq=self._seq)
