@@ -270,7 +270,7 @@ def report_md(results: dict) -> str:
                 cpu = ""
                 if "proxy_cpu_s_per_1k_tokens" in m:
                     cpu = f"{m['proxy_cpu_s_per_1k_tokens']}"
-                    if p == "envoy+gateway":
+                    if p.startswith("envoy+gateway"):  # one gateway process: its own share
                         cpu += f" ({m['proxy_cpu_s_per_1k_tokens_first']})"
                 lines.append(
                     f"| {c} | {p} | {m['tokens_per_s']:.0f} | {m.get('tokens_per_s_vs_direct') or ''} | "
