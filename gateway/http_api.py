@@ -64,18 +64,11 @@ def _sse(data) -> bytes:
 _ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET and DELETE /v1/sessions/{session_id}"
 
 
-def _openai_errors(max_request_bytes: int):
-    """aiohttp answers an unknown path, a wrong method and an oversized body itself, in plain text; OpenAI
-    clients parse a JSON error. The client's path and method are not echoed (they are unbounded)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        return await _answer_as_json(request, handler, max_request_bytes)
-
-    return middleware
-
-
-async def _answer_as_json(request: web.Request, handler, max_request_bytes: int):
+@web.middleware
+async def _openai_errors(request: web.Request, handler):
+    """aiohttp answers an unknown path and a wrong method itself, in plain text; OpenAI clients parse a
+    JSON error. The client's path and method are not echoed (they are unbounded). (A body over the limit
+    is answered by ``_run``, which reads it.)"""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -88,9 +81,6 @@ async def _answer_as_json(request: web.Request, handler, max_request_bytes: int)
             allowed = exc.headers.get("Allow", "")
             headers["Allow"] = allowed
             message, code = f"method not allowed on this route; allowed: {allowed}", "method_not_allowed"
-        elif exc.status == 413:
-            message = f"body: over the {max_request_bytes}-byte limit (limits.max_request_bytes)"
-            code = "body_too_large"
         else:
             message, code = exc.reason, exc.reason.lower().replace(" ", "_")
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
@@ -102,9 +92,7 @@ class HttpApi:
         self.cfg = cfg
         self.core = core
         self.serving = True
-        self.app = web.Application(
-            client_max_size=cfg.limits.max_request_bytes, middlewares=[_openai_errors(cfg.limits.max_request_bytes)]
-        )
+        self.app = web.Application(client_max_size=cfg.limits.max_request_bytes, middlewares=[_openai_errors])
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.models)
