@@ -70,6 +70,7 @@ class Job:
     trace_context: dict[str, str] = field(default_factory=dict)
     prompt: str = ""  # a raw prompt instead of messages (no chat template)
     suffix: str = ""  # fill-in-the-middle: the text after the cursor
+    stream_interval_ms: int = 0  # at most one delta per this many ms (0 = per engine step)
 
 
 class Claim:
@@ -119,6 +120,9 @@ class Connection:
     ``cancel()``."""
 
     protocol = ""
+    # Whether the worker merges a request's steps to its stream interval itself (Submit.stream_interval_ms);
+    # if not, the request core's Pacer does it on the way to the client.
+    paces_deltas = False
 
     def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
         self.address = address
@@ -285,6 +289,7 @@ class WorkerConnection(Connection):
     """A worker speaking our Session protocol (``inference.v1``)."""
 
     protocol = "igw"
+    paces_deltas = True
 
     def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
         super().__init__(address, cfg, metrics, pool)
@@ -396,6 +401,7 @@ class WorkerConnection(Connection):
             trace_context=job.trace_context,
             prompt=job.prompt,
             suffix=job.suffix,
+            stream_interval_ms=job.stream_interval_ms,
         )
         size = submit.ByteSize() + 8  # + its tag and length inside GatewayMessage
         if size > self.max_message_bytes - 1024:

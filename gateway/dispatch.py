@@ -264,6 +264,9 @@ class Dispatcher:
                 affinity=affinity_key(principal.tenant, valid.session_id, texts),
                 pool=self.placement.choose_pool(model, sticky),
             )
+            interval_ms = (
+                valid.stream_interval_ms if valid.stream_interval_ms is not None else self.cfg.stream_interval_ms
+            )
             job = Job(
                 model=model,
                 messages=valid.messages,
@@ -271,11 +274,10 @@ class Dispatcher:
                 deadline=deadline,
                 prompt=valid.prompt,
                 suffix=valid.suffix,
+                stream_interval_ms=interval_ms,
             )
             started_sent = first_token = False
-            interval = (
-                valid.stream_interval_ms if valid.stream_interval_ms is not None else self.cfg.stream_interval_ms
-            ) / 1000
+            interval = interval_ms / 1000
             while True:  # once, plus once per retry after a worker failed before answering
                 if holder is not None:
                     if holder.superseded:
@@ -366,7 +368,7 @@ class Dispatcher:
                         if turn is not None:
                             turn.answer.append(update.text)
                         yield Delta(update.text, update.tokens)
-                        if interval:  # let the next steps merge into one message
+                        if interval and not worker.paces_deltas:  # let the next steps merge into one message
                             await self.pacer.after_send(interval, stream, loop.time())
         except Superseded:
             err = superseded(_usage_trailers(stream) if stream is not None else ())

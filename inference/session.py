@@ -28,6 +28,9 @@ from inference.v1 import worker_pb2 as pb
 
 log = logging.getLogger("inference.session")
 
+# Submit.stream_interval_ms is capped here, whatever the gateway sends (it caps it the same way).
+MAX_STREAM_INTERVAL_MS = 1000
+
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
@@ -68,6 +71,12 @@ class Session:
         # gone out (the gateway reads slower than the engine steps) is added to it, so the outbox holds at
         # most one delta per request, not one per step, and the gateway handles one event for those steps.
         self._unsent_deltas: dict[str, pb.TokenDelta] = {}
+        # Pacing (Submit.stream_interval_ms): a request's delta that comes less than its interval after its
+        # previous one is held here, still taking the steps that follow, until the interval is up.
+        self._intervals: dict[str, float] = {}  # seconds, only for requests that asked for one
+        self._last_delta_at: dict[str, float] = {}  # when each paced request's last delta went out
+        self._held: dict[str, pb.Event] = {}
+        self._release: asyncio.TimerHandle | None = None  # one timer for all held deltas, at the earliest due
         self._wake = asyncio.Event()
         self._reader_done = False
         self._seq = 0
@@ -92,6 +101,8 @@ class Session:
             # touching the running request (whose id it is).
             log.error("session %d: request id %r is empty or already running; submit refused", self.id, rid[:40])
             return
+        if sub.stream_interval_ms:
+            self._intervals[rid] = min(sub.stream_interval_ms, MAX_STREAM_INTERVAL_MS) / 1000
         self.tasks[rid] = asyncio.create_task(self._run(sub), name=f"request {rid}")
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -206,6 +217,8 @@ class Session:
             self.tasks.pop(rid, None)
             self.abort_reasons.pop(rid, None)
             self.abort_started.pop(rid, None)
+            self._intervals.pop(rid, None)
+            self._last_delta_at.pop(rid, None)
             self._wake.set()
 
     def _aborted(self, rid: str, completion: int, reason: str) -> None:
@@ -215,6 +228,9 @@ class Session:
     # --- outgoing -------------------------------------------------------------
 
     def _emit(self, event: pb.Event) -> None:
+        held = self._held.pop(event.request_id, None)
+        if held is not None:  # the request ends: its held text goes first, in the same frame
+            self._outbox.append(held)
         self._outbox.append(event)
         self._wake.set()
 
@@ -226,7 +242,39 @@ class Session:
             return
         event = pb.Event(request_id=rid, delta=pb.TokenDelta(text=text, tokens=tokens))
         self._unsent_deltas[rid] = event.delta
+        interval = self._intervals.get(rid)
+        if interval is not None:
+            now = asyncio.get_running_loop().time()
+            last = self._last_delta_at.get(rid)
+            if last is not None and now - last < interval:
+                self._held[rid] = event
+                due = last + interval
+                if self._release is None or due < self._release.when():
+                    if self._release is not None:
+                        self._release.cancel()
+                    self._release = asyncio.get_running_loop().call_at(due, self._release_held)
+                return
+            self._last_delta_at[rid] = now
         self._emit(event)
+
+    def _release_held(self) -> None:
+        """Send the held deltas whose interval is up (within a millisecond, so deltas due together share a
+        frame); wait again for the rest."""
+        self._release = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        next_due = None
+        for rid, event in list(self._held.items()):
+            due = self._last_delta_at[rid] + self._intervals[rid]
+            if due <= now + 0.001:
+                del self._held[rid]
+                self._last_delta_at[rid] = now
+                self._outbox.append(event)
+            elif next_due is None or due < next_due:
+                next_due = due
+        if next_due is not None:
+            self._release = loop.call_at(next_due, self._release_held)
+        self._wake.set()
 
     async def frames(self) -> AsyncIterator[pb.WorkerFrame]:
         """One frame per engine step.
@@ -241,7 +289,8 @@ class Session:
             await asyncio.sleep(0)
             if self._outbox:
                 events, self._outbox = self._outbox, []
-                self._unsent_deltas = {}
+                # Deltas still held stay open to the next steps; those in this frame are closed.
+                self._unsent_deltas = {rid: ev.delta for rid, ev in self._held.items()}
                 self._seq += 1
                 self.counters.frames_sent_total += 1
                 yield pb.WorkerFrame(events=events, seq=self._seq)

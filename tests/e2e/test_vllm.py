@@ -78,6 +78,28 @@ def test_streams_deltas_then_done_through_envoy(vllm_stack, tokenizer):
     assert done.timings.total_ms > 0
 
 
+def test_stream_interval_merges_vllm_steps_at_the_worker(vllm_stack):
+    """Temperature 0, the same request asking for every step and for a delta per 250 ms: the same text and
+    token count, the first token alone and at once, and only about one delta per 250 ms."""
+    stub = vllm_stack.gateway_stub("envoy")
+    runs = {}
+    for interval_ms in (0, 250):
+        req = gpb.ExecuteRequest(
+            task="Write a Python function that reverses a string.",
+            sampling=gpb.SamplingParams(max_tokens=48, temperature=0),
+        )
+        req.stream_interval_ms = interval_ms
+        events, text, done = collect(stub, req)
+        runs[interval_ms] = ([r.delta.tokens for _, k, r in events if k == "delta"], text, done)
+    every, every_text, every_done = runs[0]
+    paced, paced_text, paced_done = runs[250]
+    assert paced_text == every_text and paced_done.usage.completion_tokens == every_done.usage.completion_tokens
+    assert sum(paced) == paced_done.usage.completion_tokens
+    assert paced[0] == 1
+    generating_s = (paced_done.timings.total_ms - paced_done.timings.ttft_ms) / 1000
+    assert len(paced) <= generating_s / 0.25 + 3 and len(paced) < len(every)
+
+
 def test_chat_messages_use_the_model_chat_template(vllm_stack, tokenizer):
     stub = vllm_stack.gateway_stub("envoy")
     messages = [

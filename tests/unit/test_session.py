@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from igw_common.config import SyntheticConfig
 from inference.session import Counters, Session
@@ -13,9 +14,12 @@ MODEL = "m"
 TOKENS = 60
 
 
-async def _collect(pause_s: float) -> tuple[dict[str, str], dict[str, int], dict[str, int], int]:
-    """Three requests of TOKENS tokens at 1 ms steps; frames read with ``pause_s`` between them.
-    Returns text, tokens and delta events per request, and the number of frames."""
+async def _collect(
+    pause_s: float, intervals_ms: tuple[int, int, int] = (0, 0, 0), arrivals: dict | None = None
+) -> tuple[dict[str, str], dict[str, int], dict[str, int], int]:
+    """Three requests of TOKENS tokens at 1 ms steps, asking for ``intervals_ms`` between deltas; frames read
+    with ``pause_s`` between them. Returns text, tokens and delta events per request, and the number of
+    frames; ``arrivals`` gets each request's delta (time, tokens) and its end time."""
     engine = SyntheticEngine(MODEL, SyntheticConfig(tokens_per_s=1000, text="a b c "))
     session = Session(1, engine, Counters())
 
@@ -27,6 +31,7 @@ async def _collect(pause_s: float) -> tuple[dict[str, str], dict[str, int], dict
                     model=MODEL,
                     messages=[pb.ChatMessage(role="user", content="hi")],
                     sampling=pb.Sampling(max_tokens=TOKENS),
+                    stream_interval_ms=intervals_ms[i],
                 )
                 for i in range(3)
             ]
@@ -40,6 +45,10 @@ async def _collect(pause_s: float) -> tuple[dict[str, str], dict[str, int], dict
     async for frame in session.frames():
         frames += 1
         for ev in frame.events:
+            if arrivals is not None and not ev.HasField("accepted"):
+                arrivals.setdefault(ev.request_id, []).append(
+                    (time.monotonic(), ev.delta.tokens if ev.HasField("delta") else None)
+                )
             if ev.HasField("delta"):
                 text[ev.request_id] = text.get(ev.request_id, "") + ev.delta.text
                 tokens[ev.request_id] = tokens.get(ev.request_id, 0) + ev.delta.tokens
@@ -68,3 +77,22 @@ async def test_a_reader_that_keeps_up_gets_every_step():
     text, tokens, deltas, frames = await _collect(pause_s=0)
     for rid in text:
         assert tokens[rid] == TOKENS and deltas[rid] >= TOKENS // 2  # nothing was held back to merge
+
+
+async def test_a_paced_request_gets_a_delta_per_interval_and_its_first_token_at_once():
+    arrivals: dict = {}
+    text, tokens, deltas, _ = await _collect(pause_s=0, intervals_ms=(20, 0, 1000), arrivals=arrivals)
+    expected = ("a b c " * TOKENS)[: len("a b c ") * TOKENS // 3]
+    for rid in ("r0", "r1", "r2"):
+        assert tokens[rid] == TOKENS and text[rid] == expected  # merged, never lost or reordered
+        assert arrivals[rid][-1][1] is None  # the end comes after all of the text
+    paced = arrivals["r0"]
+    assert paced[0][1] == 1  # the first token is not held back
+    assert 3 <= deltas["r0"] <= 6  # 60 steps of 1 ms at 20 ms: about 4 deltas, not 60
+    # Between deltas; the last one goes out with the end, which is never held back.
+    steady = paced[:-2]
+    gaps = [b[0] - a[0] for a, b in zip(steady, steady[1:])]
+    assert min(gaps) >= 0.015
+    assert deltas["r1"] >= TOKENS // 2  # a request without an interval beside it still gets every step
+    # An interval longer than the request: its first token at once, the rest with the end, not a second later.
+    assert deltas["r2"] == 2 and arrivals["r2"][-1][0] - arrivals["r2"][0][0] < 0.5
