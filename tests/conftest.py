@@ -13,32 +13,20 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import RedisServer, build_stack, make_config
+from tests.helpers import RedisServer, build_stack, make_config, running_stack
 
 
 @pytest.fixture(scope="session")
 def vllm_stack(tmp_path_factory):
-    s = build_stack(tmp_path_factory.mktemp("vllm-stack"), make_config("vllm"))
-    try:
-        s.start_worker()
-        s.start_gateway()
-        s.start_envoy()
+    with running_stack(tmp_path_factory.mktemp("vllm-stack"), make_config("vllm")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def synthetic_stack(tmp_path_factory):
     cfg = make_config("synthetic", worker={"synthetic": {"tokens_per_s": 50}})
-    s = build_stack(tmp_path_factory.mktemp("synthetic-stack"), cfg)
-    try:
-        s.start_worker()
-        s.start_gateway()
-        s.start_envoy()
+    with running_stack(tmp_path_factory.mktemp("synthetic-stack"), cfg) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ Fixtures built on these live in ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -113,6 +114,19 @@ def build_stack(tmp: Path, cfg: dict) -> Stack:
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return Stack(dir=tmp, config_path=path, config=cfg)
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, cfg: dict):
+    """Worker, gateway and Envoy up from ``cfg``; all stopped on the way out."""
+    s = build_stack(tmp, cfg)
+    try:
+        s.start_worker()
+        s.start_gateway()
+        s.start_envoy()
+        yield s
+    finally:
+        s.stop()
 
 
 class RedisServer:

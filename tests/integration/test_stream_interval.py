@@ -9,24 +9,16 @@ import threading
 import pytest
 
 from gateway.v1 import gateway_pb2 as gpb
-from tests.helpers import build_stack, make_config
+from tests.helpers import make_config, running_stack
 
 TOKENS = 120  # 120 ms of engine steps
 
 
 @pytest.fixture(scope="module")
 def fast_stack(tmp_path_factory):
-    s = build_stack(
-        tmp_path_factory.mktemp("interval-stack"),
-        make_config("synthetic", worker={"synthetic": {"tokens_per_s": 1000}}),
-    )
-    try:
-        s.start_worker()
-        s.start_gateway()
-        s.start_envoy()
+    cfg = make_config("synthetic", worker={"synthetic": {"tokens_per_s": 1000}})
+    with running_stack(tmp_path_factory.mktemp("interval-stack"), cfg) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _stream(stub, interval_ms: int) -> tuple[list[int], str, gpb.Done]:
