@@ -1,6 +1,7 @@
 """Where a streamed token's CPU goes in the gateway: a py-spy profile under load, summarized.
 
     python -m bench.profile [--streams 64] [--seconds 15] [--interval-ms 0] [--out docs/profiles]
+    python -m bench.profile --costs [--streams 16] [--seconds 10]
 
 Starts a synthetic worker at full speed (1,000 tokens/s per stream) and a
 gateway, streams ``--streams`` requests through the gateway for ``--seconds``,
@@ -9,6 +10,13 @@ threads, 250 Hz). Writes ``gateway-<streams>.svg`` (a flame graph) and
 prints a summary: the share of samples per area (gRPC's C core, its Cython
 layer, the event loop, protobuf, our modules by file, idle) and the top
 functions by self time, with CPU seconds per 1,000 tokens for the run.
+
+``--costs`` takes no profile (py-spy slows the process it samples); it splits the
+gateway's CPU into what a request costs and what a token costs, from three runs
+of ``--streams`` back-to-back requests each: requests of one token (the fixed
+cost: the call, auth, quotas, queue, placement, the submit, Started, one delta
+and Done), 256-token requests with a message per engine step, and the same at a
+25 ms stream interval. The token figures are net of the per-request cost.
 """
 
 from __future__ import annotations
@@ -69,8 +77,11 @@ def summarize(raw: Path) -> dict:
     return {"samples": total, "areas": share(by_area), "our_modules": share(ours), "top_self": share(leaves)}
 
 
-async def stream_forever(target: str, streams: int, interval_ms: int, stop: threading.Event, tokens: list) -> None:
-    """``streams`` clients streaming requests back to back until ``stop``; ``tokens[0]`` counts as they arrive."""
+async def stream_forever(
+    target: str, streams: int, interval_ms: int, stop: threading.Event, counts: list, max_tokens: int = 256
+) -> None:
+    """``streams`` clients streaming requests back to back until ``stop``; ``counts`` = [tokens, messages,
+    requests done], counted as they arrive."""
     import grpc
 
     from gateway.v1 import gateway_pb2 as gpb
@@ -81,14 +92,66 @@ async def stream_forever(target: str, streams: int, interval_ms: int, stop: thre
 
         async def client(i):
             while not stop.is_set():
-                req = gpb.ExecuteRequest(task=f"{load.TASK} ({i})", sampling=gpb.SamplingParams(max_tokens=256))
-                if interval_ms:
-                    req.stream_interval_ms = interval_ms
+                req = gpb.ExecuteRequest(task=f"{load.TASK} ({i})", sampling=gpb.SamplingParams(max_tokens=max_tokens))
+                req.stream_interval_ms = interval_ms
                 async for r in stub.Execute(req, timeout=120):
+                    counts[1] += 1
                     if r.HasField("delta"):
-                        tokens[0] += r.delta.tokens
+                        counts[0] += r.delta.tokens
+                counts[2] += 1
 
         await asyncio.gather(*(client(i) for i in range(streams)))
+
+
+class Load:
+    """Requests streaming through the gateway from a thread of this process, for one shape at a time."""
+
+    def __init__(self, target: str, gateway: psutil.Process):
+        self.target, self.gateway = target, gateway
+
+    def run(self, streams: int, interval_ms: int, max_tokens: int, seconds: float) -> dict:
+        """Warm up, then measure ``seconds``: the gateway's CPU and what the clients received."""
+        stop, counts = threading.Event(), [0, 0, 0]
+        t = threading.Thread(
+            target=lambda: asyncio.run(
+                stream_forever(self.target, streams, interval_ms, stop, counts, max_tokens=max_tokens)
+            ),
+            daemon=True,
+        )
+        t.start()
+        time.sleep(2)  # warm
+        cpu0, before, t0 = sum(self.gateway.cpu_times()[:2]), list(counts), time.monotonic()
+        time.sleep(seconds)
+        cpu, elapsed = sum(self.gateway.cpu_times()[:2]) - cpu0, time.monotonic() - t0
+        tokens, messages, requests = (a - b for a, b in zip(counts, before))
+        stop.set()
+        t.join(60)
+        return {"cpu_s": cpu, "s": elapsed, "tokens": tokens, "messages": messages, "requests": requests}
+
+
+def costs(load: Load, streams: int, seconds: float) -> dict:
+    """The gateway's CPU per request and per token (net of the per-request cost), at ``streams`` streams."""
+    fixed = load.run(streams, 0, 1, seconds)
+    per_request = fixed["cpu_s"] / max(1, fixed["requests"])
+    out = {
+        "streams": streams,
+        "requests of 1 token": {
+            "requests/s": round(fixed["requests"] / fixed["s"]),
+            "gateway cores": round(fixed["cpu_s"] / fixed["s"], 2),
+            "CPU ms per request": round(per_request * 1000, 2),
+        },
+    }
+    for name, interval_ms in (("256 tokens, a message per step", 0), ("256 tokens, 25 ms interval", 25)):
+        r = load.run(streams, interval_ms, 256, seconds)
+        net = max(0.0, r["cpu_s"] - per_request * r["requests"])
+        out[name] = {
+            "tokens/s": round(r["tokens"] / r["s"]),
+            "tokens per message": round(r["tokens"] / max(1, r["messages"]), 2),
+            "gateway cores": round(r["cpu_s"] / r["s"], 2),
+            "CPU us per token, all in": round(r["cpu_s"] / max(1, r["tokens"]) * 1e6, 1),
+            "CPU us per token, net of requests": round(net / max(1, r["tokens"]) * 1e6, 1),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--interval-ms", type=int, default=0, help="the requests' stream_interval_ms")
     ap.add_argument("--out", type=Path, default=Path("docs/profiles"))
+    ap.add_argument("--costs", action="store_true", help="CPU per request and per token instead of a profile")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="igw-profile-"))
@@ -110,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         procs.start_gateway()
         pid = procs.procs["gateway"].pid
         gw = psutil.Process(pid)
+        if args.costs:
+            print(
+                yaml.safe_dump(costs(Load(cfg["gateway"]["listen"], gw), args.streams, args.seconds), sort_keys=False)
+            )
+            return 0
         stop = threading.Event()
-        tokens = [0]
+        tokens = [0, 0, 0]
 
         def drive():
             asyncio.run(stream_forever(cfg["gateway"]["listen"], args.streams, args.interval_ms, stop, tokens))

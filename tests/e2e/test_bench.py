@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.vllm
 
@@ -57,3 +58,22 @@ def test_bench_short_mode_runs_to_completion(vllm_stack, stock_vllm_grpc, tmp_pa
     assert "As-you-type completion" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().startswith("# Gateway benchmark")
     assert (out / "ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_costs_mode_splits_the_gateways_cpu():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.profile", "--costs", "--streams", "2", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = yaml.safe_load(r.stdout)
+    assert out["requests of 1 token"]["CPU ms per request"] > 0
+    for shape in ("256 tokens, a message per step", "256 tokens, 25 ms interval"):
+        assert out[shape]["tokens/s"] > 0 and out[shape]["CPU us per token, all in"] > 0
+    # Merging steps puts several tokens in a message (1,000 tokens/s per stream, 25 ms).
+    assert (
+        out["256 tokens, 25 ms interval"]["tokens per message"]
+        > 2 * out["256 tokens, a message per step"]["tokens per message"]
+    )
