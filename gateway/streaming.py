@@ -10,6 +10,7 @@ messages or one object per token.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,31 +22,34 @@ _COMPACT_AT = 32
 
 
 class Pacer:
-    """Clock for streams that merge engine steps (``stream_interval_ms``): a delta that comes less than an
-    interval after the stream's last message waits for the next tick of that interval, so the steps in
-    between arrive as one message; one that comes later goes out at once (a stream slower than its
-    interval costs no timer wakeup per token). One timer per interval value for all streams, not one per
-    stream; a stream that ends meanwhile stops waiting at once (its last text and ``done`` never wait)."""
+    """Clock for streams that merge engine steps (``stream_interval_ms``) when their worker does not
+    (stock vLLM; our workers pace at the source, ``inference.session``): a delta that comes less than an
+    interval after the stream's last message waits for the first tick an interval after that message, so
+    the steps in between arrive as one message; one that comes later goes out at once (a stream slower than
+    its interval costs no timer wakeup per token). Ticks are the multiples of the interval on the loop's
+    clock: one timer per tick for all streams, not one per stream. A stream that ends meanwhile stops
+    waiting at once (its last text and ``done`` never wait)."""
 
     def __init__(self):
-        self._waiters: dict[float, list[asyncio.Future]] = {}
+        self._waiters: dict[tuple[float, int], list[asyncio.Future]] = {}
 
     async def after_send(self, interval_s: float, stream: "RequestStream", sent_at: float) -> None:
         """Return when the stream may take its next update, its last message having gone out at ``sent_at``
         (the loop's clock)."""
         await stream.ready()
         if asyncio.get_running_loop().time() - sent_at < interval_s:
-            await self.wait(interval_s, stream)
+            await self.wait(interval_s, stream, sent_at)
 
-    async def wait(self, interval_s: float, stream: "RequestStream") -> None:
+    async def wait(self, interval_s: float, stream: "RequestStream", sent_at: float) -> None:
         if stream.finished:
             return
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        waiters = self._waiters.get(interval_s)
+        tick = (interval_s, math.ceil((sent_at + interval_s) / interval_s))
+        waiters = self._waiters.get(tick)
         if waiters is None:
-            waiters = self._waiters[interval_s] = []
-            loop.call_later(interval_s, self._tick, interval_s)
+            waiters = self._waiters[tick] = []
+            loop.call_at(tick[1] * interval_s, self._tick, tick)
         waiters.append(waiter)
         stream.pacing = waiter
         try:
@@ -53,8 +57,8 @@ class Pacer:
         finally:
             stream.pacing = None
 
-    def _tick(self, interval_s: float) -> None:
-        for waiter in self._waiters.pop(interval_s, ()):
+    def _tick(self, tick: tuple[float, int]) -> None:
+        for waiter in self._waiters.pop(tick, ()):
             if not waiter.done():
                 waiter.set_result(None)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -72,11 +73,13 @@ class Session:
         # most one delta per request, not one per step, and the gateway handles one event for those steps.
         self._unsent_deltas: dict[str, pb.TokenDelta] = {}
         # Pacing (Submit.stream_interval_ms): a request's delta that comes less than its interval after its
-        # previous one is held here, still taking the steps that follow, until the interval is up.
+        # previous one is held here, still taking the steps that follow, until the next tick of that interval.
         self._intervals: dict[str, float] = {}  # seconds, only for requests that asked for one
         self._last_delta_at: dict[str, float] = {}  # when each paced request's last delta went out
         self._held: dict[str, pb.Event] = {}
-        self._release: asyncio.TimerHandle | None = None  # one timer for all held deltas, at the earliest due
+        # (interval, tick number) -> the requests whose delta waits for that tick; ticks are the multiples of the
+        # interval on the loop's clock, so the held deltas of all requests with one interval share a frame.
+        self._ticks: dict[tuple[float, int], list[str]] = {}
         self._wake = asyncio.Event()
         self._reader_done = False
         self._seq = 0
@@ -248,32 +251,25 @@ class Session:
             last = self._last_delta_at.get(rid)
             if last is not None and now - last < interval:
                 self._held[rid] = event
-                due = last + interval
-                if self._release is None or due < self._release.when():
-                    if self._release is not None:
-                        self._release.cancel()
-                    self._release = asyncio.get_running_loop().call_at(due, self._release_held)
+                tick = (interval, math.ceil((last + interval) / interval))  # the first tick an interval after
+                waiting = self._ticks.get(tick)
+                if waiting is None:
+                    waiting = self._ticks[tick] = []
+                    asyncio.get_running_loop().call_at(tick[1] * interval, self._tick, tick)
+                waiting.append(rid)
                 return
             self._last_delta_at[rid] = now
         self._emit(event)
 
-    def _release_held(self) -> None:
-        """Send the held deltas whose interval is up (within a millisecond, so deltas due together share a
-        frame); wait again for the rest."""
-        self._release = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        next_due = None
-        for rid, event in list(self._held.items()):
-            due = self._last_delta_at[rid] + self._intervals[rid]
-            if due <= now + 0.001:
-                del self._held[rid]
+    def _tick(self, tick: tuple[float, int]) -> None:
+        """Send the deltas held for this tick: one timer and one frame per tick for all of the session's
+        requests with that interval. A request's deltas are thus an interval to two intervals apart."""
+        now = asyncio.get_running_loop().time()
+        for rid in self._ticks.pop(tick, ()):
+            event = self._held.pop(rid, None)
+            if event is not None:  # None: the request ended meanwhile, its text went out with the end
                 self._last_delta_at[rid] = now
                 self._outbox.append(event)
-            elif next_due is None or due < next_due:
-                next_due = due
-        if next_due is not None:
-            self._release = loop.call_at(next_due, self._release_held)
         self._wake.set()
 
     async def frames(self) -> AsyncIterator[pb.WorkerFrame]:

