@@ -10,11 +10,12 @@ messages or one object per token.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass
 
 import grpc
+
+from igw_common import pacing
 
 # Pending text is joined into one string once this many pieces pile up: a slow
 # reader then holds a few strings, not one object per engine step.
@@ -26,8 +27,9 @@ class Pacer:
     (stock vLLM; our workers pace at the source, ``inference.session``): a delta that comes less than an
     interval after the stream's last message waits for the first tick an interval after that message, so
     the steps in between arrive as one message; one that comes later goes out at once (a stream slower than
-    its interval costs no timer wakeup per token). Ticks are the multiples of the interval on the loop's
-    clock: one timer per tick for all streams, not one per stream. A stream that ends meanwhile stops
+    its interval costs no timer wakeup per token). The ticks are ``igw_common.pacing``'s, as on our
+    workers: one timer per tick for all streams, not one per stream, and messages 1 to 1.25 intervals
+    apart. A stream that ends meanwhile stops
     waiting at once (its last text and ``done`` never wait)."""
 
     def __init__(self):
@@ -45,11 +47,11 @@ class Pacer:
             return
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        tick = (interval_s, math.ceil((sent_at + interval_s) / interval_s))
+        tick, at = pacing.next_tick(sent_at, interval_s)
         waiters = self._waiters.get(tick)
         if waiters is None:
             waiters = self._waiters[tick] = []
-            loop.call_at(tick[1] * interval_s, self._tick, tick)
+            loop.call_at(at, self._tick, tick)
         waiters.append(waiter)
         stream.pacing = waiter
         try:

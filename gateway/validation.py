@@ -21,6 +21,7 @@ from google.protobuf import json_format, struct_pb2
 from gateway.errors import RpcError, clip, invalid_argument
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import PRIORITY_FROM_WIRE
+from igw_common import pacing
 from igw_common.config import Limits
 from inference.v1 import worker_pb2 as wpb
 
@@ -112,7 +113,7 @@ def validate(req: gpb.ExecuteRequest, limits: Limits) -> ValidRequest:
     )
 
 
-MAX_STREAM_INTERVAL_MS = 1000
+MAX_STREAM_INTERVAL_MS = pacing.MAX_STREAM_INTERVAL_MS
 
 
 def header_number(raw: str, field: str, low: int, high: int) -> int:

@@ -16,21 +16,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 
 from google.rpc import code_pb2
 
-from igw_common import tracing
+from igw_common import pacing, tracing
 from inference.engine import Engine, InvalidRequest, SamplingSpec
 from inference.metrics import WorkerMetrics
 from inference.v1 import worker_pb2 as pb
 
 log = logging.getLogger("inference.session")
 
-# Submit.stream_interval_ms is capped here, whatever the gateway sends (it caps it the same way).
-MAX_STREAM_INTERVAL_MS = 1000
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -77,8 +74,7 @@ class Session:
         self._intervals: dict[str, float] = {}  # seconds, only for requests that asked for one
         self._last_delta_at: dict[str, float] = {}  # when each paced request's last delta went out
         self._held: dict[str, pb.Event] = {}
-        # (interval, tick number) -> the requests whose delta waits for that tick; ticks are the multiples of the
-        # interval on the loop's clock, so the held deltas of all requests with one interval share a frame.
+        # tick (igw_common.pacing) -> the requests whose delta waits for it: one timer and one frame per tick.
         self._ticks: dict[tuple[float, int], list[str]] = {}
         self._wake = asyncio.Event()
         self._reader_done = False
@@ -105,7 +101,7 @@ class Session:
             log.error("session %d: request id %r is empty or already running; submit refused", self.id, rid[:40])
             return
         if sub.stream_interval_ms:
-            self._intervals[rid] = min(sub.stream_interval_ms, MAX_STREAM_INTERVAL_MS) / 1000
+            self._intervals[rid] = min(sub.stream_interval_ms, pacing.MAX_STREAM_INTERVAL_MS) / 1000
         self.tasks[rid] = asyncio.create_task(self._run(sub), name=f"request {rid}")
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -251,11 +247,11 @@ class Session:
             last = self._last_delta_at.get(rid)
             if last is not None and now - last < interval:
                 self._held[rid] = event
-                tick = (interval, math.ceil((last + interval) / interval))  # the first tick an interval after
+                tick, at = pacing.next_tick(last, interval)
                 waiting = self._ticks.get(tick)
                 if waiting is None:
                     waiting = self._ticks[tick] = []
-                    asyncio.get_running_loop().call_at(tick[1] * interval, self._tick, tick)
+                    asyncio.get_running_loop().call_at(at, self._tick, tick)
                 waiting.append(rid)
                 return
             self._last_delta_at[rid] = now
@@ -263,7 +259,7 @@ class Session:
 
     def _tick(self, tick: tuple[float, int]) -> None:
         """Send the deltas held for this tick: one timer and one frame per tick for all of the session's
-        requests with that interval. A request's deltas are thus an interval to two intervals apart."""
+        requests with that interval. A request's deltas are thus 1 to 1.25 intervals apart."""
         now = asyncio.get_running_loop().time()
         for rid in self._ticks.pop(tick, ()):
             event = self._held.pop(rid, None)
