@@ -29,8 +29,7 @@ class Pacer:
     the steps in between arrive as one message; one that comes later goes out at once (a stream slower than
     its interval costs no timer wakeup per token). The ticks are ``igw_common.pacing``'s, as on our
     workers: one timer per tick for all streams, not one per stream, and messages 1 to 1.25 intervals
-    apart. A stream that ends meanwhile stops
-    waiting at once (its last text and ``done`` never wait)."""
+    apart. A stream that ends meanwhile stops waiting at once (its last text and ``done`` never wait)."""
 
     def __init__(self):
         self._waiters: dict[tuple[float, int], list[asyncio.Future]] = {}

@@ -3,7 +3,10 @@
 The gateway multiplexes its requests over one long-lived stream; each
 request runs as a task driving the engine, and the session sends back one
 frame per engine step holding the events of every request that step
-advanced (see ``Session.frames``).
+advanced (see ``Session.frames``). A request with a stream interval
+(``Submit.stream_interval_ms``) has its steps merged here, at the source:
+its deltas wait for ticks of ``igw_common.pacing``'s clock, shared by all
+requests with that interval, so they travel together in one frame per tick.
 
 A request's faults stay its own: a prompt the template rejects or that does
 not fit fails that request (``Failed``), an engine exception fails that
@@ -27,7 +30,6 @@ from inference.metrics import WorkerMetrics
 from inference.v1 import worker_pb2 as pb
 
 log = logging.getLogger("inference.session")
-
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -269,7 +271,7 @@ class Session:
         self._wake.set()
 
     async def frames(self) -> AsyncIterator[pb.WorkerFrame]:
-        """One frame per engine step.
+        """One frame per engine step (and per pacing tick).
 
         The engine wakes every request task of a step in one pass of the event
         loop; yielding once before draining lets all of them add their events,
