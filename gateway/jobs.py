@@ -402,6 +402,7 @@ class _Events:
         self.text: list[str] = []
         self.tokens = 0
         self._task: asyncio.Task | None = None
+        self._sleeping = False
 
     def add(self, text: str, tokens: int) -> None:
         self.text.append(text)
@@ -410,8 +411,15 @@ class _Events:
             self._task = asyncio.get_running_loop().create_task(self._later())
 
     async def _later(self) -> None:
-        await asyncio.sleep(self.flush_s)
-        await self.flush()
+        while True:
+            self._sleeping = True
+            try:
+                await asyncio.sleep(self.flush_s)
+            finally:
+                self._sleeping = False
+            await self.flush()
+            if not self.text and not self.tokens:
+                return  # what came while writing goes in the next round, not with the next delta
 
     async def flush(self) -> None:
         if not self.text and not self.tokens:
@@ -424,8 +432,11 @@ class _Events:
             log.debug("job deltas not written for watchers: %s", err)  # the result is what counts
 
     async def close(self) -> None:
+        """Write what is left. A write in flight is awaited, not cancelled: its text is no longer in
+        ``self.text``, so cancelling it would lose it from the middle of the stream."""
         if self._task is not None and not self._task.done():
-            self._task.cancel()
+            if self._sleeping:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
