@@ -279,6 +279,7 @@ class JobService:
         data = stored.SerializeToString(deterministic=True)
         job_id = req.job_id or uuid.uuid4().hex
         key = self.queue.job_key(principal.tenant, job_id)
+        now_ms = int(time.time() * 1000)
         try:
             out = await self.queue.script(
                 "submit",
@@ -288,7 +289,7 @@ class JobService:
                     principal.key_id,
                     data,
                     request_hash(data),
-                    int(time.time() * 1000),
+                    now_ms,
                     self.cfg.jobs.max_queued,
                     int(QUEUED_TTL_S * 1000),
                 ],
@@ -307,8 +308,10 @@ class JobService:
                     reason="job_queue_full",
                 )
             if int(out) == 1:
+                # The job as created. Read back, it could already be running: a runner may take it at once.
                 self.core.metrics.jobs.labels("submitted").inc()
-            h = await self.queue.load(principal.tenant, job_id)
+                return gpb.Job(job_id=job_id, state=gpb.JOB_STATE_QUEUED, created_unix_ms=now_ms)
+            h = await self.queue.load(principal.tenant, job_id)  # a repeat: the job as it stands
         except StateUnavailable as err:
             raise self._unavailable(err) from None
         if h is None:  # expired between the two calls (only if its TTL was tiny): it was accepted
