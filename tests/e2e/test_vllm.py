@@ -95,7 +95,7 @@ def test_stream_interval_merges_vllm_steps_at_the_worker(vllm_stack):
     paced, paced_text, paced_done = runs[250]
     assert paced_text == every_text and paced_done.usage.completion_tokens == every_done.usage.completion_tokens
     assert sum(paced) == paced_done.usage.completion_tokens
-    assert paced[0] == 1
+    assert paced[0] <= 3  # not held for the interval (a loaded machine may merge a step before the frame goes)
     generating_s = (paced_done.timings.total_ms - paced_done.timings.ttft_ms) / 1000
     assert len(paced) <= generating_s / 0.25 + 3 and len(paced) < len(every)
 

@@ -5,6 +5,7 @@ held back, and a request that asked for every step, streaming beside it, still g
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -21,17 +22,19 @@ def fast_stack(tmp_path_factory):
         yield s
 
 
-def _stream(stub, interval_ms: int) -> tuple[list[int], str, gpb.Done]:
+def _stream(stub, interval_ms: int) -> tuple[list[int], str, gpb.Done, float]:
+    """Deltas' token counts, the text, Done, and the seconds from the first delta to Done."""
     req = gpb.ExecuteRequest(task="count", sampling=gpb.SamplingParams(max_tokens=TOKENS))
     req.stream_interval_ms = interval_ms
-    deltas, text, done = [], [], None
+    deltas, text, done, first = [], [], None, None
     for resp in stub.Execute(req, timeout=30):
         if resp.HasField("delta"):
+            first = first or time.monotonic()
             deltas.append(resp.delta.tokens)
             text.append(resp.delta.text)
         elif resp.HasField("done"):
             done = resp.done
-    return deltas, "".join(text), done
+    return deltas, "".join(text), done, time.monotonic() - first
 
 
 @pytest.mark.parametrize("via", ["gateway", "envoy"])
@@ -47,11 +50,14 @@ def test_a_paced_stream_gets_few_whole_deltas_and_one_beside_it_every_step(fast_
         t.start()
     for t in threads:
         t.join(60)
-    paced, paced_text, paced_done = results[40]
-    every, every_text, every_done = results[0]
+    paced, paced_text, paced_done, paced_s = results[40]
+    every, every_text, every_done, _ = results[0]
     for deltas, done in ((paced, paced_done), (every, every_done)):
         assert sum(deltas) == TOKENS and done.usage.completion_tokens == TOKENS
     assert paced_text == every_text  # merged, never lost or reordered (the synthetic text is deterministic)
-    assert paced[0] == 1  # the first token went out at once
-    assert len(paced) <= 8  # 120 ms of 1 ms steps at 40 ms: about 4 deltas, not 120
-    assert len(every) >= TOKENS // 6  # the stream beside it was not paced
+    # The first delta is not held for an interval (~40 steps); a loaded worker may merge the step or two that
+    # come before its frame is written, as for any request.
+    assert paced[0] <= 10
+    # 120 steps of 1 ms at 40 ms: about 4 deltas, not 120 (more if a loaded machine steps slower).
+    assert len(paced) <= paced_s / 0.04 + 2
+    assert len(every) > 2 * len(paced)  # the stream beside it was not paced

