@@ -175,7 +175,7 @@ class Session:
                     if step.finish_reason is not None:
                         span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
                         span.set_attribute("gen_ai.usage.output_tokens", completion)
-                        self._emit(
+                        self._emit_end(
                             pb.Event(
                                 request_id=rid,
                                 finished=pb.Finished(
@@ -189,7 +189,7 @@ class Session:
             # An engine that ends a stream without a finish reason is a bug; say so.
             raise RuntimeError("engine ended the request without a finish reason")
         except InvalidRequest as err:
-            self._emit(
+            self._emit_end(
                 pb.Event(
                     request_id=rid,
                     failed=pb.Failed(code=code_pb2.INVALID_ARGUMENT, message=err.message, field=err.field),
@@ -204,7 +204,7 @@ class Session:
             self._aborted(rid, completion, self.abort_reasons.get(rid, "cancelled"))
         except Exception:
             log.exception("request %s failed in the engine", rid)
-            self._emit(
+            self._emit_end(
                 pb.Event(
                     request_id=rid,
                     failed=pb.Failed(
@@ -224,16 +224,20 @@ class Session:
 
     def _aborted(self, rid: str, completion: int, reason: str) -> None:
         self.counters.requests_aborted_total += 1
-        self._emit(pb.Event(request_id=rid, aborted=pb.Aborted(completion_tokens=completion, reason=reason)))
+        self._emit_end(pb.Event(request_id=rid, aborted=pb.Aborted(completion_tokens=completion, reason=reason)))
 
     # --- outgoing -------------------------------------------------------------
 
     def _emit(self, event: pb.Event) -> None:
-        held = self._held.pop(event.request_id, None)
-        if held is not None:  # the request ends: its held text goes first, in the same frame
-            self._outbox.append(held)
         self._outbox.append(event)
         self._wake.set()
+
+    def _emit_end(self, event: pb.Event) -> None:
+        """A request's last event (finished, failed or aborted): its held text goes first, in the same frame."""
+        held = self._held.pop(event.request_id, None)
+        if held is not None:
+            self._outbox.append(held)
+        self._emit(event)
 
     def _emit_delta(self, rid: str, text: str, tokens: int) -> None:
         unsent = self._unsent_deltas.get(rid)
