@@ -16,7 +16,9 @@ gateway's CPU into what a request costs and what a token costs, from three runs
 of ``--streams`` back-to-back requests each: requests of one token (the fixed
 cost: the call, auth, quotas, queue, placement, the submit, Started, one delta
 and Done), 256-token requests with a message per engine step, and the same at a
-25 ms stream interval. The token figures are net of the per-request cost.
+25 ms stream interval. The token figures are net of the per-request cost. The same client also
+measures a bare grpc.aio server answering the same calls with nothing behind it (``bench.bare_grpc``):
+the floor, so the gateway's figures read as a multiple of what gRPC itself costs on the machine.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import yaml
 
 from bench import load
 from bench.stack_config import synthetic_stack
+from igw_common.launcher import free_port
 
 AREAS = (  # first match wins, checked against each frame from the leaf up
     ("gateway code", ("gateway/",)),
@@ -104,13 +107,15 @@ async def stream_forever(
 
 
 class Load:
-    """Requests streaming through the gateway from a thread of this process, for one shape at a time."""
+    """Requests streaming to a server (the gateway, or the bare grpc.aio floor) from a thread of this
+    process, one shape at a time; the server's CPU is read from ``server``."""
 
-    def __init__(self, target: str, gateway: psutil.Process):
-        self.target, self.gateway = target, gateway
+    def __init__(self, target: str, server: psutil.Process):
+        self.target, self.server = target, server
 
-    def run(self, streams: int, interval_ms: int, max_tokens: int, seconds: float) -> dict:
-        """Warm up, then measure ``seconds``: the gateway's CPU and what the clients received."""
+    def run(self, streams: int, interval_ms: int, max_tokens: int, seconds: float, during=None) -> dict:
+        """Warm up, then measure ``seconds`` (or while ``during()`` runs): the server's CPU and what the
+        clients received."""
         stop, counts = threading.Event(), [0, 0, 0]
         t = threading.Thread(
             target=lambda: asyncio.run(
@@ -120,25 +125,31 @@ class Load:
         )
         t.start()
         time.sleep(2)  # warm
-        cpu0, before, t0 = sum(self.gateway.cpu_times()[:2]), list(counts), time.monotonic()
-        time.sleep(seconds)
-        cpu, elapsed = sum(self.gateway.cpu_times()[:2]) - cpu0, time.monotonic() - t0
+        cpu0, before, t0 = sum(self.server.cpu_times()[:2]), list(counts), time.monotonic()
+        (during or (lambda: time.sleep(seconds)))()
+        cpu, elapsed = sum(self.server.cpu_times()[:2]) - cpu0, time.monotonic() - t0
         tokens, messages, requests = (a - b for a, b in zip(counts, before))
         stop.set()
         t.join(60)
         return {"cpu_s": cpu, "s": elapsed, "tokens": tokens, "messages": messages, "requests": requests}
 
 
-def costs(load: Load, streams: int, seconds: float) -> dict:
-    """The gateway's CPU per request and per token (net of the per-request cost), at ``streams`` streams."""
+def costs(load: Load, bare: Load, streams: int, seconds: float) -> dict:
+    """The gateway's CPU per request and per token (net of the per-request cost), at ``streams`` streams,
+    next to the bare grpc.aio server's for the same calls (``bench.bare_grpc``), measured in turn."""
     fixed = load.run(streams, 0, 1, seconds)
+    floor = bare.run(streams, 0, 1, seconds)
     per_request = fixed["cpu_s"] / max(1, fixed["requests"])
+    floor_per_request = floor["cpu_s"] / max(1, floor["requests"])
     out = {
         "streams": streams,
         "requests of 1 token": {
             "requests/s": round(fixed["requests"] / fixed["s"]),
             "gateway cores": round(fixed["cpu_s"] / fixed["s"], 2),
             "CPU ms per request": round(per_request * 1000, 2),
+            "bare grpc.aio server, requests/s": round(floor["requests"] / floor["s"]),
+            "bare grpc.aio server, CPU ms per request": round(floor_per_request * 1000, 2),
+            "gateway / bare": round(per_request / max(1e-9, floor_per_request), 2),
         },
     }
     for name, interval_ms in (("256 tokens, a message per step", 0), ("256 tokens, 25 ms interval", 25)):
@@ -151,6 +162,10 @@ def costs(load: Load, streams: int, seconds: float) -> dict:
             "CPU us per token, all in": round(r["cpu_s"] / max(1, r["tokens"]) * 1e6, 1),
             "CPU us per token, net of requests": round(net / max(1, r["tokens"]) * 1e6, 1),
         }
+        if interval_ms == 0:  # the bare server sends a message per token too
+            b = bare.run(streams, 0, 256, seconds)
+            b_net = max(0.0, b["cpu_s"] - floor_per_request * b["requests"])
+            out[name]["bare grpc.aio server, CPU us per token, net"] = round(b_net / max(1, b["tokens"]) * 1e6, 1)
     return out
 
 
@@ -162,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/profiles"))
     ap.add_argument("--costs", action="store_true", help="CPU per request and per token instead of a profile")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="igw-profile-"))
     cfg, procs = synthetic_stack(
         work,
@@ -173,54 +187,33 @@ def main(argv: list[str] | None = None) -> int:
         procs.start_worker()
         procs.start_gateway()
         pid = procs.procs["gateway"].pid
-        gw = psutil.Process(pid)
+        load = Load(cfg["gateway"]["listen"], psutil.Process(pid))
         if args.costs:
-            print(
-                yaml.safe_dump(costs(Load(cfg["gateway"]["listen"], gw), args.streams, args.seconds), sort_keys=False)
-            )
+            bare = f"127.0.0.1:{free_port()}"
+            procs.start_process("bare-grpc", [sys.executable, "-m", "bench.bare_grpc", "--listen", bare], bare, 60)
+            floor = Load(bare, psutil.Process(procs.procs["bare-grpc"].pid))
+            print(yaml.safe_dump(costs(load, floor, args.streams, args.seconds), sort_keys=False))
             return 0
-        stop = threading.Event()
-        tokens = [0, 0, 0]
-
-        def drive():
-            asyncio.run(stream_forever(cfg["gateway"]["listen"], args.streams, args.interval_ms, stop, tokens))
-
-        t = threading.Thread(target=drive, daemon=True)
-        t.start()
-        time.sleep(3)  # warm
-        cpu0, tok0 = sum(gw.cpu_times()[:2]), tokens[0]
+        args.out.mkdir(parents=True, exist_ok=True)
         raw = work / "gateway.raw"
         svg = args.out / f"gateway-{args.streams}{'-i' + str(args.interval_ms) if args.interval_ms else ''}.svg"
         # Native frames need py-spy to pause the process while it samples (it runs a little slower).
-        spy = [
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(pid),
-            "--rate",
-            "250",
-            "--native",
-            "--threads",
-        ]
-        subprocess.run(
-            spy + ["--duration", str(int(args.seconds)), "--format", "raw", "--output", str(raw)],
-            check=True,
-            capture_output=True,
-        )
-        cpu_s = sum(gw.cpu_times()[:2]) - cpu0
-        streamed = tokens[0] - tok0
-        subprocess.run(
-            spy + ["--duration", "5", "--format", "flamegraph", "--output", str(svg)], check=True, capture_output=True
-        )
-        stop.set()
-        t.join(60)
+        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--rate", "250"]
+        spy += ["--native", "--threads"]
+
+        def record():
+            for form, out, seconds in (("raw", raw, int(args.seconds)), ("flamegraph", svg, 5)):
+                cmd = spy + ["--duration", str(seconds), "--format", form, "--output", str(out)]
+                subprocess.run(cmd, check=True, capture_output=True)
+
+        r = load.run(args.streams, args.interval_ms, 256, args.seconds, during=record)
         summary = summarize(raw)
         summary.update(
             streams=args.streams,
             interval_ms=args.interval_ms,
-            gateway_cpu_s=round(cpu_s, 2),
-            tokens=streamed,
-            cpu_s_per_1k_tokens=round(cpu_s / max(1, streamed) * 1000, 4),
+            gateway_cpu_s=round(r["cpu_s"], 2),
+            tokens=r["tokens"],
+            cpu_s_per_1k_tokens=round(r["cpu_s"] / max(1, r["tokens"]) * 1000, 4),
         )
         print(yaml.safe_dump(summary, sort_keys=False))
         print(f"flame graph: {svg}")

@@ -69,7 +69,12 @@ def test_profile_costs_mode_splits_the_gateways_cpu():
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     out = yaml.safe_load(r.stdout)
-    assert out["requests of 1 token"]["CPU ms per request"] > 0
+    fixed = out["requests of 1 token"]
+    assert fixed["CPU ms per request"] > 0
+    # The floor: the bare grpc.aio server answered the same client in the same run.
+    assert fixed["bare grpc.aio server, requests/s"] > 0 and fixed["bare grpc.aio server, CPU ms per request"] > 0
+    assert fixed["gateway / bare"] > 0
+    assert out["256 tokens, a message per step"]["bare grpc.aio server, CPU us per token, net"] >= 0
     for shape in ("256 tokens, a message per step", "256 tokens, 25 ms interval"):
         assert out[shape]["tokens/s"] > 0 and out[shape]["CPU us per token, all in"] > 0
     # Merging steps puts several tokens in a message (1,000 tokens/s per stream, 25 ms).
