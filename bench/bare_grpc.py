@@ -41,9 +41,10 @@ class BareGateway(gpb_grpc.GatewayServicer):
         )
 
 
-async def serve(listen: str) -> None:
+async def serve(listen: str, servicer: gpb_grpc.GatewayServicer | None = None) -> None:
+    """Serve ``servicer`` (a BareGateway if None) and grpc.health.v1 at ``listen`` until stopped."""
     server = grpc.aio.server()
-    gpb_grpc.add_GatewayServicer_to_server(BareGateway(), server)
+    gpb_grpc.add_GatewayServicer_to_server(servicer or BareGateway(), server)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     server.add_insecure_port(listen)

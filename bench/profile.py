@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,7 @@ def summarize(raw: Path) -> dict:
 
 
 async def stream_forever(
-    target: str, streams: int, interval_ms: int, stop: threading.Event, counts: list, max_tokens: int = 256
+    target: str, streams: int, interval_ms: int | None, stop: threading.Event, counts: list, max_tokens: int = 256
 ) -> None:
     """``streams`` clients streaming requests back to back until ``stop``; ``counts`` = [tokens, messages,
     requests done], counted as they arrive."""
@@ -96,7 +97,8 @@ async def stream_forever(
         async def client(i):
             while not stop.is_set():
                 req = gpb.ExecuteRequest(task=f"{load.TASK} ({i})", sampling=gpb.SamplingParams(max_tokens=max_tokens))
-                req.stream_interval_ms = interval_ms
+                if interval_ms is not None:  # None: the server's default
+                    req.stream_interval_ms = interval_ms
                 async for r in stub.Execute(req, timeout=120):
                     counts[1] += 1
                     if r.HasField("delta"):
@@ -113,7 +115,7 @@ class Load:
     def __init__(self, target: str, server: psutil.Process):
         self.target, self.server = target, server
 
-    def run(self, streams: int, interval_ms: int, max_tokens: int, seconds: float, during=None) -> dict:
+    def run(self, streams: int, interval_ms: int | None, max_tokens: int, seconds: float, during=None) -> dict:
         """Warm up, then measure ``seconds`` (or while ``during()`` runs): the server's CPU and what the
         clients received."""
         stop, counts = threading.Event(), [0, 0, 0]
@@ -169,6 +171,30 @@ def costs(load: Load, bare: Load, streams: int, seconds: float) -> dict:
     return out
 
 
+def ceiling(loads: dict[str, Load], streams: int, seconds: float, rounds: int) -> dict:
+    """The gateway against the bare relay (``bench.bare_relay``), from the same client, in alternating
+    rounds: `make bench`'s shape (64 tokens per request at the default interval) and 1-token requests.
+    Medians over ``rounds``."""
+    out: dict = {"streams": streams, "rounds": rounds}
+    for shape, max_tokens in (("64 tokens per request, default interval", 64), ("requests of 1 token", 1)):
+        runs: dict[str, list[dict]] = {name: [] for name in loads}
+        for i in range(rounds):
+            for name in list(loads)[:: 1 if i % 2 == 0 else -1]:  # rotate: neither always goes first
+                runs[name].append(loads[name].run(streams, None, max_tokens, seconds))
+        figures = {}
+        for name, rs in runs.items():
+            figures[name] = {
+                "tokens/s": statistics.median(r["tokens"] / r["s"] for r in rs),
+                "CPU us per token": statistics.median(r["cpu_s"] / max(1, r["tokens"]) * 1e6 for r in rs),
+                "CPU ms per request": statistics.median(r["cpu_s"] / max(1, r["requests"]) * 1e3 for r in rs),
+                "tokens per request": statistics.median(r["tokens"] / max(1, r["requests"]) for r in rs),
+            }
+        g, b = figures["gateway"], figures["bare relay"]
+        figures["gateway / bare relay"] = {k: g[k] / max(1e-9, b[k]) for k in g if k != "tokens per request"}
+        out[shape] = {name: {k: round(v, 2) for k, v in f.items()} for name, f in figures.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, default=64)
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval-ms", type=int, default=0, help="the requests' stream_interval_ms")
     ap.add_argument("--out", type=Path, default=Path("docs/profiles"))
     ap.add_argument("--costs", action="store_true", help="CPU per request and per token instead of a profile")
+    ap.add_argument("--ceiling", action="store_true", help="the gateway against a bare relay instead of a profile")
+    ap.add_argument("--rounds", type=int, default=3, help="--ceiling's alternating rounds")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="igw-profile-"))
     cfg, procs = synthetic_stack(
@@ -188,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         procs.start_gateway()
         pid = procs.procs["gateway"].pid
         load = Load(cfg["gateway"]["listen"], psutil.Process(pid))
+        if args.ceiling:
+            relay = f"127.0.0.1:{free_port()}"
+            cmd = [sys.executable, "-m", "bench.bare_relay", "--listen", relay, "--worker", cfg["worker"]["listen"]]
+            procs.start_process("bare-relay", cmd, relay, 60)
+            loads = {"gateway": load, "bare relay": Load(relay, psutil.Process(procs.procs["bare-relay"].pid))}
+            print(yaml.safe_dump(ceiling(loads, args.streams, args.seconds, args.rounds), sort_keys=False))
+            return 0
         if args.costs:
             bare = f"127.0.0.1:{free_port()}"
             procs.start_process("bare-grpc", [sys.executable, "-m", "bench.bare_grpc", "--listen", bare], bare, 60)

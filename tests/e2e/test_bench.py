@@ -82,3 +82,23 @@ def test_profile_costs_mode_splits_the_gateways_cpu():
         out["256 tokens, 25 ms interval"]["tokens per message"]
         > 2 * out["256 tokens, a message per step"]["tokens per message"]
     )
+
+
+def test_profile_ceiling_mode_compares_the_gateway_with_a_bare_relay():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.profile", "--ceiling", "--streams", "2", "--seconds", "1", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = yaml.safe_load(r.stdout)
+    for shape in ("64 tokens per request, default interval", "requests of 1 token"):
+        # Both servers streamed from the same worker; the ratios are computed from real figures.
+        for server in ("gateway", "bare relay"):
+            assert out[shape][server]["tokens/s"] > 0 and out[shape][server]["CPU ms per request"] > 0
+        assert out[shape]["gateway / bare relay"]["CPU us per token"] > 0
+    # Each relayed every token of its requests (counted over a window, so a request may straddle an edge).
+    for server in ("gateway", "bare relay"):
+        assert 48 <= out["64 tokens per request, default interval"][server]["tokens per request"] <= 80
+        assert 0.5 <= out["requests of 1 token"][server]["tokens per request"] <= 1.5
