@@ -10,10 +10,29 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 
 # Latency buckets from 5 ms to 60 s: interactive completions care about the low end.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+def _keep_children(metric: MetricWrapperBase) -> None:
+    """Make ``metric.labels(...)`` answer a child it has handed out before from a dict: prometheus-client
+    converts, checks and locks on every call, and a request asks for about eight children. Bounded like
+    the metric itself (label values are never a client's own strings, see above)."""
+    children: dict[tuple, MetricWrapperBase] = {}
+    make = metric.labels
+
+    def labels(*values, **named):
+        if named:
+            return make(*values, **named)
+        child = children.get(values)
+        if child is None:
+            child = children[values] = make(*values)
+        return child
+
+    metric.labels = labels
 
 
 class GatewayMetrics:
@@ -158,6 +177,9 @@ class GatewayMetrics:
         self.jobs_queued = Gauge(
             "igw_jobs_queued", "Jobs waiting or running in the shared queue (every gateway sees the same).", registry=r
         )
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+                _keep_children(metric)
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
