@@ -54,7 +54,7 @@ from gateway.errors import (
 )
 from gateway.membership import WorkerSet
 from gateway.metrics import GatewayMetrics
-from gateway.observe import RequestRecord, RequestTrace, excerpt
+from gateway.observe import RequestRecord, excerpt, request_trace
 from gateway.placement import Placement, affinity_key
 from gateway.quota import MICROS, Budget, Denied, Pricing, Quotas, StoreUnavailable, prompt_token_bound
 from gateway.redis_state import StateUnavailable
@@ -197,7 +197,7 @@ class Dispatcher:
         m = self.metrics
         loop = asyncio.get_running_loop()
         rec = RequestRecord(door=door)
-        trace = RequestTrace(self.tracer, headers)
+        trace = request_trace(self.tracer, headers)
         stream: RequestStream | None = None
         claim: Claim | None = None
         reservation = None

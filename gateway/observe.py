@@ -92,6 +92,36 @@ def excerpt(text: str) -> str:
     return clip(text, 4096)
 
 
+def request_trace(tracer, metadata) -> RequestTrace | NullTrace:
+    """The spans of one request, or none when tracing is off and the caller sent no trace context to carry
+    on to the worker (the no-op tracer's spans would still cost a few objects each, per request)."""
+    if isinstance(tracer, tracing.NoOpTracer) and not tracing.has_context(metadata):
+        return NullTrace()
+    return RequestTrace(tracer, metadata)
+
+
+class NullTrace:
+    """RequestTrace's interface, recording nothing."""
+
+    current_name = ""
+    _nothing = contextlib.nullcontext()
+
+    def begin(self, name: str, **attrs) -> None:
+        pass
+
+    def span(self, name: str):
+        return self._nothing
+
+    def event(self, name: str, **attrs) -> None:
+        pass
+
+    def carrier(self) -> dict[str, str]:
+        return {}
+
+    def finish(self, rec: RequestRecord) -> None:
+        pass
+
+
 class RequestTrace:
     """The spans of one request: igw.execute with children auth, queue, dispatch, generate."""
 

@@ -10,7 +10,7 @@ The exporter (OTLP over gRPC, or console) is chosen in the config.
 from __future__ import annotations
 
 from opentelemetry import trace
-from opentelemetry.trace import NoOpTracerProvider, SpanKind  # noqa: F401  (re-exported for callers)
+from opentelemetry.trace import NoOpTracer, NoOpTracerProvider, SpanKind  # noqa: F401  (re-exported for callers)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -46,6 +46,12 @@ def extract(carrier) -> trace.Context | None:
     items = carrier.items() if hasattr(carrier, "items") else carrier or ()
     headers = {k.lower(): v for k, v in items if isinstance(v, str)}
     return _PROPAGATOR.extract(headers) if "traceparent" in headers else None
+
+
+def has_context(carrier) -> bool:
+    """Whether gRPC metadata or a map of W3C headers carries a ``traceparent``."""
+    items = carrier.items() if hasattr(carrier, "items") else carrier or ()
+    return any(k.lower() == "traceparent" for k, _ in items)
 
 
 def inject(span) -> dict[str, str]:
