@@ -215,6 +215,9 @@ class Scheduler:
         """Queue ``t`` and wait for its claim. On cancel or timeout it leaves the queue at once,
         and a claim granted at that very moment is given back."""
         self.enqueue(t)
+        granted = t.granted
+        if granted.done() and not granted.cancelled() and granted.exception() is None:
+            return granted.result()  # a worker had room at once: no timer to arm, nothing to wait for
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(t.granted)
