@@ -33,7 +33,7 @@ import yaml
 from gateway.errors import unauthenticated
 from gateway.keys import KEY_PATTERN, KeyEntry, KeyFile, hash_key, read_key_file
 from gateway.vocabulary import INTERACTIVE
-from igw_common.config import AuthConfig, QuotaLimits
+from igw_common.config import NO_LIMITS, AuthConfig, QuotaLimits
 from igw_common.edge import EDGE_SECRET_HEADER, read_edge_secret
 
 log = logging.getLogger("gateway.auth")
@@ -104,7 +104,7 @@ class Authenticator:
 
     def tenant_limits(self, tenant: str) -> QuotaLimits:
         entry = self._keys.tenants.get(tenant)
-        return entry.limits if entry else QuotaLimits()
+        return entry.limits if entry else NO_LIMITS
 
     def tenant_label(self, tenant: str) -> str:
         """The metrics label for ``tenant``: its name when the key file names it (tenants that hold keys or
@@ -125,7 +125,7 @@ class Authenticator:
                 md.setdefault(k.lower(), v)
         if self.cfg.mode == "none":
             t = self.cfg.anonymous_tenant
-            return Principal(t, "", frozenset(), INTERACTIVE, QuotaLimits(), self.tenant_limits(t))
+            return Principal(t, "", frozenset(), INTERACTIVE, NO_LIMITS, self.tenant_limits(t))
         if self.cfg.mode == "jwt":
             return self._from_jwt(md)
         return self._from_key(md)
@@ -140,7 +140,7 @@ class Authenticator:
             return self._principal(key_id, entry)
         if self.cfg.mode == "api_key":
             raise unauthenticated("this job was submitted without an API key; this gateway requires one")
-        return Principal(tenant, "", frozenset(), INTERACTIVE, QuotaLimits(), self.tenant_limits(tenant))
+        return Principal(tenant, "", frozenset(), INTERACTIVE, NO_LIMITS, self.tenant_limits(tenant))
 
     def _principal(self, key_id: str, entry: KeyEntry) -> Principal:
         return Principal(
@@ -199,4 +199,4 @@ class Authenticator:
                 f"the JWT's `{self.cfg.tenant_claim}` claim is not a valid tenant name: "
                 "use letters, digits and . _ : @ - only"
             )
-        return Principal(tenant, "", frozenset(), INTERACTIVE, QuotaLimits(), self.tenant_limits(tenant))
+        return Principal(tenant, "", frozenset(), INTERACTIVE, NO_LIMITS, self.tenant_limits(tenant))

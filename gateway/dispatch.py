@@ -63,7 +63,7 @@ from gateway.sessions import ActiveTurn, Sessions
 from gateway.streaming import Pacer, RequestStream
 from gateway.validation import ValidRequest, estimate_prompt_tokens
 from gateway.vocabulary import priority_allowed
-from igw_common.config import GatewayConfig, QuotaLimits
+from igw_common.config import NO_LIMITS, GatewayConfig
 from inference.v1 import worker_pb2 as wpb
 
 log = logging.getLogger("gateway.dispatch")
@@ -518,11 +518,11 @@ class Dispatcher:
         budgets = []
         if principal.key_id:
             limits = principal.key_limits
-            if limits == QuotaLimits():
+            if limits == NO_LIMITS:
                 limits = self.cfg.quota.default_key_limits
             budgets.append(Budget("key", principal.key_id, limits, principal.tenant, self.pricing.currency))
         limits = principal.tenant_limits
-        if limits == QuotaLimits():
+        if limits == NO_LIMITS:
             limits = self.cfg.quota.default_tenant_limits
         budgets.append(Budget("tenant", principal.tenant, limits, principal.tenant, self.pricing.currency))
         return budgets

@@ -34,7 +34,7 @@ from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from gateway.validation import Undecodable
 from gateway.vocabulary import FINISH_TO_PUBLIC
-from igw_common.config import GatewayConfig, QuotaLimits
+from igw_common.config import NO_LIMITS, GatewayConfig
 
 
 def _headers(context) -> tuple[tuple[str, str], ...]:
@@ -110,7 +110,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
     async def GetQuota(self, request, context):
         try:
             principal = self.core.auth.authenticate(_headers(context))
-            budgets = [b for b in self.core.budgets(principal) if b.limits != QuotaLimits()]
+            budgets = [b for b in self.core.budgets(principal) if b.limits != NO_LIMITS]
             left = await self.core.quotas.remaining(budgets) if budgets else []
         except RpcError as err:
             await _abort(context, err)

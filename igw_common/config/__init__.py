@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from igw_common.config.base import ConfigError, Section, TracingConfig
 from igw_common.config.envoy import EdgeRateLimit, EnvoyConfig, TlsConfig
 from igw_common.config.gateway import (
+    NO_LIMITS,
     AuthConfig,
     CacheConfig,
     GatewayConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "GatewayConfig",
     "JobsConfig",
     "Limits",
+    "NO_LIMITS",
     "ModelPrice",
     "PoolConfig",
     "PricingConfig",
@@ -96,8 +98,8 @@ class Config(Section):
         quotas_apply = (
             g.auth.mode != "none"
             or g.auth.key_file
-            or g.quota.default_key_limits != QuotaLimits()
-            or g.quota.default_tenant_limits != QuotaLimits()
+            or g.quota.default_key_limits != NO_LIMITS
+            or g.quota.default_tenant_limits != NO_LIMITS
         )
         if g.processes > 1 and g.quota.store == "local" and quotas_apply:
             raise ValueError(

@@ -75,6 +75,9 @@ class QuotaLimits(Section):
     )
 
 
+NO_LIMITS = QuotaLimits()  # "unlimited", shared (sections are frozen): built once, not per request
+
+
 class AuthConfig(Section):
     mode: Literal["none", "api_key", "jwt"] = Field(
         "none",
