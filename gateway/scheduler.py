@@ -250,7 +250,7 @@ class Scheduler:
         for prio in PRIORITIES:
             cls = self.classes[prio]
             blocked: set[Ticket] = set()
-            while True:
+            while cls.size:  # most classes are empty most of the time: nothing to save or peek
                 state = cls.save()
                 t = cls.peek(blocked)
                 if t is None:
