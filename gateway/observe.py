@@ -52,6 +52,8 @@ class RequestRecord:
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens of an answer that had no stream (a hit)
 
     def log_line(self, stream) -> None:
+        if not request_log.isEnabledFor(logging.INFO):  # gateway.log_level above info: nothing to build
+            return
         fields = {
             "event": "request",
             "id": self.id,
