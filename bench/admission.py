@@ -26,7 +26,7 @@ import yaml
 
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from igw_common import launcher as stack
+from igw_stack import launcher as stack
 
 
 async def run_round(addr: str, key: str | None, n: int, concurrency: int) -> list[float]:

@@ -22,8 +22,8 @@ import uvloop
 from bench import bare_grpc
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from inference.v1 import worker_pb2 as wpb
-from inference.v1 import worker_pb2_grpc as wpb_grpc
+from igw_worker_api.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 
 MAX_TOKENS = 4096
 DEFAULT_INTERVAL_MS = 10  # the gateway's default stream_interval_ms

@@ -17,8 +17,8 @@ import grpc
 
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from inference.v1 import worker_pb2 as wpb
-from inference.v1 import worker_pb2_grpc as wpb_grpc
+from igw_worker_api.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 
 TASK = "Count from 1 to 400, writing each number on its own line."
 

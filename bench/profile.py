@@ -39,7 +39,7 @@ import yaml
 
 from bench import load
 from bench.stack_config import synthetic_stack
-from igw_common.launcher import free_port
+from igw_stack.launcher import free_port
 
 AREAS = (  # first match wins, checked against each frame from the leaf up
     ("gateway code", ("gateway/",)),

@@ -41,7 +41,7 @@ import psutil
 import yaml
 
 from bench import load, peer, typist
-from igw_common import launcher as stack
+from igw_stack import launcher as stack
 
 MODEL = "smollm2-135m-instruct"
 PEER_RATE = 15.0  # tokens/s per stream of the synthetic vLLM gRPC server: 256 streams stay under its ceiling

@@ -28,7 +28,7 @@ import psutil
 from bench.stack_config import synthetic_stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from igw_common import launcher as stack
+from igw_stack import launcher as stack
 
 
 class PeakRss:

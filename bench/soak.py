@@ -34,9 +34,9 @@ import psutil
 from bench.stack_config import synthetic_stack
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from igw_common import launcher as stack
-from inference.v1 import worker_pb2 as wpb
-from inference.v1 import worker_pb2_grpc as wpb_grpc
+from igw_stack import launcher as stack
+from igw_worker_api.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 
 EXPECTED = {
     "normal": {"OK"},

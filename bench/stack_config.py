@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from igw_common import launcher as stack
+from igw_stack import launcher as stack
 
 
 def synthetic_stack(work: Path, gateway: dict, worker: dict, envoy: dict | None = None):

@@ -31,8 +31,8 @@ import grpc
 from bench.load import pct
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from inference.v1 import worker_pb2 as wpb
-from inference.v1 import worker_pb2_grpc as wpb_grpc
+from igw_worker_api.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 
 CODE = "def merge_sorted(a, b):\n    result = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
 

@@ -53,6 +53,31 @@ class RpcError(Exception):
                 return d.retry_delay.ToMilliseconds() / 1000
         return None
 
+    def renamed(self, names: dict[str, str]) -> RpcError:
+        """This error with its field named as a door's client calls it: ``names`` maps a core field
+        (``sampling.max_tokens``) to the door's (``max_tokens``); an indexed field keeps its index
+        (``sampling.stop[1]`` -> ``stop[1]``). Errors that name no mapped field come back as they are."""
+        field = self.field
+        key = next((k for k in names if field == k or field.startswith((k + "[", k + "."))), None)
+        if key is None or not any(isinstance(d, error_details_pb2.BadRequest) for d in self.details):
+            return self
+        new = names[key] + field[len(key) :]
+        message = self.message
+        if message.startswith(field + ":"):
+            message = new + message[len(field) :]
+        details = tuple(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=new, description=v.description)
+                    for v in d.field_violations
+                ]
+            )
+            if isinstance(d, error_details_pb2.BadRequest)
+            else d
+            for d in self.details
+        )
+        return RpcError(self.code, message, details, self.trailers, self.reason)
+
     def to_status(self) -> grpc.Status:
         packed = []
         for d in self.details:

@@ -18,7 +18,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.keys import KeyEntry, TenantEntry, hash_key, key_file_lock, new_key, now_iso, read_key_file, write_key_file
+from gateway.core.keys import (
+    KeyEntry,
+    TenantEntry,
+    hash_key,
+    key_file_lock,
+    new_key,
+    now_iso,
+    read_key_file,
+    write_key_file,
+)
 from gateway.vocabulary import INTERACTIVE, PRIORITIES
 from igw_common.config import QuotaLimits
 

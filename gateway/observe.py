@@ -2,7 +2,7 @@
 
 Metrics are observed where the state they count changes (queue wait at the
 grant, TTFT at the first token, inter-token latency as tokens arrive, in
-``gateway.dispatch`` and ``gateway.streaming``); this module holds the span
+``gateway.core.run`` and ``gateway.workers.streaming``); this module holds the span
 tree of a request and the log line written when it ends.
 
 Spans are passed explicitly rather than made "current": the request core is
@@ -46,7 +46,7 @@ class RequestRecord:
     reason: str = ""
     started: float = field(default_factory=time.monotonic)
     task_excerpt: str = ""  # only with gateway.log_prompts
-    cache: str = ""  # "hit" or "miss" for a cacheable request (gateway.cache), else ""
+    cache: str = ""  # "hit" or "miss" for a cacheable request (gateway.state.cache), else ""
     cost_micros: int = 0  # micro-units of gateway.pricing.currency
     session_turns_dropped: int = 0
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens of an answer that had no stream (a hit)

@@ -15,21 +15,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import service as service_mod
-from gateway.auth import Authenticator
-from gateway.cache import ResponseCache
-from gateway.dispatch import Dispatcher
-from gateway.http_api import HttpApi
-from gateway.jobs import JobQueue, JobRunner, JobService
-from gateway.membership import WorkerSet
+from gateway.core.auth import Authenticator
+from gateway.core.placement import Placement
+from gateway.core.request_core import RequestCore
+from gateway.core.scheduler import Scheduler
+from gateway.doors import grpc_service as service_mod
+from gateway.doors.grpc_service import GatewayService
+from gateway.doors.http_server import HttpApi
+from gateway.doors.job_runner import JobRunner
+from gateway.doors.jobs import JobService
 from gateway.metrics import GatewayMetrics, PoolCollector
-from gateway.placement import Placement
-from gateway.quota import Pricing, Quotas
-from gateway.scheduler import Scheduler
-from gateway.service import GatewayService
-from gateway.sessions import Sessions
+from gateway.state.cache import ResponseCache
+from gateway.state.jobs import JobQueue
+from gateway.state.quota import Pricing, Quotas
+from gateway.state.sessions import Sessions
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import PRIORITIES
+from gateway.workers.membership import WorkerSet
 from igw_common import config as config_mod
 from igw_common import tracing
 from igw_common.logs import setup_logging
@@ -54,7 +56,7 @@ def server_options(cfg: config_mod.GatewayConfig) -> list[tuple[str, int]]:
     ]
 
 
-def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> Dispatcher:
+def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> RequestCore:
     """Everything of a gateway but the network: the worker set, placement, auth, quotas, queue and
     the request core over them (the servicer tests build theirs here too)."""
     metrics = GatewayMetrics()
@@ -72,7 +74,7 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> Dispatche
     sessions = (
         Sessions(cfg.sessions, cfg.limits, cfg.redis_url_for("sessions"), metrics) if cfg.sessions.enabled else None
     )
-    return Dispatcher(
+    return RequestCore(
         cfg,
         workers,
         placement,

@@ -7,7 +7,7 @@ priority is one edit, not four.
 from __future__ import annotations
 
 from gateway.v1 import gateway_pb2 as gpb
-from inference.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2 as wpb
 
 # Scheduling classes, highest first. A key's `priority_max` is one of these.
 INTERACTIVE = "interactive"

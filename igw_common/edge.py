@@ -1,8 +1,8 @@
 """The edge secret: what proves to a gateway that a request came through Envoy (JWT mode).
 
 Envoy reads it from ``gateway.auth.edge_secret_file`` and adds it to every
-request it forwards (``envoy/render.py``); the gateway reads the same file and
-compares (``gateway.auth``). Both use ``read_edge_secret``, so they never read
+request it forwards (``gateway.envoy_bootstrap``); the gateway reads the same file and
+compares (``gateway.core.auth``). Both use ``read_edge_secret``, so they never read
 the file differently.
 """
 

@@ -24,10 +24,10 @@ from grpc_reflection.v1alpha import reflection
 from igw_common import config as config_mod
 from igw_common import tracing
 from igw_common.logs import setup_logging
+from igw_worker_api.v1 import worker_pb2 as pb
+from igw_worker_api.v1 import worker_pb2_grpc as pb_grpc
 from inference.engine import Engine
 from inference.service import WorkerServicer
-from inference.v1 import worker_pb2 as pb
-from inference.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("inference.worker")
 

@@ -12,11 +12,11 @@ import concurrent.futures
 import itertools
 
 from igw_common import tracing
+from igw_worker_api.v1 import worker_pb2 as pb
+from igw_worker_api.v1 import worker_pb2_grpc as pb_grpc
 from inference.engine import Engine
 from inference.metrics import WorkerMetrics
 from inference.session import Counters, Session
-from inference.v1 import worker_pb2 as pb
-from inference.v1 import worker_pb2_grpc as pb_grpc
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):

@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator
 from google.rpc import code_pb2
 
 from igw_common import pacing, tracing
+from igw_worker_api.v1 import worker_pb2 as pb
 from inference.engine import Engine, InvalidRequest, SamplingSpec
 from inference.metrics import WorkerMetrics
-from inference.v1 import worker_pb2 as pb
 
 log = logging.getLogger("inference.session")
 

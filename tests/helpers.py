@@ -22,10 +22,10 @@ import yaml
 
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from igw_common import launcher as stack
-from igw_common.launcher import free_port  # noqa: F401  (re-exported for tests)
-from inference.v1 import worker_pb2 as wpb
-from inference.v1 import worker_pb2_grpc as wpb_grpc
+from igw_stack import launcher as stack
+from igw_stack.launcher import free_port  # noqa: F401  (re-exported for tests)
+from igw_worker_api.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 
 BIN = Path(sys.executable).parent
 TASK = "count please"  # what execute() sends

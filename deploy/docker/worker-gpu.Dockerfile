@@ -7,11 +7,12 @@ COPY pyproject.toml README.md ./
 COPY protos protos
 # The worker carries no gateway code: it needs only the shared package and its own.
 COPY igw_common igw_common
+COPY igw_worker_api igw_worker_api
 COPY inference inference
 RUN python -m venv /opt/igw \
  && /opt/igw/bin/pip install --no-cache-dir grpcio-tools \
  && /opt/igw/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
-      protos/inference/v1/worker.proto \
+      protos/igw_worker_api/v1/worker.proto \
  && /opt/igw/bin/pip install --no-cache-dir '.[gpu]'
 
 FROM python:3.11-slim

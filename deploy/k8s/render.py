@@ -100,7 +100,8 @@ def render(cfg: config_mod.Config, config_text: str) -> list[dict]:
                                 "image": GATEWAY_IMAGE,
                                 "command": [
                                     "python",
-                                    "/opt/igw-envoy/render.py",
+                                    "-m",
+                                    "gateway.envoy_bootstrap",
                                     "--config",
                                     "/etc/igw/config.yaml",
                                     "--out",

@@ -1,4 +1,4 @@
-"""The ``envoy`` section: the edge proxy's bootstrap (rendered by ``envoy/render.py``)."""
+"""The ``envoy`` section: the edge proxy's bootstrap (rendered by ``gateway.envoy_bootstrap``)."""
 
 from __future__ import annotations
 

@@ -325,7 +325,7 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     in the queue never reaches vLLM."""
     import yaml
 
-    from igw_common.launcher import free_port
+    from igw_stack.launcher import free_port
 
     cfg = yaml.safe_load(vllm_stack.config_path.read_text())
     cfg["gateway"]["listen"] = f"127.0.0.1:{free_port()}"
@@ -334,7 +334,7 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     cfg["gateway"]["http_listen"] = ""  # the first gateway holds its HTTP port
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from igw_common import launcher as stack
+    from igw_stack import launcher as stack
 
     gateway = stack.Processes(path, log_dir=tmp_path)
     try:

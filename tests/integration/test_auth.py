@@ -23,10 +23,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.keys import KeyEntry, KeyFile, hash_key, read_key_file, write_key_file
+from gateway.core.keys import KeyEntry, KeyFile, hash_key, read_key_file, write_key_file
 from gateway.v1 import gateway_pb2 as gpb
 from igw_common import config
-from igw_common import launcher as stack
 from igw_common.config import ConfigError
 from tests.helpers import build_stack, igw_keys, make_config
 
@@ -365,7 +364,7 @@ def test_unusable_edge_secret_refused_at_render(tmp_path):
     )
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg))
-    render = [sys.executable, str(stack.RENDER_SCRIPT), "--config", str(path)]
+    render = [sys.executable, "-m", "gateway.envoy_bootstrap", "--config", str(path)]
     for bad in (
         "shortsecret\n",
         "with a space in the middle 0123456789",

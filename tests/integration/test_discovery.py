@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.connection import Job
-from gateway.membership import WorkerSet
-from gateway.placement import Placement
-from gateway.scheduler import Ticket
-from gateway.streaming import RequestStream
+from gateway.core.placement import Placement
+from gateway.core.scheduler import Ticket
+from gateway.workers.connection import Job
+from gateway.workers.membership import WorkerSet
+from gateway.workers.streaming import RequestStream
 from igw_common import config
-from igw_common.launcher import free_port
+from igw_stack.launcher import free_port
+from igw_worker_api.v1 import worker_pb2 as wpb
 from inference.server import WorkerServer, make_engine
-from inference.v1 import worker_pb2 as wpb
 
 
 async def start_worker(addr: str):

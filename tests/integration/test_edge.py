@@ -16,8 +16,9 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from igw_common import launcher as stack
+from gateway import envoy_bootstrap
 from igw_common.config import EnvoyConfig
+from igw_stack import launcher as stack
 from tests.helpers import PY, build_stack, make_config
 
 BIN = Path(sys.executable).parent
@@ -76,7 +77,7 @@ def test_envoy_writes_json_access_log(synthetic_stack):
 
 
 def test_envoy_admin_only_on_loopback_and_route_timeout_off():
-    render = stack.load_envoy_renderer()
+    render = envoy_bootstrap
     from igw_common.config import Config
 
     boot = render.render(Config())
@@ -165,7 +166,7 @@ def test_tls_listener(tmp_path):
         s.start_gateway()
         rendered = tmp_path / "envoy.yaml"
         subprocess.run(
-            [PY, str(stack.RENDER_SCRIPT), "--config", str(s.config_path), "--out", str(rendered)], check=True
+            [PY, "-m", "gateway.envoy_bootstrap", "--config", str(s.config_path), "--out", str(rendered)], check=True
         )
         s.procs["envoy"] = stack.start(stack.envoy_command(EnvoyConfig(), rendered), log_path=s.log("envoy"))
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -274,7 +275,7 @@ def test_client_cannot_make_itself_internal(synthetic_stack, tmp_path):
         admin_listen=f"127.0.0.1:{stack.free_port()}",
         access_log_path=str(tmp_path / "access.log"),
     )
-    boot = stack.load_envoy_renderer().render(cfg)
+    boot = envoy_bootstrap.render(cfg)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm.pop("use_remote_address")  # = false: the address in x-forwarded-for is "the client"
     hcm["internal_address_config"] = {"cidr_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}]}

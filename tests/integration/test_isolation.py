@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from gateway.v1 import gateway_pb2 as gpb
-from inference.v1 import worker_pb2 as wpb
-from inference.v1 import worker_pb2_grpc as wpb_grpc
+from igw_worker_api.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 from tests.helpers import build_stack, make_config
 
 DAY_S = 86_400.0
@@ -364,7 +364,7 @@ def test_worker_renders_off_its_event_loop(tmp_path):
     import asyncio
 
     from igw_common import config
-    from igw_common.launcher import free_port
+    from igw_stack.launcher import free_port
     from inference.server import WorkerServer
     from inference.synthetic_engine import SyntheticEngine
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from igw_common import launcher as stack
+from igw_stack import launcher as stack
 from tests.helpers import PY, make_config
 
 BIN = Path(sys.executable).parent
@@ -308,7 +308,7 @@ def test_kill_9_of_a_launcher_whose_child_cannot_stop_its_grandchild(tmp_path):
     SIGTERM the kernel then sends it without stopping its own child: the reaper ends that one."""
     log = tmp_path / "spawner.log"
     launcher_src = (
-        f"import pathlib, sys, time\nfrom igw_common import launcher as stack\n"
+        f"import pathlib, sys, time\nfrom igw_stack import launcher as stack\n"
         f"stack.start([sys.executable, '-c', {SPAWNER!r}], log_path=pathlib.Path({str(log)!r}))\n"
         "time.sleep(600)\n"
     )

@@ -128,7 +128,7 @@ def test_blue_green_switch_under_load(pools):
 
 
 def test_tenant_affinity_keeps_each_tenant_on_one_pool(tmp_path):
-    from gateway.keys import KeyEntry, KeyFile, hash_key, new_key, write_key_file
+    from gateway.core.keys import KeyEntry, KeyFile, hash_key, new_key, write_key_file
 
     keys, kf = {}, KeyFile()
     for i in range(30):

@@ -11,9 +11,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from gateway.quota import prompt_token_bound
+from gateway.state.quota import prompt_token_bound
 from gateway.v1 import gateway_pb2 as gpb
-from inference.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2 as wpb
 from tests.helpers import (
     TASK,
     RedisServer,

@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.quota import Budget, Denied, LocalStore, Quotas, RedisStore, StoreUnavailable
+from gateway.state.quota import Budget, Denied, LocalStore, Quotas, RedisStore, StoreUnavailable
 from gateway.v1 import gateway_pb2 as gpb
 from igw_common import config
 from igw_common.config import QuotaConfig, QuotaLimits

@@ -15,7 +15,7 @@ from gateway.server import GatewayServer
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from igw_common import config
-from igw_common.launcher import free_port
+from igw_stack.launcher import free_port
 from inference.server import WorkerServer, make_engine
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

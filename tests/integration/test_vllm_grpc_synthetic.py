@@ -1,4 +1,4 @@
-"""The synthetic engine behind vLLM's gRPC contract (inference.vllm_grpc_server), driven with the
+"""The synthetic engine behind vLLM's gRPC contract (igw_stack.vllm_grpc_standin), driven with the
 generated client of smg-grpc-proto as a gateway drives a stock vLLM gRPC server; and SMG, the peer
 gateway, streaming OpenAI chat completions in front of it (what ``make bench`` measures).
 

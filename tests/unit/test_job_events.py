@@ -1,11 +1,11 @@
-"""What WatchJob's writer (``gateway.jobs._Events``) does when a run ends while it is writing: the text in
+"""What WatchJob's writer (``gateway.doors.job_runner._Events``) does when a run ends while it is writing: the text in
 flight is written, then the rest, in order (cancelling the write lost a piece from the middle)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from gateway.jobs import _Events
+from gateway.doors.job_runner import _Events
 
 
 class SlowQueue:

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from gateway.keys import KEY_PATTERN, KeyEntry, KeyFile, hash_key, new_key, read_key_file, write_key_file
+from gateway.core.keys import KEY_PATTERN, KeyEntry, KeyFile, hash_key, new_key, read_key_file, write_key_file
 
 
 def test_new_keys_match_the_pattern_and_carry_their_id():

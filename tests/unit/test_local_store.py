@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.quota import Budget, Denied, LocalStore
+from gateway.state.quota import Budget, Denied, LocalStore
 from igw_common.config import QuotaLimits
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.placement import Router, affinity_key
-from inference.v1 import worker_pb2 as wpb
+from gateway.core.placement import Router, affinity_key
+from igw_worker_api.v1 import worker_pb2 as wpb
 
 
 class W:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.scheduler import QueueFull, Scheduler, Ticket
+from gateway.core.scheduler import QueueFull, Scheduler, Ticket
 
 
 class Slot:

@@ -1,4 +1,4 @@
-"""The servicer's one way to end a call with an error status (``gateway.service._abort``).
+"""The servicer's one way to end a call with an error status (``gateway.doors.grpc_service._abort``).
 
 A client whose deadline passes while the gateway sends it an error status must not cost a traceback in
 the gateway's log: gRPC's core has already ended the call, the send fails with ExecuteBatchError, and
@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc._cython import cygrpc
 
+from gateway.doors.grpc_service import _abort
 from gateway.errors import RpcError
-from gateway.service import _abort
 
 CALLS = 60
 ERR = RpcError(grpc.StatusCode.INVALID_ARGUMENT, "bad field", reason="test")

@@ -17,11 +17,11 @@ import grpc
 import grpc_testing
 import pytest
 
+from gateway.doors.grpc_service import GatewayService
 from gateway.server import build_core
-from gateway.service import GatewayService
 from gateway.v1 import gateway_pb2 as gpb
 from igw_common.config import GatewayConfig
-from inference.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2 as wpb
 
 SERVICE = gpb.DESCRIPTOR.services_by_name["Gateway"]
 EXECUTE = SERVICE.methods_by_name["Execute"]

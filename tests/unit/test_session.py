@@ -6,9 +6,9 @@ import asyncio
 import time
 
 from igw_common.config import SyntheticConfig
+from igw_worker_api.v1 import worker_pb2 as pb
 from inference.session import Counters, Session
 from inference.synthetic_engine import SyntheticEngine
-from inference.v1 import worker_pb2 as pb
 
 MODEL = "m"
 TOKENS = 60

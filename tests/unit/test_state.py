@@ -7,14 +7,14 @@ import calendar
 
 import pytest
 
-from gateway.cache import Entry, MemoryStore, ResponseCache, deterministic
+from gateway.core.validation import ValidRequest
 from gateway.metrics import GatewayMetrics
-from gateway.quota import Budget, Denied, LocalStore, Pricing, window_at
-from gateway.sessions import Sessions
-from gateway.validation import ValidRequest
+from gateway.state.cache import Entry, MemoryStore, ResponseCache, deterministic
+from gateway.state.quota import Budget, Denied, LocalStore, Pricing, window_at
+from gateway.state.sessions import Sessions
 from igw_common import config
 from igw_common.config import CacheConfig, Limits, PricingConfig, QuotaLimits, SessionsConfig
-from inference.v1 import worker_pb2 as wpb
+from igw_worker_api.v1 import worker_pb2 as wpb
 
 # --- pricing and windows ---------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from gateway.streaming import Pacer, RequestStream
+from gateway.workers.streaming import Pacer, RequestStream
 
 
 class FakeClaim:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from gateway.tokenization import ModelTokenizer, StopStrings, TemplateError
+from gateway.workers.tokenization import ModelTokenizer, StopStrings, TemplateError
 from inference import embedded_model
 
 CONVERSATIONS = [

@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
-from gateway import validation
+from gateway.core import validation
+from gateway.doors import execute_wire
 from gateway.errors import RpcError
+from gateway.request import estimate_prompt_tokens
 from gateway.v1 import gateway_pb2 as gpb
 from igw_common.config import Limits
+
+
+def _validate(req, limits):
+    """The gRPC door's reading of ``req``, through the one validator."""
+    return validation.validate(execute_wire.draft(req), limits)
 
 
 def _field(fn) -> str:
@@ -24,37 +31,37 @@ def test_oversized_context_is_refused_before_any_conversion(monkeypatch):
     monkeypatch.setattr(json_format, "MessageToDict", forbidden)
     req = gpb.ExecuteRequest(task="x")
     req.context.update({f"k{i}": "v" * 300 for i in range(10_000)})  # ~3 MB
-    assert _field(lambda: validation.validate(req, Limits())) == "context"
+    assert _field(lambda: _validate(req, Limits())) == "context"
 
 
 def test_context_limits_depth_numbers_and_exact_size():
     limits = Limits(max_context_bytes=100, max_context_depth=3)
     ok = gpb.ExecuteRequest(task="x")
     ok.context.update({"a": {"b": [1, "two", None, True]}})
-    v = validation.validate(ok, limits)
+    v = _validate(ok, limits)
     assert v.messages[0].content.endswith('{"a":{"b":[1.0,"two",null,true]}}')
     deep = gpb.ExecuteRequest(task="x")
     deep.context.update({"a": {"b": {"c": {"d": 1}}}})
-    assert _field(lambda: validation.validate(deep, limits)) == "context"
+    assert _field(lambda: _validate(deep, limits)) == "context"
     nan = gpb.ExecuteRequest(task="x")
     nan.context.update({"a": float("nan")})
-    assert _field(lambda: validation.validate(nan, limits)) == "context"
+    assert _field(lambda: _validate(nan, limits)) == "context"
     # Control characters grow ~6x as JSON: the exact size counts, not the lower bound.
     ctrl = gpb.ExecuteRequest(task="x")
     ctrl.context.update({"a": "\x01" * 30})
-    assert _field(lambda: validation.validate(ctrl, limits)) == "context"
+    assert _field(lambda: _validate(ctrl, limits)) == "context"
 
 
 def test_prompt_bytes_limit_counts_every_part():
     limits = Limits(max_prompt_bytes=1_000)
     req = gpb.ExecuteRequest(task="é" * 300, messages=[gpb.ChatMessage(role="user", content="é" * 201)])
-    assert _field(lambda: validation.validate(req, limits)) == "messages"  # 1,002 bytes of text
-    assert validation.validate(gpb.ExecuteRequest(task="é" * 499), limits).messages[-1].content == "é" * 499
+    assert _field(lambda: _validate(req, limits)) == "messages"  # 1,002 bytes of text
+    assert _validate(gpb.ExecuteRequest(task="é" * 499), limits).messages[-1].content == "é" * 499
 
 
 @pytest.mark.parametrize("rid", ["abc\n", "a" * 129, "a b", "ü", "\n"])
 def test_request_id_pattern_is_anchored(rid):
-    assert _field(lambda: validation.validate(gpb.ExecuteRequest(task="x", request_id=rid), Limits())) == "request_id"
+    assert _field(lambda: _validate(gpb.ExecuteRequest(task="x", request_id=rid), Limits())) == "request_id"
 
 
 def test_client_strings_are_not_echoed():
@@ -64,12 +71,12 @@ def test_client_strings_are_not_echoed():
         gpb.ExecuteRequest(messages=[gpb.ChatMessage(role=huge, content="x")]),
     ):
         with pytest.raises(RpcError) as info:
-            validation.validate(req, Limits())
+            _validate(req, Limits())
         assert len(info.value.message) < 200
 
 
 def test_estimate_is_in_tokens_not_bytes():
-    from inference.v1 import worker_pb2 as wpb
+    from igw_worker_api.v1 import worker_pb2 as wpb
 
     msgs = [wpb.ChatMessage(role="user", content="word " * 10_000)]  # 50 kB
-    assert validation.estimate_prompt_tokens(msgs) < 20_000
+    assert estimate_prompt_tokens(msgs) < 20_000

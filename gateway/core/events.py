@@ -1,0 +1,40 @@
+"""What the core tells a door about a request: one ``Started``, ``Delta``s, one ``Done``.
+
+A door maps them to its own wire format; refusals and failures come as ``RpcError`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Started:
+    request_id: str
+    model: str
+    worker: str
+    prompt_tokens: int
+    session_history_turns: int = 0  # server-side sessions: earlier turns sent with this one
+    session_turns_dropped: int = 0  # ... and the oldest ones trimmed to fit
+    cache_hit: bool = False
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    tokens: int
+
+
+@dataclass(slots=True)
+class Done:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: int
+    ttft_ms: int
+    total_ms: int
+    cost_micros: int = 0  # micro-units of gateway.pricing.currency
+    cache_hit: bool = False
+
+
+Event = Started | Delta | Done

@@ -1,0 +1,210 @@
+"""The one validator: a door's ``RequestDraft`` checked against ``gateway.limits``, into a ``ValidRequest``.
+
+Every door's request passes here once, so every limit holds the same on every door. A bad request
+raises ``RpcError(INVALID_ARGUMENT)`` whose message and BadRequest detail name the field in the core's
+names (``messages[2].role``, ``sampling.max_tokens``); a door renames them to its own.
+
+Sizes are checked before any work whose cost grows with them, and nothing a client sent is echoed into
+a message except short, clipped excerpts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+
+from google.protobuf import json_format, struct_pb2
+
+from gateway.errors import clip, invalid_argument
+from gateway.request import MAX_SESSION_ID_CHARS, RequestDraft, ValidRequest, estimate_prompt_tokens
+from gateway.vocabulary import PRIORITIES
+from igw_common import pacing
+from igw_common.config import Limits
+from igw_worker_api.v1 import worker_pb2 as wpb
+
+ROLES = ("system", "user", "assistant")
+# fullmatch: no trailing newline slips through as `$` would let it.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID_RULE = "use 1-128 characters from A-Z a-z 0-9 . _ : -"
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
+MODEL_NAME_RULE = "use 1-128 characters from A-Z a-z 0-9 . _ : / @ + - (the model list names them)"
+SUPERSEDE_KEY = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
+CONTEXT_PREFIX = "Context from the caller, as JSON:\n"
+
+
+def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
+    """Check ``draft`` against the limits, before any work whose cost grows with its size."""
+    if draft.request_id and not REQUEST_ID.fullmatch(draft.request_id):
+        raise invalid_argument("request_id", REQUEST_ID_RULE)
+    if draft.model and not MODEL_NAME.fullmatch(draft.model):
+        raise invalid_argument("model", f"not a model name: {MODEL_NAME_RULE}")
+    check_supersede_key(draft.supersede_key, "supersede_key")
+    check_session_id(draft.session_id, "session_id")
+    if draft.priority not in (None, *PRIORITIES):
+        raise invalid_argument("priority", f"must be one of {', '.join(PRIORITIES)}")
+    if draft.stream_interval_ms is not None:
+        check_stream_interval(draft.stream_interval_ms, "stream_interval_ms")
+    messages, context_messages = _prompt(draft, limits)
+    return ValidRequest(
+        request_id=draft.request_id or uuid.uuid4().hex,
+        model=draft.model,
+        messages=messages if draft.prompt is None else (),
+        sampling=_sampling(draft, limits),
+        max_tokens_was_set=draft.max_tokens is not None,
+        session_id=draft.session_id,
+        priority=draft.priority,
+        estimated_prompt_tokens=estimate_prompt_tokens(messages),
+        supersede_key=draft.supersede_key,
+        prompt=draft.prompt or "",
+        suffix=draft.suffix,
+        cache_bypass=draft.cache_bypass,
+        context_messages=context_messages,
+        stream_interval_ms=draft.stream_interval_ms,
+    )
+
+
+def _prompt(draft: RequestDraft, limits: Limits) -> tuple[tuple[wpb.ChatMessage, ...], int]:
+    """The prompt as the worker's messages (a raw prompt as one, for the size checks), and how many
+    leading ones came from ``context``."""
+    if draft.prompt is not None:
+        if not draft.prompt:
+            raise invalid_argument("prompt", "one non-empty string is required")
+        for name, text in (("prompt", draft.prompt), ("suffix", draft.suffix)):
+            if len(text) > limits.max_task_chars:
+                raise invalid_argument(name, f"{len(text)} characters is over the limit of {limits.max_task_chars}")
+        as_messages = (wpb.ChatMessage(role="user", content=draft.prompt + draft.suffix),)
+        check_prompt_bytes(as_messages, limits, "prompt")
+        return as_messages, 0
+    if len(draft.task) > limits.max_task_chars:
+        raise invalid_argument("task", f"{len(draft.task)} characters is over the limit of {limits.max_task_chars}")
+    if not draft.task.strip() and not draft.messages:
+        raise invalid_argument("task", "give a task, or chat messages, or both; both are empty")
+    if len(draft.messages) > limits.max_messages:
+        raise invalid_argument("messages", f"{len(draft.messages)} messages is over the limit of {limits.max_messages}")
+    for i, m in enumerate(draft.messages):
+        if m.role not in ROLES:
+            raise invalid_argument(f"messages[{i}].role", f"role {clip(m.role, 20)!r} is not one of {', '.join(ROLES)}")
+        if len(m.content) > limits.max_message_chars:
+            raise invalid_argument(
+                f"messages[{i}].content", f"{len(m.content)} characters is over the limit of {limits.max_message_chars}"
+            )
+    messages: list[wpb.ChatMessage] = []
+    if draft.context is not None and draft.context.fields:
+        messages.append(wpb.ChatMessage(role="system", content=CONTEXT_PREFIX + context_json(draft.context, limits)))
+    context_messages = len(messages)
+    messages.extend(draft.messages)
+    if draft.task.strip():
+        messages.append(wpb.ChatMessage(role="user", content=draft.task))
+    check_prompt_bytes(messages, limits, "messages")
+    return tuple(messages), context_messages
+
+
+def _sampling(d: RequestDraft, limits: Limits) -> wpb.Sampling:
+    out = wpb.Sampling()
+    if d.max_tokens is not None:
+        if d.max_tokens <= 0:
+            raise invalid_argument("sampling.max_tokens", f"must be > 0, got {d.max_tokens}")
+        if d.max_tokens > limits.max_tokens_limit:
+            raise invalid_argument(
+                "sampling.max_tokens", f"{d.max_tokens} is over this gateway's limit of {limits.max_tokens_limit}"
+            )
+        out.max_tokens = d.max_tokens
+    else:
+        out.max_tokens = limits.default_max_tokens
+    if d.temperature is not None:
+        if not (math.isfinite(d.temperature) and 0.0 <= d.temperature <= 2.0):
+            raise invalid_argument("sampling.temperature", f"must be between 0 and 2, got {d.temperature}")
+        out.temperature = d.temperature
+    if d.top_p is not None:
+        if not (math.isfinite(d.top_p) and 0.0 < d.top_p <= 1.0):
+            raise invalid_argument("sampling.top_p", f"must be in (0, 1], got {d.top_p}")
+        out.top_p = d.top_p
+    if len(d.stop) > limits.max_stop_sequences:
+        raise invalid_argument(
+            "sampling.stop", f"{len(d.stop)} stop strings is over the limit of {limits.max_stop_sequences}"
+        )
+    for i, stop in enumerate(d.stop):
+        if not stop or len(stop) > limits.max_stop_chars:
+            raise invalid_argument(f"sampling.stop[{i}]", f"must be 1-{limits.max_stop_chars} characters long")
+    out.stop.extend(d.stop)
+    if d.seed is not None:
+        if not -(2**63) <= d.seed < 2**63:
+            raise invalid_argument("sampling.seed", "must be a 64-bit integer")
+        out.seed = d.seed
+    return out
+
+
+MAX_STREAM_INTERVAL_MS = pacing.MAX_STREAM_INTERVAL_MS
+
+
+def header_number(raw: str, field: str, low: int, high: int) -> int:
+    """A whole number from an HTTP header: ASCII digits only (str.isdigit also takes "²", which int()
+    refuses) and at most 10 of them (int() refuses over 4,300), so a hostile value is a 400, not a 500."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
+        raise invalid_argument(field, f"a whole number of milliseconds, {low}-{high}")
+    return int(raw)
+
+
+def check_stream_interval(value: int, field: str) -> int:
+    if not 0 <= value <= MAX_STREAM_INTERVAL_MS:
+        raise invalid_argument(field, f"must be 0-{MAX_STREAM_INTERVAL_MS} ms, got {value}")
+    return value
+
+
+def check_session_id(session_id: str, field: str) -> None:
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise invalid_argument(field, f"{len(session_id)} characters is over the limit of {MAX_SESSION_ID_CHARS}")
+
+
+def check_supersede_key(key: str, field: str) -> None:
+    if key and not SUPERSEDE_KEY.fullmatch(key):
+        raise invalid_argument(field, "use 1-128 characters from A-Z a-z 0-9 . _ : / @ -")
+
+
+def check_prompt_bytes(messages: list[wpb.ChatMessage], limits: Limits, field: str) -> None:
+    size = sum(len(m.content.encode()) for m in messages)
+    if size > limits.max_prompt_bytes:
+        raise invalid_argument(
+            field, f"the prompt is {size} bytes of text in all, over the limit of {limits.max_prompt_bytes}"
+        )
+
+
+def context_json(ctx: struct_pb2.Struct, limits: Limits, field: str = "context") -> str:
+    """The context as compact JSON, after checking depth, numbers and size on the message itself
+    (an oversized or deeply nested context costs no conversion)."""
+    # Walk without recursion, adding a lower bound of each node's JSON size; stop at the first excess.
+    # Depth counts objects and lists: {"a": [1]} is 2 levels.
+    budget, max_depth = limits.max_context_bytes, limits.max_context_depth
+    size = 2
+    stack: list[tuple[object, int, str]] = [(ctx, 1, field)]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, struct_pb2.Struct):
+            items = ((key, value) for key, value in node.fields.items())
+        else:
+            items = ((i, value) for i, value in enumerate(node.values))
+        for key, value in items:
+            size += len(key) + 4 if isinstance(key, str) else 1
+            where = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+            kind = value.WhichOneof("kind")
+            if kind in ("struct_value", "list_value"):
+                if depth + 1 > max_depth:
+                    raise invalid_argument(field, f"nested deeper than {max_depth} levels (at {clip(where)})")
+                stack.append((getattr(value, kind), depth + 1, where))
+            elif kind == "string_value":
+                size += len(value.string_value) + 2
+            elif kind == "number_value":
+                if not math.isfinite(value.number_value):
+                    raise invalid_argument(field, f"{clip(where)} is {value.number_value}, which JSON cannot carry")
+                size += 1
+            else:  # null, bool
+                size += 4
+            if size > budget:
+                raise invalid_argument(field, f"more than {budget} bytes as JSON, over the limit of {budget}")
+    text = json.dumps(json_format.MessageToDict(ctx), separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode())
+    if size > budget:
+        raise invalid_argument(field, f"{size} bytes as JSON is over the limit of {budget}")
+    return text

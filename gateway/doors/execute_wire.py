@@ -1,0 +1,66 @@
+"""The ``gateway.v1`` wire format of a request and its answer, shared by ``Execute`` and jobs.
+
+``draft`` reads an ``ExecuteRequest`` into the core's ``RequestDraft``: only what protobuf itself needs
+(the priority enum's numbers); every limit is the validator's. ``response`` and ``done`` write the
+core's events back as ``ExecuteResponse`` and ``Done`` messages. Field names are the core's own, so
+errors need no renaming on this door.
+"""
+
+from __future__ import annotations
+
+from gateway.core.events import Delta, Done, Event, Started
+from gateway.errors import invalid_argument
+from gateway.request import RequestDraft
+from gateway.v1 import gateway_pb2 as gpb
+from gateway.vocabulary import FINISH_TO_PUBLIC, PRIORITY_FROM_WIRE
+from igw_worker_api.v1 import worker_pb2 as wpb
+
+
+def draft(req: gpb.ExecuteRequest) -> RequestDraft:
+    if req.priority not in PRIORITY_FROM_WIRE:
+        raise invalid_argument("priority", f"unknown priority value {req.priority}")
+    s = req.sampling
+    return RequestDraft(
+        request_id=req.request_id,
+        model=req.model,
+        messages=tuple(wpb.ChatMessage(role=m.role, content=m.content) for m in req.messages),
+        task=req.task,
+        context=req.context if req.HasField("context") else None,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        stop=tuple(s.stop),
+        seed=s.seed if s.HasField("seed") else None,
+        session_id=req.session_id,
+        supersede_key=req.supersede_key,
+        priority=PRIORITY_FROM_WIRE[req.priority],
+        cache_bypass=req.cache_bypass,
+        stream_interval_ms=req.stream_interval_ms if req.HasField("stream_interval_ms") else None,
+    )
+
+
+def done(ev: Done) -> gpb.Done:
+    return gpb.Done(
+        finish_reason=FINISH_TO_PUBLIC.get(ev.finish_reason, gpb.FINISH_REASON_UNSPECIFIED),
+        usage=gpb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+        timings=gpb.Timings(queue_ms=ev.queue_ms, ttft_ms=ev.ttft_ms, total_ms=ev.total_ms),
+        cost_micros=ev.cost_micros,
+        cache_hit=ev.cache_hit,
+    )
+
+
+def response(ev: Event) -> gpb.ExecuteResponse:
+    if isinstance(ev, Delta):
+        return gpb.ExecuteResponse(delta=gpb.Delta(text=ev.text, tokens=ev.tokens))
+    if isinstance(ev, Started):
+        return gpb.ExecuteResponse(
+            started=gpb.Started(
+                request_id=ev.request_id,
+                model=ev.model,
+                worker=ev.worker,
+                prompt_tokens=ev.prompt_tokens,
+                session_history_turns=ev.session_history_turns,
+                session_turns_dropped=ev.session_turns_dropped,
+            )
+        )
+    return gpb.ExecuteResponse(done=done(ev))

@@ -1,0 +1,278 @@
+"""The HTTP front door: an OpenAI-compatible API on ``gateway.http_listen`` (Envoy routes ``/v1/`` here).
+
+    POST /v1/chat/completions   (stream: true -> server-sent events, data: [DONE])
+    POST /v1/completions        (suffix -> fill-in-the-middle where the model has the tokens)
+    GET  /v1/models
+    GET  /v1/sessions/{session_id}     (server-side sessions: the caller's stored conversation)
+    DELETE /v1/sessions/{session_id}
+
+It is served by the gateway process itself, on the same event loop as the
+gRPC door, over the same request core (``gateway.core.request_core``): one queue, one
+set of worker sessions, one quota view, so fairness between tenants and
+quotas hold across both doors exactly. A sibling process would need its own
+queue and worker sessions and could only approximate both.
+
+Headers: ``Authorization: Bearer <API key>`` as for gRPC; ``x-igw-priority``
+(interactive | batch), ``x-igw-session-id``, ``x-igw-supersede-key``,
+``x-igw-request-id`` (a label) and ``x-igw-timeout-ms`` (a deadline) carry
+what ``ExecuteRequest`` fields carry, and ``x-igw-cache: bypass`` skips the
+response cache; a response answered from the cache carries ``x-igw-cache: hit``,
+and one whose session history was trimmed ``x-igw-session-turns-dropped`` (both
+are known at the first event, before the status line goes out). A client that disconnects cancels the
+request handler (aiohttp's handler cancellation), which takes the core's one
+abort path: the engine drops the request within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+import grpc
+from aiohttp import web
+
+from gateway.core.events import Delta, Done, Started
+from gateway.core.request_core import RequestCore
+from gateway.core.validation import header_number
+from gateway.doors import openai_api
+from gateway.doors import sessions as sessions_door
+from gateway.errors import RpcError, invalid_argument
+from igw_common.config import GatewayConfig
+
+log = logging.getLogger("gateway.doors.http_server")
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _json_error(err: RpcError, names: dict[str, str] = openai_api.NAMES) -> web.Response:
+    status, body = openai_api.error_body(err, names)
+    headers = {}
+    retry = err.retry_after_s
+    for name, value in err.trailers:
+        if name == "retry-after":
+            headers["Retry-After"] = value
+    if "Retry-After" not in headers and retry is not None and status in (429, 503):
+        headers["Retry-After"] = str(max(1, round(retry)))
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _sse(data) -> bytes:
+    return b"data: " + (data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()) + b"\n\n"
+
+
+_ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET and DELETE /v1/sessions/{session_id}"
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler):
+    """aiohttp answers an unknown path and a wrong method itself, in plain text; OpenAI clients parse a
+    JSON error. The client's path and method are not echoed (they are unbounded). (A body over the limit
+    is answered by ``_run``, which reads it.)"""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {}
+        if exc.status == 404:
+            message, code = f"no such route; this API serves {_ROUTES}", "unknown_route"
+        elif exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            headers["Allow"] = allowed
+            message, code = f"method not allowed on this route; allowed: {allowed}", "method_not_allowed"
+        else:
+            message, code = exc.reason, exc.reason.lower().replace(" ", "_")
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        return web.json_response(body, status=exc.status, headers=headers)
+
+
+class HttpApi:
+    def __init__(self, cfg: GatewayConfig, core: RequestCore):
+        self.cfg = cfg
+        self.core = core
+        self.serving = True
+        self.app = web.Application(client_max_size=cfg.limits.max_request_bytes, middlewares=[_openai_errors])
+        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/sessions/{session_id}", self.get_session)
+        self.app.router.add_delete("/v1/sessions/{session_id}", self.delete_session)
+        self.sessions = sessions_door.SessionApi(core)
+        self.app.router.add_get("/healthz", self.healthz)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._inflight: set[asyncio.Task] = set()
+
+    # --- process wiring -------------------------------------------------------------------
+
+    async def start(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        # handler_cancellation: a client that goes away cancels its handler, so its request is aborted.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        await self._site.start()
+
+    async def drain(self, notice_s: float, grace_s: float) -> None:
+        """Unhealthy first (Envoy moves new requests elsewhere), then let streams finish, then stop."""
+        self.serving = False
+        await asyncio.sleep(notice_s)
+        if self._site is not None:
+            await self._site.stop()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=grace_s)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok" if self.serving else "draining", status=200 if self.serving else 503)
+
+    # --- routes -----------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, openai_api.chat_request)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, openai_api.completion_request)
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            self.core.authenticate(_headers(request))
+        except RpcError as err:
+            return _json_error(err)
+        return web.json_response(openai_api.models_list(sorted(self.core.workers.models())))
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        sid = request.match_info["session_id"]
+        try:
+            stored = await self.sessions.get(_headers(request), sid)
+        except RpcError as err:
+            return _json_error(err)
+        return web.json_response(sessions_door.to_json(sid, stored))
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        sid = request.match_info["session_id"]
+        try:
+            await self.sessions.delete(_headers(request), sid)
+        except RpcError as err:
+            return _json_error(err)
+        return web.json_response({"object": "session.deleted", "id": sid, "deleted": True})
+
+    # --- one completion ---------------------------------------------------------------------
+
+    async def _complete(self, request: web.Request, parse_body) -> web.StreamResponse:
+        task = asyncio.current_task()
+        self._inflight.add(task)
+        try:
+            return await self._run(request, parse_body)
+        finally:
+            self._inflight.discard(task)
+
+    async def _run(self, request: web.Request, parse_body) -> web.StreamResponse:
+        headers = _headers(request)
+        try:
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            return _json_error(
+                RpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the body is over the limit of {self.cfg.limits.max_request_bytes} bytes",
+                    reason="too_large",
+                )
+            )
+        except (ValueError, UnicodeDecodeError):
+            return _json_error(invalid_argument("body", "not valid JSON"))
+        except RecursionError:  # the JSON decoder's own depth limit
+            return _json_error(invalid_argument("body", "JSON nested too deeply"))
+        try:
+            # JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no text protobuf or a
+            # log line can carry. Refused here, once for the whole body, before any field is read.
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return _json_error(
+                invalid_argument("body", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send text")
+            )
+        except RecursionError:
+            return _json_error(invalid_argument("body", "JSON nested too deeply"))
+        reading = parse_body(body, dict(headers))
+        try:
+            deadline = _deadline(dict(headers))
+        except RpcError as err:
+            return _json_error(err)
+        events = self.core.run(headers, reading.draft, deadline, "http")
+        async with contextlib.aclosing(events):
+            try:
+                first = await anext(events)
+            except RpcError as err:
+                return _json_error(err, reading.names)
+            answer = openai_api.Answer(reading.shape, first.request_id)
+            if not reading.shape.stream:
+                return await self._whole(events, first, answer, reading.names)
+            return await self._stream(request, events, first, answer, reading.names)
+
+    async def _whole(self, events, first, answer: openai_api.Answer, names: dict[str, str]) -> web.Response:
+        text: list[str] = []
+        try:
+            ev = first
+            while True:
+                if isinstance(ev, Started):
+                    answer.model = ev.model
+                elif isinstance(ev, Delta):
+                    text.append(ev.text)
+                elif isinstance(ev, Done):
+                    return web.json_response(
+                        answer.whole("".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens),
+                        headers=_state_headers(first),
+                    )
+                ev = await anext(events)
+        except RpcError as err:
+            return _json_error(err, names)
+
+    async def _stream(self, request, events, first, answer: openai_api.Answer, names) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={**_SSE_HEADERS, **_state_headers(first)})
+        await resp.prepare(request)
+        ev = first
+        try:
+            while True:
+                if isinstance(ev, Started):
+                    chunk = answer.started(ev.model)
+                    if chunk is not None:
+                        await resp.write(_sse(chunk))
+                elif isinstance(ev, Delta):
+                    if ev.text:
+                        await resp.write(_sse(answer.delta(ev.text)))
+                elif isinstance(ev, Done):
+                    for chunk in answer.done(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens):
+                        await resp.write(_sse(chunk))
+                    await resp.write(_sse(b"[DONE]"))
+                    break
+                ev = await anext(events)
+        except RpcError as err:
+            # The status line is gone: the error travels as an event (the openai SDKs raise it).
+            await resp.write(_sse(openai_api.error_body(err, names)[1]))
+        await resp.write_eof()
+        return resp
+
+
+def _state_headers(first) -> dict[str, str]:
+    """What the first event says about the response cache and the session's history."""
+    out = {}
+    if isinstance(first, Started):
+        if first.cache_hit:
+            out["x-igw-cache"] = "hit"
+        if first.session_turns_dropped:
+            out["x-igw-session-turns-dropped"] = str(first.session_turns_dropped)
+    return out
+
+
+def _headers(request: web.Request) -> tuple[tuple[str, str], ...]:
+    return tuple((k.lower(), v) for k, v in request.headers.items())
+
+
+def _deadline(headers: dict[str, str]) -> float | None:
+    raw = headers.get("x-igw-timeout-ms")
+    if not raw:
+        return None
+    return asyncio.get_running_loop().time() + header_number(raw, "x-igw-timeout-ms", 1, 2**32 - 1) / 1000

@@ -1,0 +1,348 @@
+"""The OpenAI wire format: bodies into the core's ``RequestDraft``, events into OpenAI JSON, errors
+into OpenAI error bodies.
+
+Only what the HTTP front door (``gateway.doors.http_server``) needs to speak the subset of the OpenAI
+API that IDE assistants and SDKs use: ``/v1/chat/completions``, ``/v1/completions`` (with ``suffix``
+for fill-in-the-middle) and ``/v1/models``. This module checks only what JSON itself needs (types,
+role aliases, text parts); every limit is the core's one validator's, and its errors come back named
+as the client named the field (``NAMES``: ``max_tokens``, ``x-igw-session-id``, ...).
+
+A parameter the gateway does not support is refused with 400 naming it, never silently ignored,
+unless it asks for exactly what the gateway does anyway (``n: 1``, ``presence_penalty: 0``,
+``logprobs: false``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from gateway.core.validation import MAX_STREAM_INTERVAL_MS, header_number
+from gateway.errors import RpcError, clip, invalid_argument
+from gateway.request import RequestDraft
+from igw_worker_api.v1 import worker_pb2 as wpb
+
+# Parameters accepted when they ask for what the gateway does anyway (OpenAI's defaults).
+_NEUTRAL = {
+    "n": (1, None),
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+    "echo": (False, None),
+    "best_of": (1, None),
+    "logit_bias": (None,),
+    "tools": (None,),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None,),
+}
+_SHARED = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed", "user"}
+_CHAT = _SHARED | {"messages", "max_completion_tokens", "response_format"}
+_COMPLETION = _SHARED | {"prompt", "suffix"}
+# Roles: "developer" is OpenAI's newer name for "system".
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# gRPC status -> HTTP status and OpenAI error type.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ABORTED: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+# The core's field names as this door's clients call them (the body's parameters and igw headers).
+NAMES = {
+    "sampling.max_tokens": "max_tokens",
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.stop": "stop",
+    "sampling.seed": "seed",
+    "task": "messages",
+    "request_id": "x-igw-request-id",
+    "session_id": "x-igw-session-id",
+    "supersede_key": "x-igw-supersede-key",
+    "priority": "x-igw-priority",
+    "stream_interval_ms": "x-igw-stream-interval-ms",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """How to answer: what the body asked of the answer's form, not of the request."""
+
+    kind: str  # "chat" or "completion"
+    model: str  # as asked, until `started` names the model that answers
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A body as this door read it: the draft for the core (or the error reading met), how to answer,
+    and the names the client's fields go by."""
+
+    draft: RequestDraft | RpcError
+    shape: Shape | None
+    names: dict[str, str]
+
+
+def _bad(param: str, message: str) -> RpcError:
+    return invalid_argument(param, message)
+
+
+def _is_neutral(key: str, value) -> bool:
+    """``value`` asks for exactly what the gateway does anyway (None, False and True match only themselves)."""
+    return any(
+        value is v if v is None or isinstance(v, bool) else value == v and not isinstance(value, bool)
+        for v in _NEUTRAL.get(key, ())
+    )
+
+
+def _check_known(body: dict, allowed: set[str]) -> None:
+    for key, value in body.items():
+        if key not in allowed and not _is_neutral(key, value):
+            raise _bad(
+                clip(str(key), 40), "this gateway does not support this parameter (or this value of it); leave it out"
+            )
+
+
+def _number(body: dict, key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(key, "must be a number")
+    return float(value)
+
+
+def _integer(body: dict, key: str, what: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(key, what)
+    return value
+
+
+def _text(value, param: str) -> str:
+    """Message content: a string, or a list of text parts (what the SDKs send)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        out = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{param}[{i}]", "only text parts are supported")
+            out.append(part["text"])
+        return "".join(out)
+    raise _bad(param, "must be a string or a list of text parts")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "must be a string or a list of strings")
+    return tuple(stops)
+
+
+def _common(body, headers: dict[str, str], kind: str, max_tokens_keys: tuple[str, ...]) -> tuple[dict, Shape]:
+    """What chat and text completions share: the draft's common fields and the answer's shape."""
+    if not isinstance(body, dict):
+        raise _bad("body", "the body must be a JSON object")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise _bad("model", "not a model name (GET /v1/models lists them)")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream", "must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise _bad("stream_options", "only include_usage is supported")
+    if options and not stream:
+        raise _bad("stream_options", "only allowed with stream: true")
+    cache = headers.get("x-igw-cache", "")
+    if cache not in ("", "bypass"):
+        raise _bad("x-igw-cache", 'only "bypass" (skip the response cache) is supported')
+    interval = headers.get("x-igw-stream-interval-ms")
+    given = [k for k in max_tokens_keys if body.get(k) is not None]
+    fields = {
+        "model": model,
+        "max_tokens": _integer(body, given[0], "must be a positive integer") if given else None,
+        "temperature": _number(body, "temperature"),
+        "top_p": _number(body, "top_p"),
+        "stop": _stop(body),
+        "seed": _integer(body, "seed", "must be a 64-bit integer"),
+        "request_id": headers.get("x-igw-request-id", ""),
+        "priority": headers.get("x-igw-priority", "") or None,
+        "session_id": headers.get("x-igw-session-id", ""),
+        "supersede_key": headers.get("x-igw-supersede-key", ""),
+        "cache_bypass": cache == "bypass",
+        "stream_interval_ms": None
+        if interval is None
+        else header_number(interval, "x-igw-stream-interval-ms", 0, MAX_STREAM_INTERVAL_MS),
+    }
+    return fields, Shape(kind, model, stream, bool(options.get("include_usage")))
+
+
+def _names(body, max_tokens_keys: tuple[str, ...]) -> dict[str, str]:
+    """NAMES, with max_tokens named as the body named it (chat has two names for it)."""
+    if isinstance(body, dict):
+        given = [k for k in max_tokens_keys if body.get(k) is not None]
+        if given and given[0] != "max_tokens":
+            return {**NAMES, "sampling.max_tokens": given[0]}
+    return NAMES
+
+
+def _read(parse, body, headers: dict[str, str], keys: tuple[str, ...]) -> Reading:
+    names = _names(body, keys)
+    try:
+        draft, shape = parse(body, headers)
+    except RpcError as err:
+        return Reading(err, None, names)
+    return Reading(draft, shape, names)
+
+
+def _chat(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:
+    fields, shape = _common(body, headers, "chat", ("max_completion_tokens", "max_tokens"))
+    _check_known(body, _CHAT)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _bad("response_format", 'only {"type": "text"} is supported')
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("messages", "a non-empty list of messages is required")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "must be an object with role and content")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise _bad(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}")
+        content = _text(m.get("content", ""), f"messages[{i}].content")
+        messages.append(wpb.ChatMessage(role=_ROLES[role], content=content))
+    return RequestDraft(messages=tuple(messages), **fields), shape
+
+
+def _completion(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:
+    fields, shape = _common(body, headers, "completion", ("max_tokens",))
+    _check_known(body, _COMPLETION)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise _bad("prompt", "one non-empty string is required (lists of prompts and token ids are not supported)")
+    suffix = body.get("suffix") or ""
+    if not isinstance(suffix, str):
+        raise _bad("suffix", "must be a string")
+    return RequestDraft(prompt=prompt, suffix=suffix, **fields), shape
+
+
+def chat_request(body, headers: dict[str, str]) -> Reading:
+    """POST /v1/chat/completions, read."""
+    return _read(_chat, body, headers, ("max_completion_tokens", "max_tokens"))
+
+
+def completion_request(body, headers: dict[str, str]) -> Reading:
+    """POST /v1/completions, read."""
+    return _read(_completion, body, headers, ("max_tokens",))
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+class Answer:
+    """Builds the OpenAI JSON of one request's answer, chunk by chunk or whole."""
+
+    def __init__(self, shape: Shape, request_id: str):
+        self.chat = shape.kind == "chat"
+        self.include_usage = shape.include_usage
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.model = shape.model
+        self.object = "chat.completion" if self.chat else "text_completion"
+
+    def _chunk(self, choices: list, usage=None) -> dict:
+        out = {
+            "id": self.id,
+            "object": self.object + (".chunk" if self.chat else ""),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            out["usage"] = usage
+        return out
+
+    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+
+    def started(self, model: str) -> dict | None:
+        self.model = model
+        return self._chunk([self._choice(None, None, first=True)]) if self.chat else None
+
+    def delta(self, text: str) -> dict:
+        return self._chunk([self._choice(text, None)])
+
+    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> list[dict]:
+        chunks = [self._chunk([self._choice(None, finish_reason)])]
+        if self.include_usage:
+            chunks.append(self._chunk([], usage(prompt_tokens, completion_tokens)))
+        return chunks
+
+    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def error_body(err: RpcError, names: dict[str, str] = NAMES) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error body) for an error of the request core, naming the client's fields."""
+    err = err.renamed(names)
+    status, kind = HTTP_STATUS.get(err.code, (500, "server_error"))
+    code = err.reason or err.code.name.lower()
+    return status, {"error": {"message": err.message, "type": kind, "param": err.field or None, "code": code}}
+
+
+def models_list(models: list[str]) -> dict:
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": 0, "owned_by": "inference-gateway"} for m in models],
+    }

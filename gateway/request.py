@@ -1,0 +1,77 @@
+"""The neutral request every door hands the core, before and after validation.
+
+A door reads its own wire format (protobuf ``ExecuteRequest``, an OpenAI JSON body, a stored job) into
+a ``RequestDraft``: the client's values in the core's vocabulary, with only the checks the wire format
+itself needs (JSON types, enum numbers, role aliases). ``gateway.core.validation.validate`` checks the
+draft against ``gateway.limits`` once, for every door, and returns a ``ValidRequest``. Both are frozen:
+a step that changes a request (a session's history around a turn, a job's batch priority) makes a new
+value with ``dataclasses.replace``.
+
+Field names in errors are the core's (``messages[2].content``, ``sampling.max_tokens``); a door maps
+them to its own with ``gateway.errors.RpcError.renamed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import struct_pb2
+
+from igw_worker_api.v1 import worker_pb2 as wpb
+
+MAX_SESSION_ID_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDraft:
+    """What a client asked for, as its door read it; nothing here is checked against the limits yet."""
+
+    request_id: str = ""  # the client's label; "" = the gateway makes one
+    model: str = ""  # "" = the default model
+    messages: tuple[wpb.ChatMessage, ...] = ()  # chat history, roles in the core's names
+    task: str = ""  # Execute's task: one more user turn after the messages
+    context: struct_pb2.Struct | None = None  # Execute's context: a leading system message, as JSON
+    prompt: str | None = None  # a raw prompt (text completions, no chat template); None = a chat request
+    suffix: str = ""  # fill-in-the-middle: the text after the cursor
+    max_tokens: int | None = None  # None = gateway.limits.default_max_tokens
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    session_id: str = ""
+    supersede_key: str = ""
+    priority: str | None = None  # "interactive" | "batch"; None = the key's cap
+    cache_bypass: bool = False
+    stream_interval_ms: int | None = None  # None = gateway.stream_interval_ms
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    """A draft that passed the validator: what the core runs."""
+
+    request_id: str  # the client's label (or one we made): logs and `started` only, never a key
+    model: str  # as asked; "" = the default model
+    messages: tuple[wpb.ChatMessage, ...]
+    sampling: wpb.Sampling
+    max_tokens_was_set: bool
+    session_id: str = ""
+    priority: str | None = None  # as asked; None = the key's cap
+    estimated_prompt_tokens: int = 0  # the scheduler's cost until the worker has tokenized the prompt
+    supersede_key: str = ""  # a newer request with this key (same tenant) cancels this one
+    prompt: str = ""  # a raw prompt (no chat template) instead of messages: text completions
+    suffix: str = ""  # fill-in-the-middle: the text after the cursor (prompt is the text before)
+    cache_bypass: bool = False  # neither answered from nor stored in the response cache
+    context_messages: int = 0  # leading messages made from `context` (per request: never stored in a session)
+    stream_interval_ms: int | None = None  # merge steps into a delta at most this often; None = the default
+
+    def prompt_texts(self) -> tuple[wpb.ChatMessage, ...]:
+        """The prompt as messages; a raw prompt counts as one (quota, affinity and the cache key)."""
+        return self.messages or (wpb.ChatMessage(role="user", content=self.prompt + self.suffix),)
+
+
+def estimate_prompt_tokens(messages) -> int:
+    """The scheduler's estimate of a prompt's tokens before the worker has tokenized it:
+    about 3 bytes of text per token (BPE vocabularies average 3-4 bytes per token on code and
+    English, ~3 on CJK) plus the chat template's own tokens. The worker's count replaces it at
+    acceptance; quotas reserve an upper bound instead (``gateway.state.quota.prompt_token_bound``)."""
+    return sum(len(m.content.encode()) // 3 + 8 for m in messages) + 16
