@@ -92,6 +92,10 @@ def _seconds(s: float) -> str:
     return f"{s:g}s"
 
 
+def _ms(ms: int) -> str:
+    return f"{ms / 1000:g}s"
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -209,14 +213,15 @@ def render(cfg: config_mod.Config) -> dict:
         "cluster": "gateway",
         "timeout": "0s",  # 0s = no route timeout
         # Retried only before the upstream has answered, so a stream is never replayed:
-        # a replica that refuses (draining) or vanishes sends the call to another one.
+        # a replica that refuses (draining) or vanishes sends the call to another one,
+        # never back to one it already tried (previous_hosts).
         "retry_policy": {
             "retry_on": "connect-failure,refused-stream,reset,unavailable",
-            "num_retries": 2,
+            "num_retries": e.failover.retries,
             "retry_host_predicate": [
                 {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": PREVIOUS_HOSTS}}
             ],
-            "host_selection_retry_max_attempts": 3,
+            "host_selection_retry_max_attempts": e.failover.host_selection_attempts,
         },
     }
     if e.max_stream_duration_s:
@@ -320,13 +325,19 @@ def render(cfg: config_mod.Config) -> dict:
 
 
 def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> dict:
-    """Gateway replicas: least request, health-checked, never in panic mode."""
+    """Gateway replicas: least request, health-checked, never in panic mode, a replica that
+    refuses connections ejected at once."""
+    f = e.failover
     if http2:
         # Keep long-lived upstream connections alive and detect dead peers. The gateway permits
         # pings this often (gateway.min_ping_interval_ms, checked at load).
         protocol = {
             "http2_protocol_options": {
-                "connection_keepalive": {"interval": f"{e.upstream_keepalive_ms / 1000:g}s", "timeout": "10s"}
+                "connection_keepalive": {
+                    "interval": _ms(e.upstream_keepalive_ms),
+                    # A frozen or unreachable replica never resets its streams: this ends them.
+                    "timeout": _ms(e.upstream_keepalive_timeout_ms),
+                }
             }
         }
     else:
@@ -335,11 +346,41 @@ def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> di
         "name": name,
         # STATIC for IPs; STRICT_DNS re-resolves names (e.g. a headless Service).
         "type": "STATIC" if all(_is_ip(_split(u)[0]) for u in upstreams) else "STRICT_DNS",
-        "connect_timeout": f"{e.connect_timeout_ms / 1000:g}s",
+        "connect_timeout": _ms(e.connect_timeout_ms),
         "lb_policy": "LEAST_REQUEST",
         # Never send to a replica that failed its health check (Envoy's default panic
         # mode would, once half of them are unhealthy, e.g. one of two while it drains).
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        # Envoy's default allows 3 retries at once in the whole cluster: a burst of calls meeting a
+        # replica that just died overflowed it (UNAVAILABLE "remote connection failure", flags UO,UF).
+        # A budget grows with the calls in flight, so all of a lost replica's share can move at once.
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "retry_budget": {
+                        "budget_percent": {"value": f.retry_budget_percent},
+                        "min_retry_concurrency": f.min_retry_concurrency,
+                    },
+                }
+            ]
+        },
+        # Out of rotation on its first refused connection, before the next health check notices:
+        # LEAST_REQUEST would otherwise favour a dead replica (it has no requests in flight).
+        # Only Envoy's own errors count (split_external_local_origin_errors): a replica answering
+        # UNAVAILABLE (no worker reachable) is healthy and must stay. A passing health check
+        # brings an ejected replica back.
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": f.eject_after_failures,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "enforcing_local_origin_success_rate": 0,
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_consecutive_gateway_failure": 0,
+            "enforcing_success_rate": 0,
+            "enforcing_failure_percentage": 0,
+            "enforcing_failure_percentage_local_origin": 0,
+        },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": HTTP_OPTS,
@@ -352,11 +393,11 @@ def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> di
         },
         "health_checks": [
             {
-                "timeout": "1s",
-                "interval": f"{e.health_check_interval_ms / 1000:g}s",
+                "timeout": _ms(e.health_check_timeout_ms),
+                "interval": _ms(e.health_check_interval_ms),
                 # Envoy checks idle clusters only every 60 s by default; a replica that
                 # starts draining must be noticed within one interval regardless.
-                "no_traffic_interval": f"{e.health_check_interval_ms / 1000:g}s",
+                "no_traffic_interval": _ms(e.health_check_interval_ms),
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
                 **check,

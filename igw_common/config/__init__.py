@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from igw_common.config.base import ConfigError, Section, TracingConfig
-from igw_common.config.envoy import EdgeRateLimit, EnvoyConfig, TlsConfig
+from igw_common.config.envoy import EdgeRateLimit, EnvoyConfig, FailoverConfig, TlsConfig
 from igw_common.config.gateway import (
     NO_LIMITS,
     AuthConfig,
@@ -49,6 +49,7 @@ __all__ = [
     "ConfigError",
     "EdgeRateLimit",
     "EnvoyConfig",
+    "FailoverConfig",
     "GatewayConfig",
     "JobsConfig",
     "Limits",

@@ -34,6 +34,8 @@ def test_shipped_default_config_loads():
         ("gateway:\n  limitz: {}\n", "gateway.limitz: unknown key"),
         ("worker:\n  engine: tensorrt\n", "worker.engine"),
         ("envoy:\n  listen: 8080\n", "envoy.listen"),
+        ("envoy:\n  failover:\n    retry_budget_percent: 0\n", "envoy.failover.retry_budget_percent"),
+        ("envoy:\n  upstream_keepalive_timeout_ms: 0\n", "envoy.upstream_keepalive_timeout_ms"),
         ("gateway:\n  workers:\n    - address: nohostport\n", "gateway.workers.0.address"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("gateway: {listen: [\n", "not valid YAML"),
