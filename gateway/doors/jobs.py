@@ -35,7 +35,7 @@ STATES = {
 
 
 class JobService:
-    """What the RPCs do; ``gateway.service`` maps them onto gRPC."""
+    """What the RPCs do; ``gateway.doors.grpc_service`` maps them onto gRPC."""
 
     def __init__(self, cfg: GatewayConfig, core: RequestCore, queue: JobQueue):
         self.cfg, self.core, self.queue = cfg, core, queue

@@ -56,8 +56,9 @@ def _out_of_rotation(status: dict) -> bool:
 
 
 def test_failover_keys_reach_envoy_and_envoy_accepts_them(tmp_path):
+    from gateway import envoy_bootstrap
     from igw_common import config
-    from igw_common import launcher as stack
+    from igw_stack import launcher as stack
 
     cfg = config.parse(
         {
@@ -75,7 +76,7 @@ def test_failover_keys_reach_envoy_and_envoy_accepts_them(tmp_path):
             }
         }
     )
-    boot = stack.load_envoy_renderer().render(cfg)
+    boot = envoy_bootstrap.render(cfg)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     retry = hcm["route_config"]["virtual_hosts"][0]["routes"][-2]["route"]["retry_policy"]
     assert retry["num_retries"] == 3 and retry["host_selection_retry_max_attempts"] == 7
