@@ -61,6 +61,8 @@ ACCESS_LOG_FORMAT = {
     "http_status": "%RESPONSE_CODE%",
     "grpc_status": "%GRPC_STATUS%",
     "response_flags": "%RESPONSE_FLAGS%",
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    "connection_termination_details": "%CONNECTION_TERMINATION_DETAILS%",
     "duration_ms": "%DURATION%",
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
