@@ -58,7 +58,8 @@ class RpcError(Exception):
         (``sampling.max_tokens``) to the door's (``max_tokens``); an indexed field keeps its index
         (``sampling.stop[1]`` -> ``stop[1]``). Errors that name no mapped field come back as they are."""
         field = self.field
-        key = next((k for k in names if field == k or field.startswith((k + "[", k + "."))), None)
+        matches = [k for k in names if field == k or field.startswith((k + "[", k + "."))]
+        key = max(matches, key=len, default=None)  # the most specific name the door has
         if key is None or not any(isinstance(d, error_details_pb2.BadRequest) for d in self.details):
             return self
         new = names[key] + field[len(key) :]

@@ -20,6 +20,16 @@ from google.protobuf import struct_pb2
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 MAX_SESSION_ID_CHARS = 128
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """Structured output as a door read it: ``kind`` is one of ``CONSTRAINT_KINDS``; ``value`` is the
+    schema as JSON text, True, the regular expression, or the tuple of choices."""
+
+    kind: str
+    value: str | bool | tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,7 @@ class RequestDraft:
     priority: str | None = None  # "interactive" | "batch"; None = the key's cap
     cache_bypass: bool = False
     stream_interval_ms: int | None = None  # None = gateway.stream_interval_ms
+    constraint: Constraint | None = None  # structured output; None = free text
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +74,7 @@ class ValidRequest:
     cache_bypass: bool = False  # neither answered from nor stored in the response cache
     context_messages: int = 0  # leading messages made from `context` (per request: never stored in a session)
     stream_interval_ms: int | None = None  # merge steps into a delta at most this often; None = the default
+    constraint: wpb.Constraint | None = None  # checked and normalized (a schema as compact JSON)
 
     def prompt_texts(self) -> tuple[wpb.ChatMessage, ...]:
         """The prompt as messages; a raw prompt counts as one (quota, affinity and the cache key)."""

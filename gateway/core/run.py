@@ -239,6 +239,7 @@ class Run:
             prompt=valid.prompt,
             suffix=valid.suffix,
             stream_interval_ms=self.interval_ms,
+            constraint=valid.constraint,
         )
 
     @property

@@ -18,7 +18,7 @@ import uuid
 from google.protobuf import json_format, struct_pb2
 
 from gateway.errors import clip, invalid_argument
-from gateway.request import MAX_SESSION_ID_CHARS, RequestDraft, ValidRequest, estimate_prompt_tokens
+from gateway.request import MAX_SESSION_ID_CHARS, Constraint, RequestDraft, ValidRequest, estimate_prompt_tokens
 from gateway.vocabulary import PRIORITIES
 from igw_common import pacing
 from igw_common.config import Limits
@@ -62,7 +62,58 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         cache_bypass=draft.cache_bypass,
         context_messages=context_messages,
         stream_interval_ms=draft.stream_interval_ms,
+        constraint=constraint(draft.constraint, limits) if draft.constraint is not None else None,
     )
+
+
+def constraint(c: Constraint, limits: Limits) -> wpb.Constraint:
+    """A structured-output constraint within the limits, as the worker takes it. Whether the engine can
+    compile it is the engine's to say (its backend decides which keywords and regex features it has)."""
+    field = f"constraint.{c.kind}"
+    if c.kind == "json_schema":
+        return wpb.Constraint(json_schema=_schema(c.value, limits, field))
+    if c.kind == "json_object":
+        if c.value is not True:
+            raise invalid_argument(field, "must be true (leave the constraint out for free text)")
+        return wpb.Constraint(json_object=True)
+    if c.kind == "regex":
+        if not c.value or len(c.value) > limits.max_regex_chars:
+            raise invalid_argument(field, f"must be 1-{limits.max_regex_chars} characters long")
+        return wpb.Constraint(regex=c.value)
+    if c.kind == "choice":
+        if not 1 <= len(c.value) <= limits.max_choices:
+            raise invalid_argument(field, f"give 1-{limits.max_choices} choices, got {len(c.value)}")
+        for i, choice in enumerate(c.value):
+            if not choice or len(choice) > limits.max_choice_chars:
+                raise invalid_argument(f"{field}[{i}]", f"must be 1-{limits.max_choice_chars} characters long")
+        return wpb.Constraint(choice=wpb.Choices(choices=c.value))
+    raise invalid_argument("constraint", f"unknown kind {clip(str(c.kind), 20)!r}")
+
+
+def _schema(text: str, limits: Limits, field: str) -> str:
+    """A JSON schema's text: sized before it is parsed, parsed without NaN or Infinity, an object, no deeper
+    than the limit; returned as compact JSON (the key order kept: it is the order the engine writes)."""
+    if len(text.encode()) > limits.max_schema_bytes:
+        raise invalid_argument(field, f"{len(text.encode())} bytes is over the limit of {limits.max_schema_bytes}")
+    try:
+        schema = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:
+        raise invalid_argument(field, f"not valid JSON ({clip(str(err), 80)})") from None
+    if not isinstance(schema, dict):
+        raise invalid_argument(field, "must be a JSON object (a schema)")
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limits.max_schema_depth:
+            raise invalid_argument(field, f"nested deeper than {limits.max_schema_depth} levels")
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _prompt(draft: RequestDraft, limits: Limits) -> tuple[tuple[wpb.ChatMessage, ...], int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gateway.core.events import Delta, Done, Event, Started
 from gateway.errors import invalid_argument
-from gateway.request import RequestDraft
+from gateway.request import CONSTRAINT_KINDS, Constraint, RequestDraft
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import FINISH_TO_PUBLIC, PRIORITY_FROM_WIRE
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -36,7 +36,16 @@ def draft(req: gpb.ExecuteRequest) -> RequestDraft:
         priority=PRIORITY_FROM_WIRE[req.priority],
         cache_bypass=req.cache_bypass,
         stream_interval_ms=req.stream_interval_ms if req.HasField("stream_interval_ms") else None,
+        constraint=_constraint(req.constraint) if req.HasField("constraint") else None,
     )
+
+
+def _constraint(c: gpb.OutputConstraint) -> Constraint:
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise invalid_argument("constraint", f"set one of {', '.join(CONSTRAINT_KINDS)}, or leave it out")
+    value = tuple(c.choice.choices) if kind == "choice" else getattr(c, kind)
+    return Constraint(kind, value)
 
 
 def done(ev: Done) -> gpb.Done:

@@ -14,7 +14,9 @@ unless it asks for exactly what the gateway does anyway (``n: 1``, ``presence_pe
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import grpc
 
 from gateway.core.validation import MAX_STREAM_INTERVAL_MS, header_number
 from gateway.errors import RpcError, clip, invalid_argument
-from gateway.request import RequestDraft
+from gateway.request import Constraint, RequestDraft
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 # Parameters accepted when they ask for what the gateway does anyway (OpenAI's defaults).
@@ -73,7 +75,10 @@ NAMES = {
     "supersede_key": "x-igw-supersede-key",
     "priority": "x-igw-priority",
     "stream_interval_ms": "x-igw-stream-interval-ms",
+    "constraint": "response_format",
+    "constraint.json_schema": "response_format.json_schema.schema",
 }
+SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format.json_schema.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +223,7 @@ def _read(parse, body, headers: dict[str, str], keys: tuple[str, ...]) -> Readin
 def _chat(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:
     fields, shape = _common(body, headers, "chat", ("max_completion_tokens", "max_tokens"))
     _check_known(body, _CHAT)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise _bad("response_format", 'only {"type": "text"} is supported')
+    constraint = _response_format(body.get("response_format"))
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise _bad("messages", "a non-empty list of messages is required")
@@ -233,7 +236,34 @@ def _chat(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:
             raise _bad(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}")
         content = _text(m.get("content", ""), f"messages[{i}].content")
         messages.append(wpb.ChatMessage(role=_ROLES[role], content=content))
-    return RequestDraft(messages=tuple(messages), **fields), shape
+    return RequestDraft(messages=tuple(messages), constraint=constraint, **fields), shape
+
+
+def _response_format(fmt) -> Constraint | None:
+    """``response_format``: text (None), ``json_object``, or ``json_schema`` with its schema; ``strict`` is
+    what the engine's constrained decoding does anyway, so it is accepted either way."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text" and len(fmt) == 1:
+        return None
+    if kind == "json_object" and len(fmt) == 1:
+        return Constraint("json_object", True)
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"}:
+        spec = fmt["json_schema"]
+        if not isinstance(spec, dict) or set(spec) - {"name", "description", "schema", "strict"}:
+            raise _bad("response_format.json_schema", "an object with name, schema and optionally description, strict")
+        name = spec.get("name")
+        if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
+            raise _bad("response_format.json_schema.name", "1-64 characters from A-Z a-z 0-9 _ -")
+        if spec.get("strict") not in (None, True, False):
+            raise _bad("response_format.json_schema.strict", "must be true or false")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise _bad("response_format.json_schema.schema", "must be a JSON object (a schema)")
+        # Bounded by the body's size; the validator checks the schema's own size and depth.
+        return Constraint("json_schema", json.dumps(schema, ensure_ascii=False))
+    raise _bad("response_format", 'must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}')
 
 
 def _completion(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:

@@ -57,6 +57,7 @@ class Job:
     prompt: str = ""  # a raw prompt instead of messages (no chat template)
     suffix: str = ""  # fill-in-the-middle: the text after the cursor
     stream_interval_ms: int = 0  # at most one delta per this many ms (0 = per engine step)
+    constraint: wpb.Constraint | None = None  # structured output, enforced by the engine
 
 
 class Claim:

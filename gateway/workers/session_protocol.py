@@ -155,6 +155,7 @@ class WorkerConnection(Connection):
             prompt=job.prompt,
             suffix=job.suffix,
             stream_interval_ms=job.stream_interval_ms,
+            constraint=job.constraint,
         )
         size = submit.ByteSize() + 8  # + its tag and length inside GatewayMessage
         if size > self.max_message_bytes - 1024:

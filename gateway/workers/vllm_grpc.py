@@ -22,6 +22,7 @@ import concurrent.futures
 import hashlib
 import io
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from gateway.vocabulary import LENGTH, STOP
 from gateway.workers.connection import Claim, Connection, Job, WorkerFacts, channel_options
 from gateway.workers.streaming import RequestStream
 from gateway.workers.tokenization import ModelTokenizer, StopStrings, TemplateError
+from igw_worker_api.v1 import worker_pb2 as wpb
 
 log = logging.getLogger("gateway.workers.vllm_grpc")
 
@@ -217,7 +219,7 @@ class VllmGrpcConnection(Connection):
         except asyncio.CancelledError:
             raise  # cancelled by cancel(): it has already taken the stream off this worker
         except grpc.aio.AioRpcError as err:
-            self._failed(wire_id, stream, err)
+            self._failed(wire_id, stream, err, job)
         except Exception:  # a bug here fails this request, never the connection
             log.exception("vLLM gRPC request %s on %s failed", wire_id, self.address)
             if self._take(wire_id, stream):
@@ -236,7 +238,7 @@ class VllmGrpcConnection(Connection):
         else:
             stream.on_finished(LENGTH if reason == LENGTH else STOP, prompt_tokens)
 
-    def _failed(self, wire_id: str, stream: RequestStream, err: grpc.aio.AioRpcError) -> None:
+    def _failed(self, wire_id: str, stream: RequestStream, err: grpc.aio.AioRpcError, job: Job) -> None:
         if not self._mine(wire_id, stream):
             return
         code = err.code()
@@ -247,7 +249,7 @@ class VllmGrpcConnection(Connection):
         elif code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
             if self._take(wire_id, stream):
                 message = clip(err.details() or "refused by the vLLM server", 300)
-                stream.on_error(grpc.StatusCode.INVALID_ARGUMENT, message, "messages")
+                stream.on_error(grpc.StatusCode.INVALID_ARGUMENT, message, _refused_field(message, job))
         else:  # the server or the connection failed: placed again if nothing was sent yet
             self.streams.pop(wire_id, None)
             self._fail(stream)
@@ -280,9 +282,31 @@ def _request(wire_id: str, ids: list[int], job: Job) -> vpb.GenerateRequest:
         params.temperature = s.temperature
     if s.HasField("seed"):
         params.seed = s.seed % 2**31  # int32 on this wire
+    if job.constraint is not None:
+        _constrain(params, job.constraint)
     return vpb.GenerateRequest(
         request_id=wire_id, tokenized=vpb.TokenizedInput(input_ids=ids), sampling_params=params, stream=True
     )
+
+
+# What vLLM's messages about a structured-output constraint it cannot compile mention (its server names no
+# field): such a refusal names the constraint, any other the prompt.
+_CONSTRAINT_WORDS = re.compile(r"schema|grammar|regex|choice|json|structured", re.IGNORECASE)
+
+
+def _refused_field(message: str, job: Job) -> str:
+    if job.constraint is not None and _CONSTRAINT_WORDS.search(message):
+        return f"constraint.{job.constraint.WhichOneof('kind')}"
+    return "messages"
+
+
+def _constrain(params: vpb.SamplingParams, c: wpb.Constraint) -> None:
+    """Our constraint on vLLM's own wire: the same kinds, in SamplingParams' ``constraint`` oneof."""
+    kind = c.WhichOneof("kind")
+    if kind == "choice":
+        params.choice.CopyFrom(vpb.ChoiceConstraint(choices=c.choice.choices))
+    elif kind is not None:
+        setattr(params, kind, getattr(c, kind))
 
 
 def _bundle_dir(digest: str) -> Path:

@@ -43,6 +43,15 @@ class Limits(Section):
         1_048_576, gt=0, description="largest prompt: UTF-8 bytes of task, messages and context together"
     )
     max_context_depth: int = Field(16, gt=0, le=30, description="deepest nesting of `context` (objects and lists)")
+    max_schema_bytes: int = Field(
+        65_536, gt=0, description="largest structured-output JSON schema (`constraint.json_schema`), as compact JSON"
+    )
+    max_schema_depth: int = Field(
+        32, gt=0, le=64, description="deepest nesting of a structured-output JSON schema (objects and lists)"
+    )
+    max_regex_chars: int = Field(4_096, gt=0, description="longest structured-output regular expression")
+    max_choices: int = Field(256, gt=0, description="most strings in a structured-output choice list")
+    max_choice_chars: int = Field(1_024, gt=0, description="longest string of a structured-output choice list")
     max_request_bytes: int = Field(
         4_194_304,
         ge=65_536,

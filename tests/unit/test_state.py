@@ -108,8 +108,10 @@ def test_only_deterministic_requests_have_a_key_and_the_tenant_is_in_it():
         cache.key("acme", "m", valid(temperature=0.0, max_tokens=9), greedy.messages),
         cache.key("acme", "m", greedy, valid(task="hi!").messages),
         cache.key("acme", "m", valid(temperature=0.0, seed=1), greedy.messages),
+        cache.key("acme", "m", valid(temperature=0.0, constraint=wpb.Constraint(json_object=True)), greedy.messages),
+        cache.key("acme", "m", valid(temperature=0.0, constraint=wpb.Constraint(regex="a+")), greedy.messages),
     ]
-    assert len({a, *others}) == 6
+    assert len({a, *others}) == 8
     # A tenant name cannot fake another's key prefix.
     assert cache.key("a}:x", "m", greedy, greedy.messages).startswith("igw:c:{t:a%7D%3Ax}:")
 

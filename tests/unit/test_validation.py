@@ -80,3 +80,63 @@ def test_estimate_is_in_tokens_not_bytes():
 
     msgs = [wpb.ChatMessage(role="user", content="word " * 10_000)]  # 50 kB
     assert estimate_prompt_tokens(msgs) < 20_000
+
+
+def _constrained(**kind) -> gpb.ExecuteRequest:
+    return gpb.ExecuteRequest(task="x", constraint=gpb.OutputConstraint(**kind))
+
+
+def test_a_schema_is_bounded_parsed_and_kept_in_its_order():
+    limits = Limits(max_schema_bytes=200, max_schema_depth=3)
+    schema = '{"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}'
+    got = _validate(_constrained(json_schema=schema), limits).constraint
+    assert got.json_schema == '{"type":"object","properties":{"b":{"type":"string"},"a":{"type":"integer"}}}'
+    too_big = '{"description": "' + "x" * 300 + '"}'
+    too_deep = '{"a": {"b": {"c": {"d": 1}}}}'
+    for bad in (too_big, too_deep, "[1, 2]", "{not json", '{"a": NaN}', '{"a": Infinity}'):
+        assert _field(lambda b=bad: _validate(_constrained(json_schema=b), limits)) == "constraint.json_schema", bad
+
+
+def test_choices_regexes_and_empty_constraints_are_bounded():
+    limits = Limits(max_choices=2, max_choice_chars=3, max_regex_chars=5)
+    assert list(
+        _validate(_constrained(choice=gpb.ChoiceList(choices=["yes", "no"])), limits).constraint.choice.choices
+    ) == ["yes", "no"]
+    assert (
+        _field(lambda: _validate(_constrained(choice=gpb.ChoiceList(choices=["a", "b", "c"])), limits))
+        == "constraint.choice"
+    )
+    assert (
+        _field(lambda: _validate(_constrained(choice=gpb.ChoiceList(choices=["a", "long"])), limits))
+        == "constraint.choice[1]"
+    )
+    assert _field(lambda: _validate(_constrained(regex="[a-z]+$$"), limits)) == "constraint.regex"
+    assert _field(lambda: _validate(_constrained(json_object=False), limits)) == "constraint.json_object"
+    assert (
+        _field(lambda: _validate(gpb.ExecuteRequest(task="x", constraint=gpb.OutputConstraint()), limits))
+        == "constraint"
+    )
+
+
+def test_the_openai_door_names_its_own_fields():
+    from gateway.doors import openai_api
+
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"a": [[[[1]]]]}}},
+        "max_completion_tokens": 5,
+    }
+    reading = openai_api.chat_request(body, {})
+    with pytest.raises(RpcError) as info:
+        validation.validate(reading.draft, Limits(max_schema_depth=2))
+    status, err = openai_api.error_body(info.value, reading.names)
+    assert (status, err["error"]["param"]) == (400, "response_format.json_schema.schema")
+    assert err["error"]["message"].startswith("response_format.json_schema.schema: nested deeper")
+    body.update(response_format={"type": "json_object"}, max_completion_tokens=0)
+    reading = openai_api.chat_request(body, {})
+    with pytest.raises(RpcError) as info:
+        validation.validate(reading.draft, Limits())
+    assert openai_api.error_body(info.value, reading.names)[1]["error"]["param"] == "max_completion_tokens"
+    for bad in ({"type": "grammar"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"name": "a b"}}):
+        reading = openai_api.chat_request({**body, "response_format": bad}, {})
+        assert isinstance(reading.draft, RpcError) and reading.draft.field.startswith("response_format"), bad

@@ -43,6 +43,7 @@ def digest(model: str, valid: ValidRequest, messages) -> str:
     part(valid.prompt.encode())
     part(valid.suffix.encode())
     part(valid.sampling.SerializeToString(deterministic=True))
+    part(valid.constraint.SerializeToString(deterministic=True) if valid.constraint is not None else b"")
     return h.hexdigest()
 
 
