@@ -28,6 +28,9 @@ class SamplingSpec:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Structured output: (kind, value) with kind json_schema (JSON text), json_object (True), regex, or
+    # choice (a tuple of strings); None = free text.
+    constraint: tuple[str, object] | None = None
 
 
 @dataclass(frozen=True)

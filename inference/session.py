@@ -161,6 +161,7 @@ class Session:
                     top_p=s.top_p if s.HasField("top_p") else None,
                     stop=tuple(s.stop),
                     seed=s.seed if s.HasField("seed") else None,
+                    constraint=_constraint(sub.constraint) if sub.HasField("constraint") else None,
                 )
                 if sampling.max_tokens <= 0:
                     raise InvalidRequest("sampling.max_tokens", "max_tokens must be > 0")
@@ -294,3 +295,10 @@ class Session:
                 yield pb.WorkerFrame(events=events, seq=self._seq)
             elif self._reader_done and not self.tasks:
                 return
+
+
+def _constraint(c: pb.Constraint) -> tuple[str, object]:
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("constraint", "no kind of constraint is set")
+    return kind, tuple(c.choice.choices) if kind == "choice" else getattr(c, kind)

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 from igw_common.config import SyntheticConfig
-from inference.engine import Engine, Prompt, SamplingSpec, Step
+from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step
 
 
 class SyntheticEngine(Engine):
@@ -69,10 +69,22 @@ class SyntheticEngine(Engine):
         await asyncio.shield(self._step)
 
     async def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:
+        answer = None
+        if sampling.constraint is not None:
+            # No model, so no constrained decoding: the two kinds whose answer is known are answered in one
+            # step, the others refused, never answered with text that may not match.
+            kind, value = sampling.constraint
+            if kind not in ("choice", "json_object"):
+                raise InvalidRequest(f"constraint.{kind}", "the synthetic engine has no constrained decoding; use vLLM")
+            answer = value[0] if kind == "choice" else "{}"
         self._active += 1
         try:
             if self._prefill_s:
                 await asyncio.sleep(self._prefill_s)
+            if answer is not None:
+                await self._next_step()
+                yield Step(text=answer, tokens=1, finish_reason="stop")
+                return
             words = itertools.cycle(self._words)
             text = ""
             for i in range(sampling.max_tokens):

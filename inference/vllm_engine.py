@@ -52,6 +52,7 @@ class VllmEngine(Engine):
         self._cfg = cfg
         self._llm = None
         self._tokenizer = None
+        self._refusals: tuple[type[Exception], ...] = (ValueError,)
 
     def engine_args(self):
         _prepare_environment(self._cfg)
@@ -69,12 +70,24 @@ class VllmEngine(Engine):
             "max_model_len": self._cfg.max_model_len,
             "disable_log_stats": True,
         }
+        if "structured_outputs_config" not in self._cfg.engine_args:
+            from vllm.config.structured_outputs import StructuredOutputsConfig
+
+            # Compact JSON for structured outputs: the grammar leaves a model no whitespace to wander in (a
+            # small one at temperature 1 otherwise spends max_tokens on newlines), and every token is content.
+            # The backends read this per engine, not per request, and vLLM allows it only with a named
+            # backend: guidance (llguidance), which compiles the widest range of JSON schemas and regexes and
+            # says clearly what it cannot compile.
+            args["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)
         args.update(self._cfg.engine_args)
         return AsyncEngineArgs(**args)
 
     async def start(self) -> None:
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # What vLLM raises for a request it refuses (a constraint its backend cannot compile).
+        self._refusals = (ValueError, VLLMClientError)
         self._llm = AsyncLLM.from_engine_args(self.engine_args())
         self._tokenizer = self._llm.get_tokenizer()
         self.fim_tokens = find_fim_tokens(self._tokenizer.get_vocab())
@@ -117,18 +130,43 @@ class VllmEngine(Engine):
             kwargs["stop"] = list(s.stop)
         if s.seed is not None:
             kwargs["seed"] = s.seed
+        if s.constraint is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kind, value = s.constraint
+            # vLLM's names: json (a schema), json_object, regex, choice.
+            key = {"json_schema": "json", "choice": "choice"}.get(kind, kind)
+            kwargs["structured_outputs"] = StructuredOutputsParams(**{key: list(value) if kind == "choice" else value})
         return SamplingParams(**kwargs)
 
     async def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:
         stream = self._llm.generate({"prompt_token_ids": prompt.token_ids}, self._sampling_params(sampling), request_id)
         try:
+            try:
+                first = await anext(stream)
+            except self._refusals as err:
+                # vLLM checks a structured-output constraint with its backend (compiling it) before the
+                # request reaches the engine core: one it cannot compile is the client's, not a failure.
+                if sampling.constraint is None:
+                    raise
+                field = f"constraint.{sampling.constraint[0]}"
+                why = " ".join(str(err).split())[:300]
+                raise InvalidRequest(field, f"the engine cannot compile it: {why}") from None
+            except StopAsyncIteration:
+                return
+            yield _step(first)
             async for out in stream:
-                o = out.outputs[0]
-                reason = None
-                if out.finished:
-                    reason = "length" if o.finish_reason == "length" else "stop"
-                yield Step(text=o.text, tokens=len(o.token_ids), finish_reason=reason)
+                yield _step(out)
         finally:
             # If our consumer stopped early, closing vLLM's generator makes it
             # call AsyncLLM.abort (its GeneratorExit/CancelledError path).
             await stream.aclose()
+
+
+def _step(out) -> Step:
+    """One of vLLM's delta outputs as a step."""
+    o = out.outputs[0]
+    reason = None
+    if out.finished:
+        reason = "length" if o.finish_reason == "length" else "stop"
+    return Step(text=o.text, tokens=len(o.token_ids), finish_reason=reason)

@@ -175,6 +175,11 @@ BODY_VALID = {
     "stream": st.booleans(),
     "model": st.sampled_from(["", MODEL]),
 }
+DEEP_SCHEMA: dict = {}
+_node = DEEP_SCHEMA
+for _ in range(200):  # deeper than gateway.limits.max_schema_depth, shallower than any JSON parser's limit
+    _node["items"] = {}
+    _node = _node["items"]
 BODY_HOSTILE = {
     "messages": st.one_of(
         st.sampled_from([[], "hello", [1], [None], [{"role": "tool", "content": "x"}], [{"content": "x"}]]),
@@ -212,6 +217,16 @@ extras = st.one_of(
             {"stream_options": {"x": 1}},
             {"stream_options": "all"},
             {"response_format": {"type": "json_object"}},
+            # Structured output: schemas the gateway must bound, and ones the synthetic engine refuses.
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p" * 100, "schema": {}}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": [1]}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"d": "x" * 70_000}}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": DEEP_SCHEMA}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"a": float("nan")}}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": "yes", "schema": {}}}},
+            {"response_format": {"type": "regex", "regex": "(("}},
+            {"response_format": "json"},
             {"user": "u" * 10_000},
         ]
     ),
