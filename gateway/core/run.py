@@ -79,6 +79,7 @@ class Run:
         self.ticket: Ticket | None = None
         self.job: Job | None = None
         self.started_sent = self.first_token = False
+        self.done_sent = False  # a door that stops reading after Done closes us: that is success
 
     async def events(self, reading: RequestDraft | RpcError, principal: Principal | None) -> AsyncIterator[Event]:
         """The request's events for its door. ``reading``: the door's draft, or the error its wire format
@@ -197,6 +198,7 @@ class Run:
         if self.turn is not None:
             self.turn.answer.append(hit.text)
         await self.remember(hit.prompt_tokens, hit.completion_tokens)
+        self.done_sent = True
         yield done
 
     def _elapsed_ms(self) -> int:
@@ -358,6 +360,7 @@ class Run:
         if self.flight is not None:
             await self.flight.finish(self.model, stream.prompt_tokens, stream.completion_tokens, finish_reason)
         await self.remember(stream.prompt_tokens, stream.completion_tokens)
+        self.done_sent = True
         return Done(
             finish_reason,
             stream.prompt_tokens,
@@ -401,6 +404,8 @@ class Run:
         if isinstance(exc, RpcError):
             rec.code, rec.reason = exc.code, exc.reason
             return exc
+        if isinstance(exc, GeneratorExit) and self.done_sent:
+            return exc  # the door closed us after reading Done: the request succeeded
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             past = self.deadline is not None and self.loop.time() >= self.deadline
             rec.code = grpc.StatusCode.DEADLINE_EXCEEDED if past else grpc.StatusCode.CANCELLED

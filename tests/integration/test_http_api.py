@@ -350,3 +350,19 @@ def test_supersession_on_the_http_door(http_stack):
     )
     t.join(10)
     assert results["status"] == 409
+
+
+def test_answered_http_requests_are_counted_ok(http_stack):
+    """A door that stops reading after the answer's last event closes the run: that is success, not a cancel."""
+    from tests.integration.test_observability import delta, scrape
+
+    s, k = http_stack
+    metrics = s.config["gateway"]["metrics_listen"]
+    before = scrape(metrics)
+    c = client(s, k["other"])
+    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count me"}], max_tokens=3)
+    list(c.completions.create(model=MODEL, prompt="count me", max_tokens=3, stream=True))
+    after = scrape(metrics)
+    assert delta(before, after, "igw_requests_total", code="OK") == 2
+    assert delta(before, after, "igw_requests_total", code="CANCELLED") == 0
+    assert delta(before, after, "igw_aborts_total") == 0
