@@ -12,6 +12,7 @@ Nothing a client sent appears in a message unbounded: see ``clip``.
 from __future__ import annotations
 
 import math
+import re
 
 import grpc
 from google.protobuf import any_pb2
@@ -56,13 +57,19 @@ class RpcError(Exception):
     def renamed(self, names: dict[str, str]) -> RpcError:
         """This error with its field named as a door's client calls it: ``names`` maps a core field
         (``sampling.max_tokens``) to the door's (``max_tokens``); an indexed field keeps its index
-        (``sampling.stop[1]`` -> ``stop[1]``). Errors that name no mapped field come back as they are."""
+        (``sampling.stop[1]`` -> ``stop[1]``); ``[]`` in a name stands for any index
+        (``tools[].name`` -> ``tools[].function.name``). Errors that name no mapped field come back as they are."""
         field = self.field
-        matches = [k for k in names if field == k or field.startswith((k + "[", k + "."))]
-        key = max(matches, key=len, default=None)  # the most specific name the door has
-        if key is None or not any(isinstance(d, error_details_pb2.BadRequest) for d in self.details):
+        indexes = re.findall(r"\[\d+\]", field)
+        bare = re.sub(r"\[\d+\]", "[]", field)  # the field with its indexes left out, for `[]` names
+        matches = [(k, f) for k in names for f in (field, bare) if f == k or f.startswith((k + "[", k + "."))]
+        if not matches or not any(isinstance(d, error_details_pb2.BadRequest) for d in self.details):
             return self
-        new = names[key] + field[len(key) :]
+        key, form = max(matches, key=lambda m: len(m[0]))  # the most specific name the door has
+        new = names[key] + form[len(key) :]
+        if form is bare:  # put the indexes back, in order
+            parts = new.split("[]")
+            new = parts[0] + "".join(i + p for i, p in zip(indexes, parts[1:], strict=False))
         message = self.message
         if message.startswith(field + ":"):
             message = new + message[len(field) :]

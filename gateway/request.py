@@ -21,6 +21,9 @@ from igw_worker_api.v1 import worker_pb2 as wpb
 
 MAX_SESSION_ID_CHARS = 128
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice")
+TOOL_CHOICES = ("auto", "none", "required", "named")
+# The words a template (or igw_common.tool_calls' fallback) writes around the tools: a bound, for quotas.
+TOOL_PROMPT_BYTES = 1_024
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,18 @@ class Constraint:
 
     kind: str
     value: str | bool | tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """The functions a model may call and how: ``choice`` is one of ``TOOL_CHOICES`` ("named": exactly the
+    tool ``name``); ``parallel`` False = at most one call per answer. Each tool's ``parameters_json_schema``
+    is JSON text (checked and made compact by the validator)."""
+
+    tools: tuple[wpb.Tool, ...]
+    choice: str = "auto"
+    name: str = ""
+    parallel: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +69,7 @@ class RequestDraft:
     cache_bypass: bool = False
     stream_interval_ms: int | None = None  # None = gateway.stream_interval_ms
     constraint: Constraint | None = None  # structured output; None = free text
+    tools: ToolUse | None = None  # functions the model may call; None = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +91,32 @@ class ValidRequest:
     context_messages: int = 0  # leading messages made from `context` (per request: never stored in a session)
     stream_interval_ms: int | None = None  # merge steps into a delta at most this often; None = the default
     constraint: wpb.Constraint | None = None  # checked and normalized (a schema as compact JSON)
+    tools: ToolUse | None = None  # checked (schemas compact); None = no tools
+
+    def tools_bytes(self) -> int:
+        """What the tools add to the rendered prompt, in UTF-8 bytes (with the fallback prompt's words)."""
+        return tools_bytes(self.tools) + (TOOL_PROMPT_BYTES if self.tools is not None else 0)
 
     def prompt_texts(self) -> tuple[wpb.ChatMessage, ...]:
         """The prompt as messages; a raw prompt counts as one (quota, affinity and the cache key)."""
         return self.messages or (wpb.ChatMessage(role="user", content=self.prompt + self.suffix),)
 
 
-def estimate_prompt_tokens(messages) -> int:
+def estimate_prompt_tokens(messages, tools_bytes: int = 0) -> int:
     """The scheduler's estimate of a prompt's tokens before the worker has tokenized it:
     about 3 bytes of text per token (BPE vocabularies average 3-4 bytes per token on code and
     English, ~3 on CJK) plus the chat template's own tokens. The worker's count replaces it at
     acceptance; quotas reserve an upper bound instead (``gateway.state.quota.prompt_token_bound``)."""
-    return sum(len(m.content.encode()) // 3 + 8 for m in messages) + 16
+    return sum(message_bytes(m) // 3 + 8 for m in messages) + 16 + tools_bytes // 3
+
+
+def message_bytes(m: wpb.ChatMessage) -> int:
+    """A message's text in UTF-8 bytes: its content and the names and arguments of its tool calls."""
+    return len(m.content.encode()) + sum(len(c.name) + len(c.arguments_json.encode()) for c in m.tool_calls)
+
+
+def tools_bytes(tools: ToolUse | None) -> int:
+    """What a request's tools add to its prompt, in UTF-8 bytes (the template writes them out)."""
+    if tools is None:
+        return 0
+    return sum(len(t.name) + len(t.description.encode()) + len(t.parameters_json_schema.encode()) for t in tools.tools)

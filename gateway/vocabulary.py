@@ -22,8 +22,25 @@ def priority_allowed(asked: str, cap: str) -> bool:
     return PRIORITIES.index(asked) >= PRIORITIES.index(cap)
 
 
+# How a model may use a request's tools (gateway.request.TOOL_CHOICES).
+TOOL_CHOICE_TO_WORKER = {
+    "auto": wpb.TOOL_CHOICE_AUTO,
+    "none": wpb.TOOL_CHOICE_NONE,
+    "required": wpb.TOOL_CHOICE_REQUIRED,
+    "named": wpb.TOOL_CHOICE_NAMED,
+}
+
 # Why generation ended.
 STOP = "stop"
 LENGTH = "length"
-FINISH_FROM_WORKER = {wpb.FINISH_REASON_STOP: STOP, wpb.FINISH_REASON_LENGTH: LENGTH}
-FINISH_TO_PUBLIC = {STOP: gpb.FINISH_REASON_STOP, LENGTH: gpb.FINISH_REASON_LENGTH}
+TOOL_CALLS = "tool_calls"
+FINISH_FROM_WORKER = {
+    wpb.FINISH_REASON_STOP: STOP,
+    wpb.FINISH_REASON_LENGTH: LENGTH,
+    wpb.FINISH_REASON_TOOL_CALLS: TOOL_CALLS,
+}
+FINISH_TO_PUBLIC = {
+    STOP: gpb.FINISH_REASON_STOP,
+    LENGTH: gpb.FINISH_REASON_LENGTH,
+    TOOL_CALLS: gpb.FINISH_REASON_TOOL_CALLS,
+}

@@ -11,6 +11,8 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from igw_common.tool_calls import CallDelta, HermesParser, ToolSpec
+
 
 class InvalidRequest(Exception):
     """A request the engine cannot run as sent; ``field`` names the culprit."""
@@ -31,6 +33,8 @@ class SamplingSpec:
     # Structured output: (kind, value) with kind json_schema (JSON text), json_object (True), regex, or
     # choice (a tuple of strings); None = free text.
     constraint: tuple[str, object] | None = None
+    # Tools the model may call (their grammar, for a forced choice, is already in ``constraint``).
+    tools: ToolSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Step:
     tokens: int
     # "stop" or "length" on the request's last step, else None.
     finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()  # the step's tokens, for tool parsers that read them; () = not known
 
 
 # Fill-in-the-middle token triples (before the prefix, before the suffix, where generation starts) of the
@@ -68,12 +73,30 @@ def find_fim_tokens(vocabulary) -> tuple[str, str, str] | None:
     return next((f for f in FIM_FORMATS if all(t in vocabulary for t in f)), None)
 
 
+class ToolCallParser(abc.ABC):
+    """Reads tool calls out of an output as it grows (``igw_common.tool_calls.HermesParser``'s interface)."""
+
+    called: bool  # a call has begun
+
+    @abc.abstractmethod
+    def feed(self, text: str, token_ids: tuple[int, ...] = ()) -> tuple[str, list[CallDelta]]:
+        """The content and call pieces the new text completes."""
+
+    @abc.abstractmethod
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        """What was held back, at the output's end."""
+
+
+ToolCallParser.register(HermesParser)
+
+
 class Engine(abc.ABC):
     name: str  # "vllm" or "synthetic"
     model: str
     max_context_tokens: int
     max_batch_tokens: int = 0  # tokens the engine holds at once (KV cache); 0 = unknown
     fim_tokens: tuple[str, str, str] | None = None  # set when the model can fill in the middle
+    renders_tools: bool = False  # the chat template renders tools (else igw_common.tool_calls' fallback)
 
     async def start(self) -> None:
         """Load the model; called once before serving."""
@@ -82,8 +105,13 @@ class Engine(abc.ABC):
         """Release the engine; called once at shutdown."""
 
     @abc.abstractmethod
-    def render(self, messages: list[dict[str, str]]) -> Prompt:
-        """Render chat messages with the model's chat template and tokenize."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
+        """Render chat messages (and the tools, for a template that renders them) with the model's chat
+        template and tokenize."""
+
+    def tool_parser(self, spec: ToolSpec) -> ToolCallParser:
+        """What reads tool calls out of this model's output."""
+        return HermesParser()
 
     @abc.abstractmethod
     def tokenize(self, text: str) -> Prompt:

@@ -24,14 +24,18 @@ from collections.abc import AsyncIterator
 
 from google.rpc import code_pb2
 
-from igw_common import pacing, tracing
+from igw_common import pacing, tool_calls, tracing
 from igw_worker_api.v1 import worker_pb2 as pb
 from inference.engine import Engine, InvalidRequest, SamplingSpec
 from inference.metrics import WorkerMetrics
 
 log = logging.getLogger("inference.session")
 
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+}
 
 
 class Counters:
@@ -130,13 +134,14 @@ class Session:
     async def _prepare(self, sub: pb.Submit, sampling: SamplingSpec):
         """Render and tokenize the prompt and check it fits: off the event loop (a long prompt
         takes milliseconds of CPU that every other request's frames would otherwise wait for)."""
-        messages = [{"role": m.role, "content": m.content} for m in sub.messages]
 
         def work():
             if sub.prompt or sub.suffix:
                 prompt = self.engine.render_raw(sub.prompt, sub.suffix)
             else:
-                prompt = self.engine.render(messages)
+                prompt = self.engine.render(
+                    *tool_calls.conversation(sub.messages, sampling.tools, self.engine.renders_tools)
+                )
             self.engine.check(prompt, sampling)
             return prompt
 
@@ -155,14 +160,22 @@ class Session:
                 if sub.model != self.engine.model:
                     raise InvalidRequest("model", f"this worker serves {self.engine.model!r}, not {sub.model[:64]!r}")
                 s = sub.sampling
+                tools = _tools(sub)
+                grammar = tool_calls.forced_grammar(tools) if tools is not None else None
                 sampling = SamplingSpec(
                     max_tokens=s.max_tokens,
                     temperature=s.temperature if s.HasField("temperature") else None,
                     top_p=s.top_p if s.HasField("top_p") else None,
                     stop=tuple(s.stop),
                     seed=s.seed if s.HasField("seed") else None,
-                    constraint=_constraint(sub.constraint) if sub.HasField("constraint") else None,
+                    constraint=("grammar", grammar)
+                    if grammar
+                    else _constraint(sub)
+                    if sub.HasField("constraint")
+                    else None,
+                    tools=tools,
                 )
+                parser = self.engine.tool_parser(tools) if tools is not None and tools.parses else None
                 if sampling.max_tokens <= 0:
                     raise InvalidRequest("sampling.max_tokens", "max_tokens must be > 0")
                 prompt = await self._prepare(sub, sampling)
@@ -171,16 +184,23 @@ class Session:
                 async for step in self.engine.generate(f"s{self.id}-{rid}", prompt, sampling):
                     completion += step.tokens
                     self.counters.completion_tokens_total += step.tokens
-                    if step.tokens or step.text:
-                        self._emit_delta(rid, step.text, step.tokens)
-                    if step.finish_reason is not None:
+                    text, calls = parser.feed(step.text, step.token_ids) if parser else (step.text, ())
+                    finish_reason = step.finish_reason
+                    if finish_reason is not None and parser is not None:
+                        rest, more = parser.finish()
+                        text, calls = text + rest, [*calls, *more]
+                        if parser.called and finish_reason == "stop":
+                            finish_reason = "tool_calls"
+                    if step.tokens or text or calls:
+                        self._emit_delta(rid, text, step.tokens, calls)
+                    if finish_reason is not None:
                         span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
                         span.set_attribute("gen_ai.usage.output_tokens", completion)
                         self._emit_end(
                             pb.Event(
                                 request_id=rid,
                                 finished=pb.Finished(
-                                    finish_reason=_FINISH[step.finish_reason],
+                                    finish_reason=_FINISH[finish_reason],
                                     prompt_tokens=prompt.num_tokens,
                                     completion_tokens=completion,
                                 ),
@@ -240,13 +260,15 @@ class Session:
             self._outbox.append(held)
         self._emit(event)
 
-    def _emit_delta(self, rid: str, text: str, tokens: int) -> None:
+    def _emit_delta(self, rid: str, text: str, tokens: int, calls=()) -> None:
+        calls = [pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in calls]
         unsent = self._unsent_deltas.get(rid)
         if unsent is not None:  # its previous step has not gone out yet: one delta for both
             unsent.text += text
             unsent.tokens += tokens
+            unsent.tool_calls.extend(calls)
             return
-        event = pb.Event(request_id=rid, delta=pb.TokenDelta(text=text, tokens=tokens))
+        event = pb.Event(request_id=rid, delta=pb.TokenDelta(text=text, tokens=tokens, tool_calls=calls))
         self._unsent_deltas[rid] = event.delta
         interval = self._intervals.get(rid)
         if interval is not None:
@@ -297,8 +319,27 @@ class Session:
                 return
 
 
-def _constraint(c: pb.Constraint) -> tuple[str, object]:
+def _constraint(sub: pb.Submit) -> tuple[str, object]:
+    c = sub.constraint
     kind = c.WhichOneof("kind")
     if kind is None:
         raise InvalidRequest("constraint", "no kind of constraint is set")
     return kind, tuple(c.choice.choices) if kind == "choice" else getattr(c, kind)
+
+
+_CHOICES = {pb.TOOL_CHOICE_AUTO: "auto", pb.TOOL_CHOICE_NONE: "none", pb.TOOL_CHOICE_REQUIRED: "required"}
+
+
+def _tools(sub: pb.Submit) -> tool_calls.ToolSpec | None:
+    """The request's tools (checked by the gateway; a schema that is not JSON is still refused here)."""
+    if not sub.tools:
+        return None
+    named = sub.tool_choice == pb.TOOL_CHOICE_NAMED
+    if named and sub.tool_choice_name not in {t.name for t in sub.tools}:
+        raise InvalidRequest("tool_choice", "the named tool is not one of the request's tools")
+    try:
+        return tool_calls.ToolSpec.of(
+            sub.tools, "named" if named else _CHOICES[sub.tool_choice], sub.tool_choice_name, sub.parallel_tool_calls
+        )
+    except ValueError:
+        raise InvalidRequest("tools", "a parameters schema is not JSON") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncIterator
 
 from igw_common.config import SyntheticConfig
@@ -34,7 +35,7 @@ class SyntheticEngine(Engine):
         self._step: asyncio.Future[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
-    def render(self, messages: list[dict[str, str]]) -> Prompt:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
         # One token per whitespace-separated word, plus two per turn for the
         # role markers a chat template would add.
         n = sum(len(m["content"].split()) + 2 for m in messages) + 1
@@ -70,20 +71,25 @@ class SyntheticEngine(Engine):
 
     async def generate(self, request_id: str, prompt: Prompt, sampling: SamplingSpec) -> AsyncIterator[Step]:
         answer = None
-        if sampling.constraint is not None:
+        if sampling.tools is not None and sampling.tools.choice in ("required", "named"):
+            # A forced call, in three steps (so that its pieces stream): the first allowed tool, no arguments.
+            name = sampling.tools.name or sampling.tools.tools[0][0]
+            answer = ("<tool_call>\n", json.dumps({"name": name, "arguments": {}})[:-1], "}\n</tool_call>")
+        elif sampling.constraint is not None:
             # No model, so no constrained decoding: the two kinds whose answer is known are answered in one
             # step, the others refused, never answered with text that may not match.
             kind, value = sampling.constraint
             if kind not in ("choice", "json_object"):
                 raise InvalidRequest(f"constraint.{kind}", "the synthetic engine has no constrained decoding; use vLLM")
-            answer = value[0] if kind == "choice" else "{}"
+            answer = (value[0] if kind == "choice" else "{}",)
         self._active += 1
         try:
             if self._prefill_s:
                 await asyncio.sleep(self._prefill_s)
             if answer is not None:
-                await self._next_step()
-                yield Step(text=answer, tokens=1, finish_reason="stop")
+                for i, piece in enumerate(answer):
+                    await self._next_step()
+                    yield Step(text=piece, tokens=1, finish_reason="stop" if i == len(answer) - 1 else None)
                 return
             words = itertools.cycle(self._words)
             text = ""

@@ -17,7 +17,9 @@ import os
 from collections.abc import AsyncIterator
 
 from igw_common.config import ConfigError, VllmConfig
-from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step, find_fim_tokens
+from igw_common.tool_calls import ToolSpec, template_knows_tools
+from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step, ToolCallParser, find_fim_tokens
+from inference.tool_parsing import VllmToolCalls, parser_class
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class VllmEngine(Engine):
         self._llm = None
         self._tokenizer = None
         self._refusals: tuple[type[Exception], ...] = (ValueError,)
+        self._tool_parser = None  # vLLM's parser class, worker.vllm.tool_parser
 
     def engine_args(self):
         _prepare_environment(self._cfg)
@@ -88,8 +91,13 @@ class VllmEngine(Engine):
 
         # What vLLM raises for a request it refuses (a constraint its backend cannot compile).
         self._refusals = (ValueError, VLLMClientError)
+        try:  # a bad name fails before the model loads
+            self._tool_parser = parser_class(self._cfg.tool_parser)
+        except ValueError as err:
+            raise ConfigError(f"config error: {err}") from None
         self._llm = AsyncLLM.from_engine_args(self.engine_args())
         self._tokenizer = self._llm.get_tokenizer()
+        self.renders_tools = template_knows_tools(getattr(self._tokenizer, "chat_template", None))
         self.fim_tokens = find_fim_tokens(self._tokenizer.get_vocab())
         # The engine may have settled on a smaller window than asked for.
         self.max_context_tokens = int(self._llm.model_config.max_model_len)
@@ -102,13 +110,18 @@ class VllmEngine(Engine):
             self._llm.shutdown()
             self._llm = None
 
-    def render(self, messages: list[dict[str, str]]) -> Prompt:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
         try:
-            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self._tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
         except Exception as err:  # jinja raises for conversations a template refuses
             raise InvalidRequest("messages", f"the model's chat template rejected the conversation: {err}") from None
         # The template already wrote the special tokens (BOS etc.).
         return Prompt(token_ids=list(self._tokenizer.encode(text, add_special_tokens=False)))
+
+    def tool_parser(self, spec: ToolSpec) -> ToolCallParser:
+        return VllmToolCalls(self._tool_parser, self._tokenizer, spec, self.model)
 
     def tokenize(self, text: str) -> Prompt:
         # As vLLM's own completions endpoint: the tokenizer's special tokens (BOS) are added.
@@ -134,7 +147,7 @@ class VllmEngine(Engine):
             from vllm.sampling_params import StructuredOutputsParams
 
             kind, value = s.constraint
-            # vLLM's names: json (a schema), json_object, regex, choice.
+            # vLLM's names: json (a schema), json_object, regex, choice, grammar (a forced tool call's).
             key = {"json_schema": "json", "choice": "choice"}.get(kind, kind)
             kwargs["structured_outputs"] = StructuredOutputsParams(**{key: list(value) if kind == "choice" else value})
         return SamplingParams(**kwargs)
@@ -169,4 +182,4 @@ def _step(out) -> Step:
     reason = None
     if out.finished:
         reason = "length" if o.finish_reason == "length" else "stop"
-    return Step(text=o.text, tokens=len(o.token_ids), finish_reason=reason)
+    return Step(text=o.text, tokens=len(o.token_ids), finish_reason=reason, token_ids=tuple(o.token_ids))

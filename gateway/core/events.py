@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from igw_common.tool_calls import CallDelta
+
 
 @dataclass(slots=True)
 class Started:
@@ -23,6 +25,7 @@ class Started:
 class Delta:
     text: str
     tokens: int
+    tool_calls: tuple[CallDelta, ...] = ()  # requests with tools: pieces of the calls being made
 
 
 @dataclass(slots=True)

@@ -145,7 +145,7 @@ class Run:
             ) from None
         messages = tuple(self.turn.messages)
         self.valid = dataclasses.replace(
-            valid, messages=messages, estimated_prompt_tokens=estimate_prompt_tokens(messages)
+            valid, messages=messages, estimated_prompt_tokens=estimate_prompt_tokens(messages, valid.tools_bytes())
         )
         self.rec.session_turns_dropped = self.turn.dropped
 
@@ -211,7 +211,7 @@ class Run:
         core, valid = self.core, self.valid
         self.trace.begin("igw.queue")
         max_tokens, texts = valid.sampling.max_tokens, valid.prompt_texts()
-        bound = prompt_token_bound(texts)
+        bound = prompt_token_bound(texts, valid.tools_bytes())
         cost = core.pricing.cost(self.model, bound, max_tokens)
         self.reservation = await admission.reserve(core.quotas, core.budgets(self.principal), bound + max_tokens, cost)
         estimate = valid.estimated_prompt_tokens + max_tokens
@@ -242,6 +242,7 @@ class Run:
             suffix=valid.suffix,
             stream_interval_ms=self.interval_ms,
             constraint=valid.constraint,
+            tools=valid.tools,
         )
 
     @property
@@ -380,10 +381,15 @@ class Run:
             self.trace.event("first_token")
             self.trace.begin("igw.generate")
         if self.flight is not None:
-            self.flight.add(update.text, update.tokens)
+            if update.tool_calls:  # the cache keeps text only: an answer with calls is not stored
+                self.flight.release()
+                self.flight = None
+            else:
+                self.flight.add(update.text, update.tokens)
         if self.turn is not None:
             self.turn.answer.append(update.text)
-        return Delta(update.text, update.tokens)
+            self.turn.add_calls(update.tool_calls)
+        return Delta(update.text, update.tokens, update.tool_calls)
 
     async def pace(self) -> None:
         """Let the next engine steps merge into one message (only for workers that do not pace)."""

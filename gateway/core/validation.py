@@ -18,13 +18,27 @@ import uuid
 from google.protobuf import json_format, struct_pb2
 
 from gateway.errors import clip, invalid_argument
-from gateway.request import MAX_SESSION_ID_CHARS, Constraint, RequestDraft, ValidRequest, estimate_prompt_tokens
+from gateway.request import (
+    MAX_SESSION_ID_CHARS,
+    TOOL_CHOICES,
+    Constraint,
+    RequestDraft,
+    ToolUse,
+    ValidRequest,
+    estimate_prompt_tokens,
+    message_bytes,
+    tools_bytes,
+)
 from gateway.vocabulary import PRIORITIES
 from igw_common import pacing
 from igw_common.config import Limits
 from igw_worker_api.v1 import worker_pb2 as wpb
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_NAME_RULE = "use 1-64 characters from A-Z a-z 0-9 _ -"
+# Call ids are made by models' servers (ours: call_ and 24 letters and digits; others differ): printable.
+TOOL_CALL_ID = re.compile(r"[!-~]{1,128}")
 # fullmatch: no trailing newline slips through as `$` would let it.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID_RULE = "use 1-128 characters from A-Z a-z 0-9 . _ : -"
@@ -47,6 +61,9 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
     if draft.stream_interval_ms is not None:
         check_stream_interval(draft.stream_interval_ms, "stream_interval_ms")
     messages, context_messages = _prompt(draft, limits)
+    tools = tool_use(draft.tools, limits) if draft.tools is not None else None
+    if tools is not None and draft.constraint is not None:
+        raise invalid_argument("tools", "a request has tools or a structured-output constraint, not both")
     return ValidRequest(
         request_id=draft.request_id or uuid.uuid4().hex,
         model=draft.model,
@@ -55,7 +72,7 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         max_tokens_was_set=draft.max_tokens is not None,
         session_id=draft.session_id,
         priority=draft.priority,
-        estimated_prompt_tokens=estimate_prompt_tokens(messages),
+        estimated_prompt_tokens=estimate_prompt_tokens(messages, tools_bytes(tools)),
         supersede_key=draft.supersede_key,
         prompt=draft.prompt or "",
         suffix=draft.suffix,
@@ -63,7 +80,38 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         context_messages=context_messages,
         stream_interval_ms=draft.stream_interval_ms,
         constraint=constraint(draft.constraint, limits) if draft.constraint is not None else None,
+        tools=tools,
     )
+
+
+def tool_use(t: ToolUse, limits: Limits) -> ToolUse | None:
+    """The tools within the limits, each schema checked as a constraint's and made compact; None when the
+    list is empty (as if none were sent: OpenAI's clients send ``tools: []``)."""
+    if len(t.tools) > limits.max_tools:
+        raise invalid_argument("tools", f"{len(t.tools)} tools is over the limit of {limits.max_tools}")
+    size = tools_bytes(t)  # summed before any schema is parsed
+    if size > limits.max_tools_bytes:
+        raise invalid_argument("tools", f"{size} bytes of tools is over the limit of {limits.max_tools_bytes}")
+    names: set[str] = set()
+    checked = []
+    for i, tool in enumerate(t.tools):
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise invalid_argument(f"tools[{i}].name", f"not a function name: {TOOL_NAME_RULE}")
+        if tool.name in names:
+            raise invalid_argument(f"tools[{i}].name", f"{tool.name!r} is already the name of an earlier tool")
+        names.add(tool.name)
+        schema = tool.parameters_json_schema or '{"type":"object","properties":{}}'
+        schema = _schema(schema, limits, f"tools[{i}].parameters_json_schema")
+        checked.append(wpb.Tool(name=tool.name, description=tool.description, parameters_json_schema=schema))
+    if t.choice not in TOOL_CHOICES:
+        raise invalid_argument("tool_choice", "must be one of auto, none, required or a function's name")
+    if t.choice == "named" and t.name not in names:
+        raise invalid_argument("tool_choice", f"names {clip(t.name, 64)!r}, which is not one of the request's tools")
+    if not checked:
+        if t.choice in ("required", "named"):
+            raise invalid_argument("tool_choice", f"{t.choice!r} needs tools; the request has none")
+        return None
+    return ToolUse(tuple(checked), t.choice, t.name, t.parallel)
 
 
 def constraint(c: Constraint, limits: Limits) -> wpb.Constraint:
@@ -141,6 +189,7 @@ def _prompt(draft: RequestDraft, limits: Limits) -> tuple[tuple[wpb.ChatMessage,
             raise invalid_argument(
                 f"messages[{i}].content", f"{len(m.content)} characters is over the limit of {limits.max_message_chars}"
             )
+        _tool_turn(m, i, limits)
     messages: list[wpb.ChatMessage] = []
     if draft.context is not None and draft.context.fields:
         messages.append(wpb.ChatMessage(role="system", content=CONTEXT_PREFIX + context_json(draft.context, limits)))
@@ -214,8 +263,36 @@ def check_supersede_key(key: str, field: str) -> None:
         raise invalid_argument(field, "use 1-128 characters from A-Z a-z 0-9 . _ : / @ -")
 
 
+def _tool_turn(m: wpb.ChatMessage, i: int, limits: Limits) -> None:
+    """An assistant turn's tool calls and a tool turn's call id, within the limits."""
+    if m.tool_calls and m.role != "assistant":
+        raise invalid_argument(f"messages[{i}].tool_calls", "only an assistant message has tool calls")
+    if len(m.tool_calls) > limits.max_tool_calls_per_message:
+        raise invalid_argument(
+            f"messages[{i}].tool_calls",
+            f"{len(m.tool_calls)} calls is over the limit of {limits.max_tool_calls_per_message}",
+        )
+    for j, call in enumerate(m.tool_calls):
+        field = f"messages[{i}].tool_calls[{j}]"
+        if not TOOL_CALL_ID.fullmatch(call.id):
+            raise invalid_argument(f"{field}.id", "must be 1-128 printable ASCII characters, no spaces")
+        if not TOOL_NAME.fullmatch(call.name):
+            raise invalid_argument(f"{field}.name", f"not a function name: {TOOL_NAME_RULE}")
+        if len(call.arguments_json.encode()) > limits.max_tool_arguments_bytes:
+            raise invalid_argument(
+                f"{field}.arguments_json",
+                f"{len(call.arguments_json.encode())} bytes is over the limit of {limits.max_tool_arguments_bytes}",
+            )
+    if m.role == "tool" and not TOOL_CALL_ID.fullmatch(m.tool_call_id):
+        raise invalid_argument(
+            f"messages[{i}].tool_call_id", "a tool message names its call: 1-128 printable ASCII characters, no spaces"
+        )
+    if m.role != "tool" and m.tool_call_id:
+        raise invalid_argument(f"messages[{i}].tool_call_id", "only a tool message has a tool_call_id")
+
+
 def check_prompt_bytes(messages: list[wpb.ChatMessage], limits: Limits, field: str) -> None:
-    size = sum(len(m.content.encode()) for m in messages)
+    size = sum(message_bytes(m) for m in messages)
     if size > limits.max_prompt_bytes:
         raise invalid_argument(
             field, f"the prompt is {size} bytes of text in all, over the limit of {limits.max_prompt_bytes}"

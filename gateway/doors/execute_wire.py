@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gateway.core.events import Delta, Done, Event, Started
 from gateway.errors import invalid_argument
-from gateway.request import CONSTRAINT_KINDS, Constraint, RequestDraft
+from gateway.request import CONSTRAINT_KINDS, Constraint, RequestDraft, ToolUse
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import FINISH_TO_PUBLIC, PRIORITY_FROM_WIRE
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -23,7 +23,7 @@ def draft(req: gpb.ExecuteRequest) -> RequestDraft:
     return RequestDraft(
         request_id=req.request_id,
         model=req.model,
-        messages=tuple(wpb.ChatMessage(role=m.role, content=m.content) for m in req.messages),
+        messages=tuple(_message(m) for m in req.messages),
         task=req.task,
         context=req.context if req.HasField("context") else None,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
@@ -37,7 +37,35 @@ def draft(req: gpb.ExecuteRequest) -> RequestDraft:
         cache_bypass=req.cache_bypass,
         stream_interval_ms=req.stream_interval_ms if req.HasField("stream_interval_ms") else None,
         constraint=_constraint(req.constraint) if req.HasField("constraint") else None,
+        tools=_tools(req) if req.tools or req.HasField("tool_choice") else None,
     )
+
+
+def _message(m: gpb.ChatMessage) -> wpb.ChatMessage:
+    calls = [wpb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in m.tool_calls]
+    return wpb.ChatMessage(role=m.role, content=m.content, tool_calls=calls, tool_call_id=m.tool_call_id)
+
+
+_TOOL_MODES = {
+    gpb.TOOL_CHOICE_MODE_UNSPECIFIED: "auto",
+    gpb.TOOL_CHOICE_MODE_AUTO: "auto",
+    gpb.TOOL_CHOICE_MODE_NONE: "none",
+    gpb.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+
+
+def _tools(req: gpb.ExecuteRequest) -> ToolUse:
+    tools = tuple(
+        wpb.Tool(name=t.name, description=t.description, parameters_json_schema=t.parameters_json_schema)
+        for t in req.tools
+    )
+    parallel = req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True
+    choice = req.tool_choice
+    if choice.WhichOneof("choice") == "function_name":
+        return ToolUse(tools, "named", choice.function_name, parallel)
+    if choice.mode not in _TOOL_MODES:
+        raise invalid_argument("tool_choice.mode", f"unknown tool choice mode {choice.mode}")
+    return ToolUse(tools, _TOOL_MODES[choice.mode], "", parallel)
 
 
 def _constraint(c: gpb.OutputConstraint) -> Constraint:
@@ -60,7 +88,8 @@ def done(ev: Done) -> gpb.Done:
 
 def response(ev: Event) -> gpb.ExecuteResponse:
     if isinstance(ev, Delta):
-        return gpb.ExecuteResponse(delta=gpb.Delta(text=ev.text, tokens=ev.tokens))
+        calls = [gpb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in ev.tool_calls]
+        return gpb.ExecuteResponse(delta=gpb.Delta(text=ev.text, tokens=ev.tokens, tool_calls=calls))
     if isinstance(ev, Started):
         return gpb.ExecuteResponse(
             started=gpb.Started(

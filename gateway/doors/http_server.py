@@ -214,6 +214,7 @@ class HttpApi:
 
     async def _whole(self, events, first, answer: openai_api.Answer, names: dict[str, str]) -> web.Response:
         text: list[str] = []
+        calls = openai_api.Calls()
         try:
             ev = first
             while True:
@@ -221,9 +222,10 @@ class HttpApi:
                     answer.model = ev.model
                 elif isinstance(ev, Delta):
                     text.append(ev.text)
+                    calls.add(ev.tool_calls)
                 elif isinstance(ev, Done):
                     return web.json_response(
-                        answer.whole("".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens),
+                        answer.whole("".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, calls),
                         headers=_state_headers(first),
                     )
                 ev = await anext(events)
@@ -241,8 +243,8 @@ class HttpApi:
                     if chunk is not None:
                         await resp.write(_sse(chunk))
                 elif isinstance(ev, Delta):
-                    if ev.text:
-                        await resp.write(_sse(answer.delta(ev.text)))
+                    if ev.text or ev.tool_calls:
+                        await resp.write(_sse(answer.delta(ev.text, ev.tool_calls)))
                 elif isinstance(ev, Done):
                     for chunk in answer.done(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens):
                         await resp.write(_sse(chunk))

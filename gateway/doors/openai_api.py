@@ -24,7 +24,7 @@ import grpc
 
 from gateway.core.validation import MAX_STREAM_INTERVAL_MS, header_number
 from gateway.errors import RpcError, clip, invalid_argument
-from gateway.request import Constraint, RequestDraft
+from gateway.request import Constraint, RequestDraft, ToolUse
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 # Parameters accepted when they ask for what the gateway does anyway (OpenAI's defaults).
@@ -37,18 +37,22 @@ _NEUTRAL = {
     "echo": (False, None),
     "best_of": (1, None),
     "logit_bias": (None,),
-    "tools": (None,),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
     "service_tier": (None, "auto", "default"),
     "store": (None, False),
     "metadata": (None,),
 }
 _SHARED = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed", "user"}
-_CHAT = _SHARED | {"messages", "max_completion_tokens", "response_format"}
+_CHAT = _SHARED | {
+    "messages",
+    "max_completion_tokens",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 _COMPLETION = _SHARED | {"prompt", "suffix"}
 # Roles: "developer" is OpenAI's newer name for "system".
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 # gRPC status -> HTTP status and OpenAI error type.
 HTTP_STATUS = {
@@ -77,6 +81,10 @@ NAMES = {
     "stream_interval_ms": "x-igw-stream-interval-ms",
     "constraint": "response_format",
     "constraint.json_schema": "response_format.json_schema.schema",
+    "tools[].name": "tools[].function.name",
+    "tools[].parameters_json_schema": "tools[].function.parameters",
+    "messages[].tool_calls[].name": "messages[].tool_calls[].function.name",
+    "messages[].tool_calls[].arguments_json": "messages[].tool_calls[].function.arguments",
 }
 SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format.json_schema.name
 
@@ -234,9 +242,68 @@ def _chat(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:
         role = m.get("role")
         if role not in _ROLES:
             raise _bad(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}")
-        content = _text(m.get("content", ""), f"messages[{i}].content")
-        messages.append(wpb.ChatMessage(role=_ROLES[role], content=content))
-    return RequestDraft(messages=tuple(messages), constraint=constraint, **fields), shape
+        content = _text(m.get("content") or "", f"messages[{i}].content")
+        calls = _calls(m.get("tool_calls"), f"messages[{i}].tool_calls")
+        call_id = m.get("tool_call_id") or ""
+        if not isinstance(call_id, str):
+            raise _bad(f"messages[{i}].tool_call_id", "must be a string")
+        messages.append(wpb.ChatMessage(role=_ROLES[role], content=content, tool_calls=calls, tool_call_id=call_id))
+    return RequestDraft(messages=tuple(messages), constraint=constraint, tools=_tools(body), **fields), shape
+
+
+def _calls(raw, param: str) -> list[wpb.ToolCall]:
+    """An assistant message's ``tool_calls``: [{id, type: function, function: {name, arguments}}]."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _bad(param, "must be a list of tool calls")
+    out = []
+    for j, c in enumerate(raw):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or c.get("type", "function") != "function":
+            raise _bad(f"{param}[{j}]", 'must be {"id": ..., "type": "function", "function": {"name", "arguments"}}')
+        name, arguments, call_id = fn.get("name"), fn.get("arguments", ""), c.get("id", "")
+        if not isinstance(name, str) or not isinstance(arguments, str) or not isinstance(call_id, str):
+            raise _bad(f"{param}[{j}]", "id, function.name and function.arguments (JSON text) must be strings")
+        out.append(wpb.ToolCall(id=call_id, name=name, arguments_json=arguments))
+    return out
+
+
+def _tools(body: dict) -> ToolUse | None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls``; JSON types only (the validator bounds them)."""
+    raw, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if raw is None and choice in (None, "none", "auto"):
+        if parallel not in (None, True, False):
+            raise _bad("parallel_tool_calls", "must be true or false")
+        return None
+    if not isinstance(raw, list):
+        raise _bad("tools", "must be a list of function tools")
+    tools = []
+    for i, t in enumerate(raw):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type") != "function":
+            raise _bad(f"tools[{i}]", 'only function tools: {"type": "function", "function": {"name", ...}}')
+        name, description = fn.get("name"), fn.get("description") or ""
+        parameters, strict = fn.get("parameters"), fn.get("strict")
+        if not isinstance(name, str):
+            raise _bad(f"tools[{i}].function.name", "must be a string")
+        if not isinstance(description, str):
+            raise _bad(f"tools[{i}].function.description", "must be a string")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _bad(f"tools[{i}].function.parameters", "must be a JSON object (a schema)")
+        if strict not in (None, True, False):
+            raise _bad(f"tools[{i}].function.strict", "must be true or false")
+        schema = json.dumps(parameters, ensure_ascii=False) if parameters is not None else ""
+        tools.append(wpb.Tool(name=name, description=description, parameters_json_schema=schema))
+    if parallel not in (None, True, False):
+        raise _bad("parallel_tool_calls", "must be true or false")
+    parallel = parallel is not False
+    if choice in (None, "auto", "none", "required"):
+        return ToolUse(tuple(tools), choice or "auto", "", parallel)
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _bad("tool_choice", '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+    return ToolUse(tuple(tools), "named", fn["name"], parallel)
 
 
 def _response_format(fmt) -> Constraint | None:
@@ -316,9 +383,11 @@ class Answer:
             out["usage"] = usage
         return out
 
-    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False, calls=()) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            if calls:
+                delta["tool_calls"] = [_call_piece(c) for c in calls]
             return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
 
@@ -326,8 +395,8 @@ class Answer:
         self.model = model
         return self._chunk([self._choice(None, None, first=True)]) if self.chat else None
 
-    def delta(self, text: str) -> dict:
-        return self._chunk([self._choice(text, None)])
+    def delta(self, text: str, calls=()) -> dict:
+        return self._chunk([self._choice(text, None, calls=calls)])
 
     def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> list[dict]:
         chunks = [self._chunk([self._choice(None, finish_reason)])]
@@ -335,11 +404,15 @@ class Answer:
             chunks.append(self._chunk([], usage(prompt_tokens, completion_tokens)))
         return chunks
 
-    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, calls=None) -> dict:
         if self.chat:
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = calls.whole()
+                message["content"] = text or None  # OpenAI's: no text beside the calls is null
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
                 "logprobs": None,
             }
@@ -353,6 +426,37 @@ class Answer:
             "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens),
         }
+
+
+def _call_piece(c) -> dict:
+    """A tool call's piece in OpenAI's streaming shape: id, type and name in the call's first piece."""
+    out: dict = {"index": c.index}
+    fn: dict = {}
+    if c.id or c.name:
+        out.update(id=c.id, type="function")
+        fn["name"] = c.name
+    fn["arguments"] = c.arguments
+    out["function"] = fn
+    return out
+
+
+class Calls:
+    """The tool calls of an answer, joined from their pieces (a non-streamed answer's ``tool_calls``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.calls)
+
+    def add(self, pieces) -> None:
+        for p in pieces:
+            if p.id or p.name or p.index >= len(self.calls):
+                self.calls.append({"id": p.id, "type": "function", "function": {"name": p.name, "arguments": ""}})
+            self.calls[min(p.index, len(self.calls) - 1)]["function"]["arguments"] += p.arguments
+
+    def whole(self) -> list[dict]:
+        return self.calls
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

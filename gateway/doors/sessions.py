@@ -69,11 +69,40 @@ class SessionApi:
             raise self._not_found(session_id)
 
 
+def _call_protos(calls) -> list[gpb.ToolCall]:
+    return [gpb.ToolCall(id=i, name=n, arguments_json=a) for i, n, a in calls]
+
+
+def _message_proto(m) -> gpb.ChatMessage:
+    role, content, *tool = m
+    if not tool:
+        return gpb.ChatMessage(role=role, content=content)
+    return gpb.ChatMessage(role=role, content=content, tool_calls=_call_protos(tool[0]), tool_call_id=tool[1])
+
+
+def _calls_json(calls) -> list[dict]:
+    return [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in calls]
+
+
+def _message_json(m) -> dict:
+    role, content, *tool = m
+    out = {"role": role, "content": content}
+    if tool and tool[0]:
+        out["tool_calls"] = _calls_json(tool[0])
+    if tool and tool[1]:
+        out["tool_call_id"] = tool[1]
+    return out
+
+
 def to_proto(session_id: str, s: Stored):
     return gpb.Session(
         session_id=session_id,
         turns=[
-            gpb.SessionTurn(messages=[gpb.ChatMessage(role=r, content=c) for r, c in t.messages], answer=t.answer)
+            gpb.SessionTurn(
+                messages=[_message_proto(m) for m in t.messages],
+                answer=t.answer,
+                answer_tool_calls=_call_protos(t.calls),
+            )
             for t in s.turns
         ],
         expires_in_s=max(0, int(s.expires_in_s)),
@@ -87,7 +116,12 @@ def to_json(session_id: str, s: Stored) -> dict:
         "id": session_id,
         "system_messages": [{"role": r, "content": c} for r, c in s.system],
         "turns": [
-            {"messages": [{"role": r, "content": c} for r, c in t.messages], "answer": t.answer} for t in s.turns
+            {
+                "messages": [_message_json(m) for m in t.messages],
+                "answer": t.answer,
+                **({"answer_tool_calls": _calls_json(t.calls)} if t.calls else {}),
+            }
+            for t in s.turns
         ],
         "expires_in_s": max(0, int(s.expires_in_s)),
     }

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.metrics import GatewayMetrics
+from gateway.request import ToolUse
 from gateway.workers.streaming import RequestStream
 from igw_common.config import GatewayConfig
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -58,6 +59,7 @@ class Job:
     suffix: str = ""  # fill-in-the-middle: the text after the cursor
     stream_interval_ms: int = 0  # at most one delta per this many ms (0 = per engine step)
     constraint: wpb.Constraint | None = None  # structured output, enforced by the engine
+    tools: ToolUse | None = None  # functions the model may call
 
 
 class Claim:

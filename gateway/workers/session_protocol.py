@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import clip
 from gateway.metrics import GatewayMetrics
-from gateway.vocabulary import FINISH_FROM_WORKER, STOP
+from gateway.vocabulary import FINISH_FROM_WORKER, STOP, TOOL_CHOICE_TO_WORKER
 from gateway.workers.connection import DEFAULT_MAX_MESSAGE_BYTES, Claim, Connection, Job, WorkerFacts, channel_options
 from gateway.workers.streaming import RequestStream
 from igw_common.config import GatewayConfig
@@ -157,6 +157,11 @@ class WorkerConnection(Connection):
             stream_interval_ms=job.stream_interval_ms,
             constraint=job.constraint,
         )
+        if job.tools is not None:
+            submit.tools.extend(job.tools.tools)
+            submit.tool_choice = TOOL_CHOICE_TO_WORKER[job.tools.choice]
+            submit.tool_choice_name = job.tools.name
+            submit.parallel_tool_calls = job.tools.parallel
         size = submit.ByteSize() + 8  # + its tag and length inside GatewayMessage
         if size > self.max_message_bytes - 1024:
             self.streams.pop(wire_id, None)
@@ -202,7 +207,7 @@ class WorkerConnection(Connection):
         if kind == "delta":
             stream = self.streams.get(ev.request_id)
             if stream is not None:
-                stream.on_delta(ev.delta.text, ev.delta.tokens)
+                stream.on_delta(ev.delta.text, ev.delta.tokens, ev.delta.tool_calls)
             elif self.metrics and ev.request_id in self._cancelled_at:
                 self.metrics.tokens_after_cancel.inc(ev.delta.tokens)
             return

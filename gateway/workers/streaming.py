@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from igw_common import pacing
+from igw_common.tool_calls import CallDelta
 
 # Pending text is joined into one string once this many pieces pile up: a slow
 # reader then holds a few strings, not one object per engine step.
@@ -64,6 +65,17 @@ class Pacer:
                 waiter.set_result(None)
 
 
+def merge_pieces(pieces: list[CallDelta], new) -> None:
+    """Add ``new`` (the worker's ToolCallDelta messages) to ``pieces``, joining the arguments of one call's
+    consecutive pieces: a merged delta carries each call's new arguments once."""
+    for d in new:
+        last = pieces[-1] if pieces else None
+        if last is not None and last.index == d.index and not d.id and not d.name:
+            last.arguments += d.arguments
+        else:
+            pieces.append(CallDelta(d.index, d.id, d.name, d.arguments))
+
+
 @dataclass(slots=True)
 class Update:
     """What the request core should do next; exactly one group of fields is set."""
@@ -71,7 +83,8 @@ class Update:
     accepted_prompt_tokens: int | None = None
     text: str = ""
     tokens: int = 0
-    finish_reason: str | None = None  # "stop" | "length" when the request is done
+    tool_calls: tuple[CallDelta, ...] = ()  # pieces of the tool calls the text made (requests with tools)
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" when the request is done
     error: tuple[grpc.StatusCode, str, str] | None = None  # (code, message, field)
     retry_from: object | None = None  # the worker failed before the first token: place it again
 
@@ -96,6 +109,7 @@ class RequestStream:
         self.completion_tokens = 0  # tokens received from the worker
         self._accepted: int | None = None
         self._text: list[str] = []
+        self._calls: list[CallDelta] = []
         self._tokens = 0
         self._final: Update | None = None
         self._wake = asyncio.Event()
@@ -122,7 +136,7 @@ class RequestStream:
         """Back in play after a retry was taken."""
         self._final = None
 
-    def on_delta(self, text: str, tokens: int) -> None:
+    def on_delta(self, text: str, tokens: int, calls=()) -> None:
         if tokens:
             now = time.monotonic()
             if self.first_token_at is None:
@@ -137,6 +151,8 @@ class RequestStream:
             self._text.append(text)
             if len(self._text) >= _COMPACT_AT:
                 self._text = ["".join(self._text)]
+        if calls:
+            merge_pieces(self._calls, calls)
         self._tokens += tokens
         self._wake.set()
 
@@ -170,7 +186,9 @@ class RequestStream:
 
     async def ready(self) -> None:
         """Until there is something to take: the acceptance, text or the end."""
-        while self._accepted is None and not self._text and not self._tokens and self._final is None:
+        while (
+            self._accepted is None and not self._text and not self._calls and not self._tokens and self._final is None
+        ):
             self._wake.clear()
             await self._wake.wait()
 
@@ -180,11 +198,11 @@ class RequestStream:
             if self._accepted is not None:
                 n, self._accepted = self._accepted, None
                 return Update(accepted_prompt_tokens=n)
-            if self._text or self._tokens:
+            if self._text or self._tokens or self._calls:
                 text = self._text[0] if len(self._text) == 1 else "".join(self._text)
-                tokens = self._tokens
-                self._text, self._tokens = [], 0
-                return Update(text=text, tokens=tokens)
+                update = Update(text=text, tokens=self._tokens, tool_calls=tuple(self._calls))
+                self._text, self._tokens, self._calls = [], 0, []
+                return update
             if self._final is not None:
                 return self._final
             self._wake.clear()

@@ -20,6 +20,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from igw_common.tool_calls import template_knows_tools
+
 # Fill-in-the-middle token triples, as the worker's engines know them (inference/engine.py FIM_FORMATS).
 FIM_FORMATS = (
     ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
@@ -61,23 +63,24 @@ class ModelTokenizer:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(template) if template else None
+        self.renders_tools = template_knows_tools(template)
         vocab = self.tokenizer.get_vocab()
         self.fim_tokens = next((f for f in FIM_FORMATS if all(t in vocab for t in f)), None)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The conversation as the model's chat template writes it, ready for the assistant's turn."""
         if self.template is None:
             raise TemplateError("the model has no chat template; send a raw prompt (text completion) instead")
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+            return self.template.render(messages=messages, tools=tools, add_generation_prompt=True, **self.special)
         except TemplateError:
             raise
         except jinja2.TemplateError as err:
             raise TemplateError(f"the model's chat template failed: {err}") from None
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         # The template already wrote the special tokens (BOS etc.), as on our own worker.
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.tokenizer.encode(self.render_chat(messages, tools), add_special_tokens=False).ids
 
     def encode_raw(self, prompt: str, suffix: str = "") -> list[int]:
         """A raw prompt as vLLM's completions endpoint tokenizes it; with ``suffix``, in the FIM format."""

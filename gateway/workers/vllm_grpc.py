@@ -32,10 +32,11 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from gateway.errors import clip
-from gateway.vocabulary import LENGTH, STOP
+from gateway.vocabulary import LENGTH, STOP, TOOL_CALLS
 from gateway.workers.connection import Claim, Connection, Job, WorkerFacts, channel_options
 from gateway.workers.streaming import RequestStream
 from gateway.workers.tokenization import ModelTokenizer, StopStrings, TemplateError
+from igw_common.tool_calls import HermesParser, ToolSpec, conversation, forced_grammar
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 log = logging.getLogger("gateway.workers.vllm_grpc")
@@ -170,9 +171,11 @@ class VllmGrpcConnection(Connection):
         loop = asyncio.get_running_loop()
         tok = self.tokenizer
         invalid = grpc.StatusCode.INVALID_ARGUMENT
+        spec = _tool_spec(job)
+        parser = HermesParser() if spec is not None and spec.parses else None
         try:
             try:
-                ids = await loop.run_in_executor(_tokenize_pool, _encode, tok, job)
+                ids = await loop.run_in_executor(_tokenize_pool, _encode, tok, job, spec)
             except TemplateError as err:
                 if self._take(wire_id, stream):
                     stream.on_error(invalid, clip(str(err), 300), "suffix" if job.suffix else "messages")
@@ -190,7 +193,7 @@ class VllmGrpcConnection(Connection):
             if not self._mine(wire_id, stream):
                 return
             timeout = None if job.deadline is None else max(0.001, job.deadline - loop.time())
-            call = self._stub.Generate(_request(wire_id, ids, job), timeout=timeout)
+            call = self._stub.Generate(_request(wire_id, ids, job, spec), timeout=timeout)
             decoder, stops = tok.decoder(), StopStrings(job.sampling.stop)
             accepted = False
             async for resp in call:
@@ -203,16 +206,16 @@ class VllmGrpcConnection(Connection):
                 if resp.HasField("chunk"):
                     new_ids = resp.chunk.token_ids
                     text = stops.feed(decoder.feed(new_ids))
-                    if text or new_ids:
-                        stream.on_delta(text, len(new_ids))
+                    text, calls = parser.feed(text) if parser is not None else (text, ())
+                    if text or new_ids or calls:
+                        stream.on_delta(text, len(new_ids), calls)
                     if stops.stopped:  # the server stops there too; this saves its last step
                         call.cancel()
                         self._abort(wire_id)
-                        if self._take(wire_id, stream):
-                            stream.on_finished(STOP, len(ids))
+                        self._complete(wire_id, stream, STOP, "", len(ids), parser)
                         return
                 elif resp.HasField("complete"):
-                    self._complete(wire_id, stream, resp.complete.finish_reason, stops.flush(), len(ids))
+                    self._complete(wire_id, stream, resp.complete.finish_reason, stops.flush(), len(ids), parser)
                     return
             if self._take(wire_id, stream):
                 stream.on_error(grpc.StatusCode.UNAVAILABLE, "the vLLM server ended the stream without finishing it")
@@ -227,16 +230,23 @@ class VllmGrpcConnection(Connection):
         finally:
             self._calls.pop(wire_id, None)
 
-    def _complete(self, wire_id: str, stream: RequestStream, reason: str, tail: str, prompt_tokens: int) -> None:
-        if tail:
-            stream.on_delta(tail, 0)
+    def _complete(self, wire_id, stream: RequestStream, reason: str, tail: str, prompt_tokens: int, parser) -> None:
+        calls = ()
+        if parser is not None:
+            tail, calls = parser.feed(tail)
+            rest, more = parser.finish()
+            tail, calls = tail + rest, [*calls, *more]
+        if tail or calls:
+            stream.on_delta(tail, 0, calls)
         if not self._take(wire_id, stream):
             return
         if reason in ("abort", "error"):
             code = grpc.StatusCode.ABORTED if reason == "abort" else grpc.StatusCode.UNAVAILABLE
             stream.on_error(code, f"the vLLM server ended the request ({reason}); retrying is safe")
+        elif reason == LENGTH:
+            stream.on_finished(LENGTH, prompt_tokens)
         else:
-            stream.on_finished(LENGTH if reason == LENGTH else STOP, prompt_tokens)
+            stream.on_finished(TOOL_CALLS if parser is not None and parser.called else STOP, prompt_tokens)
 
     def _failed(self, wire_id: str, stream: RequestStream, err: grpc.aio.AioRpcError, job: Job) -> None:
         if not self._mine(wire_id, stream):
@@ -264,13 +274,18 @@ class VllmGrpcConnection(Connection):
         self._calls.clear()
 
 
-def _encode(tok: ModelTokenizer, job: Job) -> list[int]:
+def _tool_spec(job: Job) -> ToolSpec | None:
+    t = job.tools
+    return None if t is None else ToolSpec.of(t.tools, t.choice, t.name, t.parallel)  # schemas checked: JSON
+
+
+def _encode(tok: ModelTokenizer, job: Job, spec: ToolSpec | None) -> list[int]:
     if job.prompt or job.suffix:
         return tok.encode_raw(job.prompt, job.suffix)
-    return tok.encode_chat([{"role": m.role, "content": m.content} for m in job.messages])
+    return tok.encode_chat(*conversation(job.messages, spec, tok.renders_tools))
 
 
-def _request(wire_id: str, ids: list[int], job: Job) -> vpb.GenerateRequest:
+def _request(wire_id: str, ids: list[int], job: Job, spec: ToolSpec | None) -> vpb.GenerateRequest:
     s = job.sampling
     params = vpb.SamplingParams(
         max_tokens=s.max_tokens,
@@ -284,6 +299,8 @@ def _request(wire_id: str, ids: list[int], job: Job) -> vpb.GenerateRequest:
         params.seed = s.seed % 2**31  # int32 on this wire
     if job.constraint is not None:
         _constrain(params, job.constraint)
+    elif spec is not None and (grammar := forced_grammar(spec)) is not None:
+        params.grammar = grammar  # Lark with %json: the server's guidance backend compiles it
     return vpb.GenerateRequest(
         request_id=wire_id, tokenized=vpb.TokenizedInput(input_ids=ids), sampling_params=params, stream=True
     )

@@ -33,8 +33,12 @@ class Limits(Section):
 
     max_task_chars: int = Field(32_768, gt=0, description="longest `task`, in characters")
     max_context_bytes: int = Field(65_536, gt=0, description="largest `context`, as compact JSON bytes")
-    max_messages: int = Field(64, ge=0, description="most chat `messages` in one request")
-    max_message_chars: int = Field(32_768, gt=0, description="longest content of one chat message")
+    max_messages: int = Field(
+        1_024, ge=0, description="most chat `messages` in one request (an agent's tool loop adds two per call)"
+    )
+    max_message_chars: int = Field(
+        131_072, gt=0, description="longest content of one chat message (a tool's result: a file, a test log)"
+    )
     max_stop_sequences: int = Field(8, ge=0, description="most `sampling.stop` strings")
     max_stop_chars: int = Field(64, gt=0, description="longest single stop string")
     default_max_tokens: int = Field(256, gt=0, description="`sampling.max_tokens` when the request leaves it unset")
@@ -52,6 +56,19 @@ class Limits(Section):
     max_regex_chars: int = Field(4_096, gt=0, description="longest structured-output regular expression")
     max_choices: int = Field(256, gt=0, description="most strings in a structured-output choice list")
     max_choice_chars: int = Field(1_024, gt=0, description="longest string of a structured-output choice list")
+    max_tools: int = Field(128, ge=0, description="most `tools` in one request (OpenAI's limit too)")
+    max_tools_bytes: int = Field(
+        262_144,
+        gt=0,
+        description="largest `tools` in all: names, descriptions and parameter schemas (each schema also within "
+        "max_schema_bytes and max_schema_depth), as UTF-8 bytes",
+    )
+    max_tool_calls_per_message: int = Field(
+        64, gt=0, description="most `tool_calls` of one assistant message in the history"
+    )
+    max_tool_arguments_bytes: int = Field(
+        65_536, gt=0, description="largest arguments (JSON text) of one tool call in the history"
+    )
     max_request_bytes: int = Field(
         4_194_304,
         ge=65_536,

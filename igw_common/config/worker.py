@@ -15,6 +15,13 @@ class VllmConfig(Section):
     )
     max_model_len: int = Field(2_048, gt=0, description="context window in tokens")
     kv_cache_space_gib: float = Field(1.0, gt=0, description="CPU builds only: VLLM_CPU_KVCACHE_SPACE")
+    tool_parser: str = Field(
+        "hermes",
+        min_length=1,
+        description="vLLM tool parser that reads the model's tool calls (vLLM's --tool-call-parser names: hermes, "
+        "llama3_json, mistral, pythonic, ...); checked at start. The fallback prompt for templates without tools "
+        "writes calls in hermes' format",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="passed through to vllm.AsyncEngineArgs (dtype, tensor_parallel_size, gpu_memory_utilization, ...)",

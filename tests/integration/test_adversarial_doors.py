@@ -191,6 +191,22 @@ BODY_HOSTILE = {
                 [{"role": "user", "content": "a" * 40_000}],
                 [{"role": "user", "content": "é" * 40_000}],
                 [{"role": "user", "content": "m"}] * 65,
+                [{"role": "user", "content": "m"}] * 1025,
+                [{"role": "user", "content": "a" * 140_000}],
+                [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}] * 65}],
+                [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c" * 200, "function": {"name": "f", "arguments": "{}"}}],
+                    }
+                ],
+                [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "x" * 70_000}}],
+                    }
+                ],
+                [{"role": "assistant", "tool_calls": "call"}, {"role": "tool", "tool_call_id": 5, "content": "r"}],
                 [{"role": "user", "content": [{"type": "text", "text": "a" * 20_000}] * 3}],
             ]
         ),
@@ -213,6 +229,16 @@ extras = st.one_of(
             {"n": 1},
             {"logprobs": True},
             {"tools": [{"type": "function"}]},
+            # Tools: the gateway bounds them before any work; valid ones reach the (synthetic) worker.
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+            {"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(3000)]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP_SCHEMA}}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "description": "d" * 300_000}}]},
+            {"tools": [{"type": "function", "function": {"name": "\u0000" * 70}}]},
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function"}},
+            {"tools": "all", "tool_choice": [1]},
+            {"tool_choice": {"type": "function", "function": {"name": "x" * 10_000}}},
             {"stream_options": {"include_usage": True}},
             {"stream_options": {"x": 1}},
             {"stream_options": "all"},

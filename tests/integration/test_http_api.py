@@ -114,7 +114,7 @@ def test_raw_sse_is_what_curl_sees(http_stack):
         ("unknown model", 404, "model"),
         ("unsupported parameter", 400, "logit_bias"),
         ("unsupported value", 400, "n"),
-        ("tools", 400, "tools"),
+        ("tools", 400, "tools[0]"),
         ("bad temperature", 400, "temperature"),
         ("bad role", 400, "messages[0].role"),
         ("image part", 400, "messages[0].content[0]"),
@@ -138,11 +138,11 @@ def test_errors_are_openai_shaped_with_the_matching_status(http_stack, case, sta
     elif case == "unsupported value":
         body["n"] = 3
     elif case == "tools":
-        body["tools"] = [{"type": "function", "function": {"name": "f"}}]
+        body["tools"] = [{"type": "code_interpreter"}]
     elif case == "bad temperature":
         body["temperature"] = 9
     elif case == "bad role":
-        body["messages"] = [{"role": "tool", "content": "x"}]
+        body["messages"] = [{"role": "function", "content": "x"}]
     elif case == "image part":
         body["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     elif case == "too long":

@@ -264,3 +264,36 @@ def test_session_overhead_per_turn(tmp_path, redis_server):
     finally:
         p.stop()
         s.stop()
+
+
+def test_sessions_store_tool_calls_and_results_as_turns(sessions):
+    """A tool call in the answer and a tool result in the next turn are stored as they were (Redis)."""
+    s, keys, _ = sessions
+    key = new_key(keys, "t-tools")
+    stub = s.gateway_stub("gateway")
+    tools = [gpb.Tool(name="get_time")]
+    sid = "tools-session"
+    out = list(
+        stub.Execute(
+            gpb.ExecuteRequest(
+                task="time?", session_id=sid, tools=tools, tool_choice=gpb.ToolChoice(function_name="get_time")
+            ),
+            metadata=md(key),
+            timeout=30,
+        )
+    )
+    call_id = next(tc.id for r in out if r.HasField("delta") for tc in r.delta.tool_calls if tc.id)
+    result = gpb.ChatMessage(role="tool", tool_call_id=call_id, content="12:00")
+    list(
+        stub.Execute(
+            gpb.ExecuteRequest(
+                messages=[result], session_id=sid, tools=tools, sampling=gpb.SamplingParams(max_tokens=2)
+            ),
+            metadata=md(key),
+            timeout=30,
+        )
+    )
+    session = get(stub, key, sid)
+    first, second = session.turns
+    assert [(c.id, c.name, c.arguments_json) for c in first.answer_tool_calls] == [(call_id, "get_time", "{}")]
+    assert second.messages[0].role == "tool" and second.messages[0].tool_call_id == call_id

@@ -25,6 +25,24 @@ def _field(err: grpc.RpcError) -> str:
     return ""
 
 
+class Canary:
+    """A 60-token Execute stream running beside a test's hostile requests: ``tokens()`` waits for it."""
+
+    def __init__(self, stub, max_tokens: int = 60):
+        self.got = None
+
+        def run():
+            req = gpb.ExecuteRequest(task="canary", sampling=gpb.SamplingParams(max_tokens=max_tokens))
+            self.got = sum(r.delta.tokens for r in stub.Execute(req, timeout=60) if r.HasField("delta"))
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def tokens(self) -> int | None:
+        self.thread.join(60)
+        return self.got
+
+
 def _execute(stub, **constraint):
     req = gpb.ExecuteRequest(task="pick one", constraint=gpb.OutputConstraint(**constraint))
     return list(stub.Execute(req, timeout=30))
@@ -47,16 +65,7 @@ def test_execute_carries_each_kind_to_the_worker(synthetic_stack):
 
 def test_hostile_schemas_are_refused_by_the_gateway_beside_a_running_stream(synthetic_stack):
     stub = synthetic_stack.gateway_stub()
-    canary = {}
-
-    def run_canary():
-        out = list(
-            stub.Execute(gpb.ExecuteRequest(task="canary", sampling=gpb.SamplingParams(max_tokens=60)), timeout=60)
-        )
-        canary["tokens"] = sum(r.delta.tokens for r in out if r.HasField("delta"))
-
-    t = threading.Thread(target=run_canary)
-    t.start()
+    canary = Canary(stub)
     deep = '{"a":' * 5000 + "1" + "}" * 5000
     huge = json.dumps({"type": "object", "description": "x" * 70_000})
     cases = [
@@ -88,8 +97,7 @@ def test_hostile_schemas_are_refused_by_the_gateway_beside_a_running_stream(synt
     body["response_format"] = {"type": "grammar", "grammar": "x"}
     status, _, out = raw(synthetic_stack, "POST", "/v1/chat/completions", body)
     assert status == 400 and json.loads(out)["error"]["param"] == "response_format"
-    t.join(60)
-    assert canary.get("tokens") == 60
+    assert canary.tokens() == 60
 
 
 def test_the_http_door_answers_json_object(synthetic_stack):

@@ -34,16 +34,19 @@ def digest(model: str, valid: ValidRequest, messages) -> str:
         h.update(len(b).to_bytes(8, "big"))
         h.update(b)
 
-    part(b"igw-cache-v1")
+    part(b"igw-cache-v2")
     part(model.encode())
     part(str(len(messages)).encode())
-    for m in messages:
-        part(m.role.encode())
-        part(m.content.encode())
+    for m in messages:  # with tool calls and results
+        part(m.SerializeToString(deterministic=True))
     part(valid.prompt.encode())
     part(valid.suffix.encode())
     part(valid.sampling.SerializeToString(deterministic=True))
     part(valid.constraint.SerializeToString(deterministic=True) if valid.constraint is not None else b"")
+    tools = valid.tools
+    part(b"" if tools is None else f"{tools.choice}:{tools.name}:{tools.parallel:d}".encode())
+    for t in tools.tools if tools is not None else ():
+        part(t.SerializeToString(deterministic=True))
     return h.hexdigest()
 
 

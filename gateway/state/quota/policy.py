@@ -18,6 +18,7 @@ import collections
 import logging
 from dataclasses import dataclass
 
+from gateway.request import message_bytes
 from gateway.state.quota.base import Budget, Remaining, Reservation, Store, StoreUnavailable
 from gateway.state.quota.local import LocalStore
 from gateway.state.quota.redis_store import RedisStore
@@ -280,8 +281,8 @@ class Quotas:
             await self.shared.close()
 
 
-def prompt_token_bound(messages) -> int:
+def prompt_token_bound(messages, tools_bytes: int = 0) -> int:
     """An upper bound on the prompt's tokens before it is tokenized: every token
     is at least one byte of text (byte-level BPE or byte fallback), plus the
-    chat template's own tokens."""
-    return sum(len(m.content.encode()) + 8 for m in messages) + 16
+    chat template's own tokens (and, with tools, the bytes they add to it)."""
+    return sum(message_bytes(m) + 8 for m in messages) + 16 + tools_bytes

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.request import ValidRequest, estimate_prompt_tokens
-from gateway.state.sessions.store import MemoryStore, RedisStore, Stored, Turn
+from gateway.request import ValidRequest, estimate_prompt_tokens, message_bytes
+from gateway.state.sessions.store import MemoryStore, Message, RedisStore, Stored, Turn
 from igw_common.config import Limits, SessionsConfig
 from igw_worker_api.v1 import worker_pb2 as wpb
 
@@ -22,19 +22,44 @@ class ActiveTurn:
     history_turns: int
     dropped: int
     drop_below: int  # turns numbered below this leave the session when this one is written
-    own: list[tuple[str, str]]  # this turn's messages to store
-    system: list[tuple[str, str]] | None  # new system messages, or None to keep the session's
+    own: list[Message]  # this turn's messages to store
+    system: list[Message] | None  # new system messages, or None to keep the session's
     history_tokens: int
     fixed_tokens: int  # the estimate of what is sent again each turn (context, system messages)
     answer: list[str] = field(default_factory=list)
+    calls: list[list[str]] = field(default_factory=list)  # the answer's tool calls: [id, name, arguments]
+
+    def add_calls(self, pieces) -> None:
+        """Join the streamed pieces of the answer's tool calls (a call's first piece has its id and name)."""
+        for p in pieces:
+            if p.id or p.name or p.index >= len(self.calls):
+                self.calls.append([p.id, p.name, p.arguments])
+            else:
+                self.calls[p.index][2] += p.arguments
 
 
-def _pairs(messages) -> list[tuple[str, str]]:
-    return [(m.role, m.content) for m in messages]
+def _pairs(messages) -> list[Message]:
+    out = []
+    for m in messages:
+        if m.tool_calls or m.tool_call_id:
+            calls = [[c.id, c.name, c.arguments_json] for c in m.tool_calls]
+            out.append((m.role, m.content, calls, m.tool_call_id))
+        else:
+            out.append((m.role, m.content))
+    return out
 
 
-def _chat(pairs) -> list[wpb.ChatMessage]:
-    return [wpb.ChatMessage(role=r, content=c) for r, c in pairs]
+def _chat(stored) -> list[wpb.ChatMessage]:
+    return [_message(*m) for m in stored]
+
+
+def _message(role: str, content: str, calls=(), tool_call_id: str = "") -> wpb.ChatMessage:
+    return wpb.ChatMessage(
+        role=role,
+        content=content,
+        tool_calls=[wpb.ToolCall(id=i, name=n, arguments_json=a) for i, n, a in calls],
+        tool_call_id=tool_call_id,
+    )
 
 
 class Sessions:
@@ -66,7 +91,7 @@ class Sessions:
             - estimate_prompt_tokens(fixed + rest)
             - self.cfg.context_margin_tokens
         )
-        fixed_bytes = sum(len(m.content.encode()) for m in fixed + rest)
+        fixed_bytes = sum(message_bytes(m) for m in fixed + rest)
         budget_bytes = min(self.limits.max_prompt_bytes - fixed_bytes, self.cfg.max_session_bytes)
         keep = stored.turns
         tokens, size = sum(t.tokens for t in keep), sum(t.size for t in keep)
@@ -79,7 +104,7 @@ class Sessions:
         history: list[wpb.ChatMessage] = []
         for t in keep:
             history += _chat(t.messages)
-            history.append(wpb.ChatMessage(role="assistant", content=t.answer))
+            history.append(_message("assistant", t.answer, t.calls))
         if dropped:
             self.metrics.session_turns_dropped.inc(dropped)
         return ActiveTurn(
@@ -100,7 +125,7 @@ class Sessions:
         own_tokens = prompt_tokens - turn.history_tokens - turn.fixed_tokens
         if prompt_tokens <= 0 or own_tokens <= 0:  # no count from the worker: estimate
             own_tokens = estimate_prompt_tokens(_chat(turn.own))
-        t = Turn(turn.own, "".join(turn.answer), own_tokens + completion_tokens + ANSWER_TEMPLATE_TOKENS)
+        t = Turn(turn.own, "".join(turn.answer), own_tokens + completion_tokens + ANSWER_TEMPLATE_TOKENS, turn.calls)
         await self.store.append(
             turn.tenant, turn.session_id, turn.drop_below, t, turn.system, self.cfg.ttl_s, self.cfg.max_turns
         )

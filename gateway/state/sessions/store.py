@@ -10,29 +10,52 @@ from __future__ import annotations
 import collections
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from gateway.state.redis import call, client, esc
 
+# A stored message: (role, content), or with tool use (role, content, calls, tool_call_id); a call is
+# [id, name, arguments JSON text]. No system messages.
+Message = tuple
+
 
 @dataclass
 class Turn:
-    messages: list[tuple[str, str]]  # (role, content), no system messages
+    messages: list[Message]
     answer: str
     tokens: int  # measured share of the prompt, see the module docstring
+    calls: list[list[str]] = field(default_factory=list)  # the answer's tool calls: [id, name, arguments]
 
     @property
     def size(self) -> int:
-        return sum(len(c.encode()) for _, c in self.messages) + len(self.answer.encode())
+        return sum(_message_size(m) for m in self.messages) + len(self.answer.encode()) + _calls_size(self.calls)
 
     def encode(self) -> str:
-        return json.dumps({"m": self.messages, "a": self.answer, "k": self.tokens}, ensure_ascii=False)
+        d = {"m": self.messages, "a": self.answer, "k": self.tokens}
+        if self.calls:
+            d["c"] = self.calls
+        return json.dumps(d, ensure_ascii=False)
 
     @classmethod
     def decode(cls, raw) -> Turn:
         d = json.loads(raw)
-        return cls([(str(r), str(c)) for r, c in d["m"]], str(d["a"]), int(d["k"]))
+        messages = [
+            (str(m[0]), str(m[1])) if len(m) == 2 else (str(m[0]), str(m[1]), _calls(m[2]), str(m[3])) for m in d["m"]
+        ]
+        return cls(messages, str(d["a"]), int(d["k"]), _calls(d.get("c", [])))
+
+
+def _calls(raw) -> list[list[str]]:
+    return [[str(i), str(n), str(a)] for i, n, a in raw]
+
+
+def _calls_size(calls) -> int:
+    return sum(len(i) + len(n) + len(a.encode()) for i, n, a in calls)
+
+
+def _message_size(m: Message) -> int:
+    return len(m[1].encode()) + (_calls_size(m[2]) + len(m[3]) if len(m) > 2 else 0)
 
 
 @dataclass
