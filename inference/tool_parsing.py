@@ -76,5 +76,7 @@ class VllmToolCalls(ToolCallParser):
             rest = self.text[len(self.content) :] if self.text.startswith(self.content) else ""
             self.content = self.text
             return rest, []
+        if len(self.parser.prev_tool_call_arr) - 1 != self.last_index:
+            return "", []  # the parser's last entry is a call cut off before its name: nothing to finish
         remaining = self.parser.get_remaining_unstreamed_args()
         return "", [CallDelta(self.last_index, arguments=remaining)] if remaining else []
