@@ -166,3 +166,21 @@ def resource_exhausted(
         trailers = (("retry-after", str(max(1, math.ceil(retry_after_s)))),)
         message = f"{message}; retry in {retry_after_s:.1f} s"
     return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, tuple(details), trailers, reason=reason)
+
+
+# gRPC status -> the HTTP status every HTTP API of the gateway answers with.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return _HTTP_STATUS.get(code, 500)

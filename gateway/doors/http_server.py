@@ -33,10 +33,10 @@ import logging
 import grpc
 from aiohttp import web
 
-from gateway.core.events import Delta, Done, Started
+from gateway.core.events import Done, Started
 from gateway.core.request_core import RequestCore
 from gateway.core.validation import header_number
-from gateway.doors import openai_api
+from gateway.doors import anthropic_api, openai_api
 from gateway.doors import sessions as sessions_door
 from gateway.errors import RpcError, invalid_argument
 from igw_common.config import GatewayConfig
@@ -46,8 +46,9 @@ log = logging.getLogger("gateway.doors.http_server")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _json_error(err: RpcError, names: dict[str, str] = openai_api.NAMES) -> web.Response:
-    status, body = openai_api.error_body(err, names)
+def _json_error(err: RpcError, api=openai_api, names: dict[str, str] | None = None) -> web.Response:
+    """An error as ``api`` (the module of one HTTP API: openai_api, anthropic_api, ...) writes them."""
+    status, body = api.error_body(err, api.NAMES if names is None else names)
     headers = {}
     retry = err.retry_after_s
     for name, value in err.trailers:
@@ -58,11 +59,10 @@ def _json_error(err: RpcError, names: dict[str, str] = openai_api.NAMES) -> web.
     return web.json_response(body, status=status, headers=headers)
 
 
-def _sse(data) -> bytes:
-    return b"data: " + (data if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False).encode()) + b"\n\n"
-
-
-_ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET and DELETE /v1/sessions/{session_id}"
+_ROUTES = (
+    "POST /v1/chat/completions, POST /v1/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
+    "GET /v1/models, GET and DELETE /v1/sessions/{session_id}"
+)
 
 
 @web.middleware
@@ -97,6 +97,8 @@ class HttpApi:
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/v1/messages", self.messages)
+        self.app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         self.app.router.add_get("/v1/sessions/{session_id}", self.get_session)
         self.app.router.add_delete("/v1/sessions/{session_id}", self.delete_session)
         self.sessions = sessions_door.SessionApi(core)
@@ -132,10 +134,25 @@ class HttpApi:
     # --- routes -----------------------------------------------------------------------------
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._complete(request, openai_api.chat_request)
+        return await self._complete(request, openai_api.chat_request, openai_api)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._complete(request, openai_api.completion_request)
+        return await self._complete(request, openai_api.completion_request, openai_api)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, anthropic_api.messages_request, anthropic_api)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """An estimate of the prompt's tokens (the worker counts exactly when it runs the request)."""
+        headers, names = _headers(request), anthropic_api.NAMES
+        try:
+            self.core.authenticate(headers)
+            body = await _body(request, self.cfg.limits.max_request_bytes)
+            draft, names = anthropic_api.count_tokens(body, dict(headers))
+            valid = self.core.validate(draft)
+        except RpcError as err:
+            return _json_error(err, anthropic_api, names)
+        return web.json_response(anthropic_api.token_estimate(valid.messages, valid.tools_bytes()))
 
     async def models(self, request: web.Request) -> web.Response:
         try:
@@ -162,100 +179,88 @@ class HttpApi:
 
     # --- one completion ---------------------------------------------------------------------
 
-    async def _complete(self, request: web.Request, parse_body) -> web.StreamResponse:
+    async def _complete(self, request: web.Request, parse_body, api) -> web.StreamResponse:
+        """One request of an API whose module (``api``) reads its bodies (``parse_body``) and writes its
+        answers (``api.Answer``) and errors (``api.error_body``)."""
         task = asyncio.current_task()
         self._inflight.add(task)
         try:
-            return await self._run(request, parse_body)
+            return await self._run(request, parse_body, api)
         finally:
             self._inflight.discard(task)
 
-    async def _run(self, request: web.Request, parse_body) -> web.StreamResponse:
+    async def _run(self, request: web.Request, parse_body, api) -> web.StreamResponse:
         headers = _headers(request)
         try:
-            body = await request.json()
-        except web.HTTPRequestEntityTooLarge:
-            return _json_error(
-                RpcError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the body is over the limit of {self.cfg.limits.max_request_bytes} bytes",
-                    reason="too_large",
-                )
-            )
-        except (ValueError, UnicodeDecodeError):
-            return _json_error(invalid_argument("body", "not valid JSON"))
-        except RecursionError:  # the JSON decoder's own depth limit
-            return _json_error(invalid_argument("body", "JSON nested too deeply"))
-        try:
-            # JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no text protobuf or a
-            # log line can carry. Refused here, once for the whole body, before any field is read.
-            json.dumps(body, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            return _json_error(
-                invalid_argument("body", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send text")
-            )
-        except RecursionError:
-            return _json_error(invalid_argument("body", "JSON nested too deeply"))
+            body = await _body(request, self.cfg.limits.max_request_bytes)
+        except RpcError as err:
+            return _json_error(err, api)
         reading = parse_body(body, dict(headers))
         try:
             deadline = _deadline(dict(headers))
         except RpcError as err:
-            return _json_error(err)
-        events = self.core.run(headers, reading.draft, deadline, "http")
+            return _json_error(err, api, reading.names)
+        events = self.core.run(headers, reading.draft, deadline, api.DOOR)
         async with contextlib.aclosing(events):
             try:
                 first = await anext(events)
             except RpcError as err:
-                return _json_error(err, reading.names)
-            answer = openai_api.Answer(reading.shape, first.request_id)
+                return _json_error(err, api, reading.names)
+            answer = api.Answer(reading.shape, first.request_id)
             if not reading.shape.stream:
-                return await self._whole(events, first, answer, reading.names)
+                return await self._whole(events, first, answer, api, reading.names)
             return await self._stream(request, events, first, answer, reading.names)
 
-    async def _whole(self, events, first, answer: openai_api.Answer, names: dict[str, str]) -> web.Response:
-        text: list[str] = []
-        calls = openai_api.Calls()
+    async def _whole(self, events, first, answer, api, names: dict[str, str]) -> web.Response:
         try:
             ev = first
-            while True:
-                if isinstance(ev, Started):
-                    answer.model = ev.model
-                elif isinstance(ev, Delta):
-                    text.append(ev.text)
-                    calls.add(ev.tool_calls)
-                elif isinstance(ev, Done):
-                    return web.json_response(
-                        answer.whole("".join(text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, calls),
-                        headers=_state_headers(first),
-                    )
+            while not isinstance(ev, Done):
+                answer.add(ev)
                 ev = await anext(events)
+            return web.json_response(answer.result(ev), headers=_state_headers(first))
         except RpcError as err:
-            return _json_error(err, names)
+            return _json_error(err, api, names)
 
-    async def _stream(self, request, events, first, answer: openai_api.Answer, names) -> web.StreamResponse:
+    async def _stream(self, request, events, first, answer, names) -> web.StreamResponse:
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **_state_headers(first)})
         await resp.prepare(request)
         ev = first
         try:
             while True:
-                if isinstance(ev, Started):
-                    chunk = answer.started(ev.model)
-                    if chunk is not None:
-                        await resp.write(_sse(chunk))
-                elif isinstance(ev, Delta):
-                    if ev.text or ev.tool_calls:
-                        await resp.write(_sse(answer.delta(ev.text, ev.tool_calls)))
-                elif isinstance(ev, Done):
-                    for chunk in answer.done(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens):
-                        await resp.write(_sse(chunk))
-                    await resp.write(_sse(b"[DONE]"))
+                for frame in answer.frames(ev):
+                    await resp.write(frame)
+                if isinstance(ev, Done):
                     break
                 ev = await anext(events)
         except RpcError as err:
-            # The status line is gone: the error travels as an event (the openai SDKs raise it).
-            await resp.write(_sse(openai_api.error_body(err, names)[1]))
+            # The status line is gone: the error travels as an event (the SDKs raise it).
+            for frame in answer.error_frames(err, names):
+                await resp.write(frame)
         await resp.write_eof()
         return resp
+
+
+async def _body(request: web.Request, limit: int):
+    """The request's JSON body; RpcError for one over ``limit``, not JSON, or not representable as text."""
+    try:
+        body = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise RpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"the body is over the limit of {limit} bytes", reason="too_large"
+        ) from None
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_argument("body", "not valid JSON") from None
+    except RecursionError:  # the JSON decoder's own depth limit
+        raise invalid_argument("body", "JSON nested too deeply") from None
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no text protobuf or a
+        # log line can carry. Refused here, once for the whole body, before any field is read.
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise invalid_argument("body", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send text") from None
+    except RecursionError:
+        raise invalid_argument("body", "JSON nested too deeply") from None
+    return body
 
 
 def _state_headers(first) -> dict[str, str]:

@@ -20,12 +20,13 @@ import re
 import time
 from dataclasses import dataclass
 
-import grpc
-
+from gateway.core.events import Delta, Done, Started
 from gateway.core.validation import MAX_STREAM_INTERVAL_MS, header_number
-from gateway.errors import RpcError, clip, invalid_argument
+from gateway.errors import RpcError, clip, http_status, invalid_argument
 from gateway.request import Constraint, RequestDraft, ToolUse
 from igw_worker_api.v1 import worker_pb2 as wpb
+
+DOOR = "http"  # the request log's name for this API's requests
 
 # Parameters accepted when they ask for what the gateway does anyway (OpenAI's defaults).
 _NEUTRAL = {
@@ -54,31 +55,35 @@ _COMPLETION = _SHARED | {"prompt", "suffix"}
 # Roles: "developer" is OpenAI's newer name for "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
-# gRPC status -> HTTP status and OpenAI error type.
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.ABORTED: (409, "conflict_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+# HTTP status -> OpenAI's error type.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    503: "service_unavailable",
+    504: "timeout",
+}
+# The core's fields that every HTTP API takes from the gateway's own headers.
+HEADER_NAMES = {
+    "request_id": "x-igw-request-id",
+    "session_id": "x-igw-session-id",
+    "supersede_key": "x-igw-supersede-key",
+    "priority": "x-igw-priority",
+    "stream_interval_ms": "x-igw-stream-interval-ms",
 }
 # The core's field names as this door's clients call them (the body's parameters and igw headers).
 NAMES = {
+    **HEADER_NAMES,
     "sampling.max_tokens": "max_tokens",
     "sampling.temperature": "temperature",
     "sampling.top_p": "top_p",
     "sampling.stop": "stop",
     "sampling.seed": "seed",
     "task": "messages",
-    "request_id": "x-igw-request-id",
-    "session_id": "x-igw-session-id",
-    "supersede_key": "x-igw-supersede-key",
-    "priority": "x-igw-priority",
-    "stream_interval_ms": "x-igw-stream-interval-ms",
     "constraint": "response_format",
     "constraint.json_schema": "response_format.json_schema.schema",
     "tools[].name": "tools[].function.name",
@@ -129,7 +134,8 @@ def _check_known(body: dict, allowed: set[str]) -> None:
             )
 
 
-def _number(body: dict, key: str) -> float | None:
+def json_number(body: dict, key: str) -> float | None:
+    """``body[key]``: a finite number (not a boolean), or None."""
     value = body.get(key)
     if value is None:
         return None
@@ -194,8 +200,8 @@ def _common(body, headers: dict[str, str], kind: str, max_tokens_keys: tuple[str
     fields = {
         "model": model,
         "max_tokens": _integer(body, given[0], "must be a positive integer") if given else None,
-        "temperature": _number(body, "temperature"),
-        "top_p": _number(body, "top_p"),
+        "temperature": json_number(body, "temperature"),
+        "top_p": json_number(body, "top_p"),
         "stop": _stop(body),
         "seed": _integer(body, "seed", "must be a 64-bit integer"),
         "request_id": headers.get("x-igw-request-id", ""),
@@ -370,6 +376,8 @@ class Answer:
         self.created = int(time.time())
         self.model = shape.model
         self.object = "chat.completion" if self.chat else "text_completion"
+        self._text: list[str] = []
+        self._calls = Calls()
 
     def _chunk(self, choices: list, usage=None) -> dict:
         out = {
@@ -404,6 +412,33 @@ class Answer:
             chunks.append(self._chunk([], usage(prompt_tokens, completion_tokens)))
         return chunks
 
+    # --- what the HTTP door calls (the same in every API module) ---
+
+    def frames(self, ev) -> list[bytes]:
+        """The server-sent events of one core event."""
+        if isinstance(ev, Started):
+            chunk = self.started(ev.model)
+            return [sse(chunk)] if chunk is not None else []
+        if isinstance(ev, Delta):
+            return [sse(self.delta(ev.text, ev.tool_calls))] if ev.text or ev.tool_calls else []
+        return [*(sse(c) for c in self.done(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)), DONE]
+
+    def error_frames(self, err: RpcError, names: dict[str, str]) -> list[bytes]:
+        """An error after the stream started: a last event (the openai SDKs raise it)."""
+        return [sse(error_body(err, names)[1])]
+
+    def add(self, ev) -> None:
+        """A whole (not streamed) answer: remember the event."""
+        if isinstance(ev, Started):
+            self.model = ev.model
+        elif isinstance(ev, Delta):
+            self._text.append(ev.text)
+            self._calls.add(ev.tool_calls)
+
+    def result(self, ev: Done) -> dict:
+        """A whole answer's body, at its end."""
+        return self.whole("".join(self._text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, self._calls)
+
     def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, calls=None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text}
@@ -426,6 +461,14 @@ class Answer:
             "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens),
         }
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: dict) -> bytes:
+    """One server-sent event of OpenAI's streams: ``data:`` and JSON."""
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
 
 def _call_piece(c) -> dict:
@@ -470,7 +513,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def error_body(err: RpcError, names: dict[str, str] = NAMES) -> tuple[int, dict]:
     """(HTTP status, OpenAI error body) for an error of the request core, naming the client's fields."""
     err = err.renamed(names)
-    status, kind = HTTP_STATUS.get(err.code, (500, "server_error"))
+    status = http_status(err.code)
+    kind = ERROR_TYPES.get(status, "server_error")
     code = err.reason or err.code.name.lower()
     return status, {"error": {"message": err.message, "type": kind, "param": err.field or None, "code": code}}
 
