@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 
 from gateway.core.events import Delta, Done, Started
-from gateway.doors.openai_api import HEADER_NAMES, Reading, Shape, json_number
+from gateway.doors.openai_api import HEADER_NAMES, Reading, Shape, function_tool, header_fields, json_number, read_with
 from gateway.errors import RpcError, clip, http_status, invalid_argument
 from gateway.request import RequestDraft, ToolUse, estimate_prompt_tokens
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -135,14 +135,9 @@ def _tools(body: dict) -> ToolUse | None:
     for i, t in enumerate(raw):
         if not isinstance(t, dict) or t.get("type", "custom") != "custom":
             raise _bad(f"tools[{i}]", "only custom tools (name, description, input_schema) are supported")
-        name, description, schema = t.get("name"), t.get("description") or "", t.get("input_schema")
-        if not isinstance(name, str):
-            raise _bad(f"tools[{i}].name", "must be a string")
-        if not isinstance(description, str):
-            raise _bad(f"tools[{i}].description", "must be a string")
-        if not isinstance(schema, dict):
+        if not isinstance(t.get("input_schema"), dict):
             raise _bad(f"tools[{i}].input_schema", "must be a JSON object (a schema)")
-        tools.append(wpb.Tool(name=name, description=description, parameters_json_schema=json.dumps(schema)))
+        tools.append(function_tool(t, f"tools[{i}]", "input_schema"))
     if choice is None:
         return ToolUse(tuple(tools))
     kind = choice.get("type") if isinstance(choice, dict) else None
@@ -197,21 +192,14 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
         top_p=json_number(body, "top_p"),
         stop=tuple(stops),
         tools=_tools(body),
-        request_id=headers.get("x-igw-request-id", ""),
-        priority=headers.get("x-igw-priority", "") or None,
-        session_id=headers.get("x-igw-session-id", ""),
-        supersede_key=headers.get("x-igw-supersede-key", ""),
+        **header_fields(headers),
     )
     return draft, Shape("messages", model, stream, True), names
 
 
 def messages_request(body, headers: dict[str, str]) -> Reading:
     """POST /v1/messages, read."""
-    try:
-        draft, shape, names = _read(body, headers)
-    except RpcError as err:
-        return Reading(err, None, NAMES)
-    return Reading(draft, shape, names)
+    return read_with(_read, body, headers, NAMES)
 
 
 def count_tokens(body, headers: dict[str, str]) -> tuple[RequestDraft, dict[str, str]]:

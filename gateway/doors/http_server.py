@@ -36,7 +36,7 @@ from aiohttp import web
 from gateway.core.events import Done, Started
 from gateway.core.request_core import RequestCore
 from gateway.core.validation import header_number
-from gateway.doors import anthropic_api, openai_api
+from gateway.doors import anthropic_api, openai_api, responses_api
 from gateway.doors import sessions as sessions_door
 from gateway.errors import RpcError, invalid_argument
 from igw_common.config import GatewayConfig
@@ -60,7 +60,8 @@ def _json_error(err: RpcError, api=openai_api, names: dict[str, str] | None = No
 
 
 _ROUTES = (
-    "POST /v1/chat/completions, POST /v1/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
+    "POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, POST /v1/messages, "
+    "POST /v1/messages/count_tokens, "
     "GET /v1/models, GET and DELETE /v1/sessions/{session_id}"
 )
 
@@ -99,6 +100,7 @@ class HttpApi:
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_post("/v1/messages", self.messages)
         self.app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        self.app.router.add_post("/v1/responses", self.responses)
         self.app.router.add_get("/v1/sessions/{session_id}", self.get_session)
         self.app.router.add_delete("/v1/sessions/{session_id}", self.delete_session)
         self.sessions = sessions_door.SessionApi(core)
@@ -141,6 +143,9 @@ class HttpApi:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, anthropic_api.messages_request, anthropic_api)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, responses_api.responses_request, responses_api)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """An estimate of the prompt's tokens (the worker counts exactly when it runs the request)."""

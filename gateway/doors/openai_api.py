@@ -204,10 +204,7 @@ def _common(body, headers: dict[str, str], kind: str, max_tokens_keys: tuple[str
         "top_p": json_number(body, "top_p"),
         "stop": _stop(body),
         "seed": _integer(body, "seed", "must be a 64-bit integer"),
-        "request_id": headers.get("x-igw-request-id", ""),
-        "priority": headers.get("x-igw-priority", "") or None,
-        "session_id": headers.get("x-igw-session-id", ""),
-        "supersede_key": headers.get("x-igw-supersede-key", ""),
+        **header_fields(headers),
         "cache_bypass": cache == "bypass",
         "stream_interval_ms": None
         if interval is None
@@ -275,6 +272,39 @@ def _calls(raw, param: str) -> list[wpb.ToolCall]:
     return out
 
 
+def header_fields(headers: dict[str, str]) -> dict:
+    """The draft's fields every HTTP API takes from the gateway's own headers."""
+    return {
+        "request_id": headers.get("x-igw-request-id", ""),
+        "priority": headers.get("x-igw-priority", "") or None,
+        "session_id": headers.get("x-igw-session-id", ""),
+        "supersede_key": headers.get("x-igw-supersede-key", ""),
+    }
+
+
+def function_tool(fn: dict, param: str, schema_key: str = "parameters") -> wpb.Tool:
+    """A function tool's name, description and arguments schema (under ``schema_key``), JSON types only:
+    the validator bounds them."""
+    name, description, schema = fn.get("name"), fn.get("description") or "", fn.get(schema_key)
+    if not isinstance(name, str):
+        raise _bad(f"{param}.name", "must be a string")
+    if not isinstance(description, str):
+        raise _bad(f"{param}.description", "must be a string")
+    if schema is not None and not isinstance(schema, dict):
+        raise _bad(f"{param}.{schema_key}", "must be a JSON object (a schema)")
+    text = json.dumps(schema, ensure_ascii=False) if schema is not None else ""
+    return wpb.Tool(name=name, description=description, parameters_json_schema=text)
+
+
+def read_with(parse, body, headers: dict[str, str], names: dict[str, str]) -> Reading:
+    """A body read by ``parse`` (draft, shape and the request's own names), or the error reading met."""
+    try:
+        draft, shape, own_names = parse(body, headers)
+    except RpcError as err:
+        return Reading(err, None, names)
+    return Reading(draft, shape, own_names)
+
+
 def _tools(body: dict) -> ToolUse | None:
     """``tools``, ``tool_choice`` and ``parallel_tool_calls``; JSON types only (the validator bounds them)."""
     raw, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
@@ -289,18 +319,9 @@ def _tools(body: dict) -> ToolUse | None:
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or t.get("type") != "function":
             raise _bad(f"tools[{i}]", 'only function tools: {"type": "function", "function": {"name", ...}}')
-        name, description = fn.get("name"), fn.get("description") or ""
-        parameters, strict = fn.get("parameters"), fn.get("strict")
-        if not isinstance(name, str):
-            raise _bad(f"tools[{i}].function.name", "must be a string")
-        if not isinstance(description, str):
-            raise _bad(f"tools[{i}].function.description", "must be a string")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise _bad(f"tools[{i}].function.parameters", "must be a JSON object (a schema)")
-        if strict not in (None, True, False):
+        if fn.get("strict") not in (None, True, False):
             raise _bad(f"tools[{i}].function.strict", "must be true or false")
-        schema = json.dumps(parameters, ensure_ascii=False) if parameters is not None else ""
-        tools.append(wpb.Tool(name=name, description=description, parameters_json_schema=schema))
+        tools.append(function_tool(fn, f"tools[{i}].function"))
     if parallel not in (None, True, False):
         raise _bad("parallel_tool_calls", "must be true or false")
     parallel = parallel is not False
