@@ -64,6 +64,7 @@ class RequestDraft:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     session_id: str = ""
+    affinity_id: str = ""  # an agent's own conversation id (its session header): worker affinity only
     supersede_key: str = ""
     priority: str | None = None  # "interactive" | "batch"; None = the key's cap
     cache_bypass: bool = False
@@ -82,6 +83,7 @@ class ValidRequest:
     sampling: wpb.Sampling
     max_tokens_was_set: bool
     session_id: str = ""
+    affinity_id: str = ""  # an agent's conversation id: requests with one go to the same worker (prefix cache)
     priority: str | None = None  # as asked; None = the key's cap
     estimated_prompt_tokens: int = 0  # the scheduler's cost until the worker has tokenized the prompt
     supersede_key: str = ""  # a newer request with this key (same tenant) cancels this one

@@ -224,13 +224,13 @@ class Run:
         if self.holder is not None:
             self.holder.stream = self.stream
         tenant = self.principal.tenant
-        sticky = tenant if core.cfg.pool_affinity == "tenant" else valid.session_id or tenant
+        sticky = tenant if core.cfg.pool_affinity == "tenant" else valid.session_id or valid.affinity_id or tenant
         self.ticket = Ticket(
             model=self.model,
             tenant=tenant,
             priority=self.priority,
             cost_tokens=estimate,
-            affinity=affinity_key(tenant, valid.session_id, texts),
+            affinity=affinity_key(tenant, valid.session_id or valid.affinity_id, texts),
             pool=core.placement.choose_pool(self.model, sticky),
         )
         self.job = Job(

@@ -39,6 +39,7 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOOL_NAME_RULE = "use 1-64 characters from A-Z a-z 0-9 _ -"
 # Call ids are made by models' servers (ours: call_ and 24 letters and digits; others differ): printable.
 TOOL_CALL_ID = re.compile(r"[!-~]{1,128}")
+AFFINITY_ID = re.compile(r"[!-~]{1,256}")
 # fullmatch: no trailing newline slips through as `$` would let it.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID_RULE = "use 1-128 characters from A-Z a-z 0-9 . _ : -"
@@ -56,6 +57,8 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         raise invalid_argument("model", f"not a model name: {MODEL_NAME_RULE}")
     check_supersede_key(draft.supersede_key, "supersede_key")
     check_session_id(draft.session_id, "session_id")
+    if draft.affinity_id and not AFFINITY_ID.fullmatch(draft.affinity_id):
+        raise invalid_argument("affinity_id", "an agent's session id is 1-256 printable ASCII characters, no spaces")
     if draft.priority not in (None, *PRIORITIES):
         raise invalid_argument("priority", f"must be one of {', '.join(PRIORITIES)}")
     if draft.stream_interval_ms is not None:
@@ -71,6 +74,7 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         sampling=_sampling(draft, limits),
         max_tokens_was_set=draft.max_tokens is not None,
         session_id=draft.session_id,
+        affinity_id=draft.affinity_id,
         priority=draft.priority,
         estimated_prompt_tokens=estimate_prompt_tokens(messages, tools_bytes(tools)),
         supersede_key=draft.supersede_key,

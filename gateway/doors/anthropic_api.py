@@ -192,7 +192,9 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
         top_p=json_number(body, "top_p"),
         stop=tuple(stops),
         tools=_tools(body),
-        **header_fields(headers),
+        **header_fields(
+            headers, metadata.get("user_id") if isinstance(metadata := body.get("metadata"), dict) else None
+        ),
     )
     return draft, Shape("messages", model, stream, True), names
 

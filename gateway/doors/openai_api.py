@@ -67,6 +67,9 @@ ERROR_TYPES = {
     503: "service_unavailable",
     504: "timeout",
 }
+# Headers in which agents send their own conversation's id (Claude Code; Codex CLI): the worker affinity
+# of the conversation's turns, so they reuse one worker's prefix cache (never a server-side session).
+AGENT_SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "x-codex-session-id")
 # The core's fields that every HTTP API takes from the gateway's own headers.
 HEADER_NAMES = {
     "request_id": "x-igw-request-id",
@@ -74,6 +77,7 @@ HEADER_NAMES = {
     "supersede_key": "x-igw-supersede-key",
     "priority": "x-igw-priority",
     "stream_interval_ms": "x-igw-stream-interval-ms",
+    "affinity_id": "session_id",
 }
 # The core's field names as this door's clients call them (the body's parameters and igw headers).
 NAMES = {
@@ -272,13 +276,16 @@ def _calls(raw, param: str) -> list[wpb.ToolCall]:
     return out
 
 
-def header_fields(headers: dict[str, str]) -> dict:
-    """The draft's fields every HTTP API takes from the gateway's own headers."""
+def header_fields(headers: dict[str, str], conversation=None) -> dict:
+    """The draft's fields every HTTP API takes from the gateway's own headers (and an agent's session
+    header; else ``conversation``, an id the body names its conversation by, if a string)."""
+    agent = next((headers[h] for h in AGENT_SESSION_HEADERS if headers.get(h)), "")
     return {
         "request_id": headers.get("x-igw-request-id", ""),
         "priority": headers.get("x-igw-priority", "") or None,
         "session_id": headers.get("x-igw-session-id", ""),
         "supersede_key": headers.get("x-igw-supersede-key", ""),
+        "affinity_id": agent or (conversation if isinstance(conversation, str) else ""),
     }
 
 

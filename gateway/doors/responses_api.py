@@ -224,7 +224,7 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
         top_p=json_number(body, "top_p"),
         tools=_tools(body),
         constraint=_format(body.get("text")),
-        **header_fields(headers),
+        **header_fields(headers, body.get("prompt_cache_key")),
     )
     return draft, Shape("responses", model, stream, True), names
 

@@ -299,3 +299,49 @@ def test_workers_found_by_dns(tmp_path):
         assert run(stub, req(2))[-1].done.usage.completion_tokens == 2
     finally:
         s.stop()
+
+
+def test_agents_session_headers_and_ids_are_affinity_keys(tmp_path):
+    """Claude Code's session header, Codex's, and a Responses body's prompt_cache_key keep an agent's turns
+    on one worker (its prefix cache), as x-igw-session-id does, without a server-side session."""
+    import json
+    import urllib.request
+
+    with gateway_over(tmp_path, workers=2, capacity=8, rate=40) as (s, stub, addrs):
+        http = s.config["gateway"]["http_listen"]
+
+        def post(path, body, headers):
+            request = urllib.request.Request(
+                f"http://{http}{path}",
+                data=json.dumps(body).encode(),
+                headers={"content-type": "application/json", **headers},
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.headers, json.loads(resp.read())
+
+        def ask(path, headers, extra, text, max_tokens=2):
+            if path == "/v1/messages":
+                body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": text}], **extra}
+            else:
+                body = {"input": text, "max_output_tokens": max_tokens, **extra}
+            post(path, body, headers)
+
+        def served_by(*args):
+            """The workers that served ``ask(*args)``."""
+            before = {a: s.worker_load(a).requests_total for a in addrs}
+            ask(*args)
+            return [a for a in addrs if s.worker_load(a).requests_total > before[a]]
+
+        for path, headers, extra in (
+            ("/v1/messages", {"x-claude-code-session-id": "3f1c-agent-a"}, {}),
+            ("/v1/responses", {"session_id": "codex-agent-b"}, {}),
+            ("/v1/responses", {}, {"prompt_cache_key": "codex-agent-c"}),
+        ):
+            (home,) = served_by(path, headers, extra, "turn one")
+            # A long turn of the same agent keeps its worker busy; the other worker is idle.
+            hold = threading.Thread(target=ask, args=(path, headers, extra, "a long turn", 200))
+            hold.start()
+            time.sleep(0.5)
+            for turn in ("turn two, a longer history", "turn three, longer still"):
+                assert served_by(path, headers, extra, turn) == [home], (headers, extra)
+            hold.join(30)
