@@ -371,11 +371,11 @@ def test_worker_renders_off_its_event_loop(tmp_path):
     threads = []
 
     class SlowRender(SyntheticEngine):
-        def render(self, messages):
+        def render(self, messages, tools=None):
             threads.append(threading.current_thread().name)
             if messages[-1]["content"] == "slow":
                 time.sleep(1.0)  # stands in for a template + tokenizer on a megabyte prompt
-            return super().render(messages)
+            return super().render(messages, tools)
 
     async def main():
         addr = f"127.0.0.1:{free_port()}"
