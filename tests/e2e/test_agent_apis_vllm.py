@@ -51,7 +51,7 @@ def _cancel_midway(s, open_stream, read_one) -> None:
 
 def test_messages_stream_tool_call_and_result(vllm_stack, claude):
     with claude.messages.stream(
-        model=MODEL, max_tokens=24, temperature=0, messages=[{"role": "user", "content": "Say hello."}]
+        model=MODEL, max_tokens=24, messages=[{"role": "user", "content": "Say hello."}], extra_body={"temperature": 0}
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -61,7 +61,7 @@ def test_messages_stream_tool_call_and_result(vllm_stack, claude):
     first = claude.messages.create(
         model=MODEL,
         max_tokens=96,
-        temperature=1.0,
+        extra_body={"temperature": 1.0},
         messages=messages,
         tools=[tool],
         tool_choice={"type": "tool", "name": "get_weather"},
@@ -74,7 +74,7 @@ def test_messages_stream_tool_call_and_result(vllm_stack, claude):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C, cloudy"}]},
     ]
     second = claude.messages.create(
-        model=MODEL, max_tokens=48, temperature=0, messages=messages, tools=[tool], tool_choice={"type": "none"}
+        model=MODEL, max_tokens=48, messages=messages, tools=[tool], tool_choice={"type": "none"}
     )
     assert second.stop_reason in ("end_turn", "max_tokens") and second.content[0].text.strip(), second
     assert second.usage.input_tokens > first.usage.input_tokens
