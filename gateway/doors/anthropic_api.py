@@ -309,6 +309,10 @@ class Answer:
     def error_frames(self, err: RpcError, names: dict[str, str]) -> list[bytes]:
         return [event("error", error_body(err, names)[1])]
 
+    def keepalive(self) -> bytes:
+        """While the model is silent (a long prefill): Anthropic's own ping event."""
+        return event("ping", {"type": "ping"})
+
     # --- whole answers ---
 
     def add(self, ev) -> None:

@@ -236,13 +236,29 @@ class HttpApi:
                     await resp.write(frame)
                 if isinstance(ev, Done):
                     break
-                ev = await anext(events)
+                ev = await _next_or_keepalive(events, resp, answer, self.cfg.sse_keepalive_ms / 1000)
         except RpcError as err:
             # The status line is gone: the error travels as an event (the SDKs raise it).
             for frame in answer.error_frames(err, names):
                 await resp.write(frame)
         await resp.write_eof()
         return resp
+
+
+async def _next_or_keepalive(events, resp: web.StreamResponse, answer, every_s: float):
+    """The next core event; while it is coming, a keep-alive frame (``answer.keepalive``) every ``every_s``
+    (gateway.sse_keepalive_ms), so a long prefill does not look like a dead stream."""
+    nxt = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=every_s)
+            if done:
+                return nxt.result()
+            await resp.write(answer.keepalive())
+    finally:
+        if not nxt.done():  # the client went away (or writing failed): the core's abort path runs
+            nxt.cancel()
+            await asyncio.wait({nxt})  # ... to its end, before the events are closed
 
 
 async def _body(request: web.Request, limit: int):

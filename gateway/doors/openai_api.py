@@ -451,6 +451,10 @@ class Answer:
             return [sse(self.delta(ev.text, ev.tool_calls))] if ev.text or ev.tool_calls else []
         return [*(sse(c) for c in self.done(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)), DONE]
 
+    def keepalive(self) -> bytes:
+        """While the model is silent (a long prefill): an SSE comment, which clients skip."""
+        return KEEPALIVE
+
     def error_frames(self, err: RpcError, names: dict[str, str]) -> list[bytes]:
         """An error after the stream started: a last event (the openai SDKs raise it)."""
         return [sse(error_body(err, names)[1])]
@@ -492,6 +496,7 @@ class Answer:
 
 
 DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
 
 
 def sse(data: dict) -> bytes:

@@ -27,6 +27,7 @@ from gateway.core.events import Delta, Done, Started
 from gateway.doors import openai_api
 from gateway.doors.openai_api import (
     HEADER_NAMES,
+    KEEPALIVE,
     Reading,
     Shape,
     error_body,
@@ -386,6 +387,10 @@ class Answer:
             )
         out.append(self._event("response.output_item.done", output_index=index, item=item))
         return out
+
+    def keepalive(self) -> bytes:
+        """While the model is silent (a long prefill): an SSE comment, which clients skip."""
+        return KEEPALIVE
 
     def error_frames(self, err: RpcError, names: dict[str, str]) -> list[bytes]:
         status, body = error_body(err, names)

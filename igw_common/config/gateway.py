@@ -381,6 +381,13 @@ class GatewayConfig(Section):
         "listens on the ports of listen, metrics_listen and http_listen + i; more than 1 needs quota.store redis "
         "when any quota applies, so they share quotas exactly",
     )
+    sse_keepalive_ms: int = Field(
+        15_000,
+        ge=100,
+        description="HTTP APIs: a streamed answer silent this long (a long prompt's prefill: minutes on a CPU) gets a "
+        "keep-alive event (an SSE comment; Anthropic's ping), so neither Envoy's stream_idle_timeout_s nor a "
+        "client's read timeout ends it while the engine works",
+    )
     stream_interval_ms: int = Field(
         10,
         ge=0,
