@@ -59,6 +59,9 @@ class RequestDraft:
     prompt: str | None = None  # a raw prompt (text completions, no chat template); None = a chat request
     suffix: str = ""  # fill-in-the-middle: the text after the cursor
     max_tokens: int | None = None  # None = gateway.limits.default_max_tokens
+    # max_tokens is a ceiling (Anthropic's, which Claude Code sets to 32,000): lowered to
+    # gateway.limits.max_tokens_limit and to what the context leaves after the prompt, never refused.
+    max_tokens_ceiling: bool = False
     temperature: float | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()

@@ -8,6 +8,7 @@ lives in ``inference.vllm_engine`` and the synthetic engine in
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class SamplingSpec:
     constraint: tuple[str, object] | None = None
     # Tools the model may call (their grammar, for a forced choice, is already in ``constraint``).
     tools: ToolSpec | None = None
+    fit_context: bool = False  # max_tokens is a ceiling: lowered to what the context leaves
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def unfinished_requests(self) -> int:
         """Requests the engine itself still tracks (waiting or running)."""
+
+    def fit(self, prompt: Prompt, sampling: SamplingSpec) -> SamplingSpec:
+        """A ceiling max_tokens (``fit_context``) lowered to what the context leaves after the prompt."""
+        room = self.max_context_tokens - prompt.num_tokens
+        if sampling.fit_context and 0 < room < sampling.max_tokens:
+            return dataclasses.replace(sampling, max_tokens=room)
+        return sampling
 
     def check(self, prompt: Prompt, sampling: SamplingSpec) -> None:
         """Reject what cannot fit the context window, naming the field."""

@@ -142,8 +142,9 @@ class Session:
                 prompt = self.engine.render(
                     *tool_calls.conversation(sub.messages, sampling.tools, self.engine.renders_tools)
                 )
-            self.engine.check(prompt, sampling)
-            return prompt
+            fitted = self.engine.fit(prompt, sampling)
+            self.engine.check(prompt, fitted)
+            return prompt, fitted
 
         if self.render_pool is None:
             return work()
@@ -174,11 +175,12 @@ class Session:
                     if sub.HasField("constraint")
                     else None,
                     tools=tools,
+                    fit_context=s.fit_context,
                 )
                 parser = self.engine.tool_parser(tools) if tools is not None and tools.parses else None
                 if sampling.max_tokens <= 0:
                     raise InvalidRequest("sampling.max_tokens", "max_tokens must be > 0")
-                prompt = await self._prepare(sub, sampling)
+                prompt, sampling = await self._prepare(sub, sampling)
                 self._emit(pb.Event(request_id=rid, accepted=pb.Accepted(prompt_tokens=prompt.num_tokens)))
                 # Engine request ids must be unique across sessions.
                 async for step in self.engine.generate(f"s{self.id}-{rid}", prompt, sampling):

@@ -57,7 +57,7 @@ def admit_model(workers: WorkerSet, principal: Principal, valid: ValidRequest) -
         )
     window = workers.max_context_tokens(model)
     max_tokens = valid.sampling.max_tokens
-    if max_tokens >= window:
+    if max_tokens >= window and not valid.sampling.fit_context:
         source = "sampling.max_tokens" if valid.max_tokens_was_set else "gateway.limits.default_max_tokens (config)"
         raise invalid_argument(
             "sampling.max_tokens",

@@ -43,6 +43,7 @@ from gateway.state.redis import StateUnavailable
 from gateway.state.sessions import ActiveTurn
 from gateway.workers.connection import Claim, Job
 from gateway.workers.streaming import RequestStream, Update
+from igw_worker_api.v1 import worker_pb2 as wpb
 
 if TYPE_CHECKING:
     from gateway.core.request_core import RequestCore
@@ -125,6 +126,13 @@ class Run:
             rec.task_excerpt = excerpt(valid.messages[-1].content)
         self.priority = rec.priority = admission.scheduling_class(principal, valid.priority)
         self.model = rec.model = admission.admit_model(core.workers, principal, valid)
+        window = core.workers.max_context_tokens(self.model)
+        if valid.sampling.fit_context and valid.sampling.max_tokens >= window:
+            # A ceiling over the whole context: what the smallest prompt leaves (the worker lowers it further).
+            sampling = wpb.Sampling()
+            sampling.CopyFrom(valid.sampling)
+            sampling.max_tokens = window - 1
+            self.valid = valid = dataclasses.replace(valid, sampling=sampling)
         if valid.supersede_key:
             self.holder = core.supersession.take(principal.tenant, valid.supersede_key)
 
@@ -312,6 +320,8 @@ class Run:
     def _accepted(self, prompt_tokens: int) -> Started | None:
         """The real prompt is known: hold only prompt + max_tokens of quota from now on."""
         core, max_tokens = self.core, self.valid.sampling.max_tokens
+        if self.valid.sampling.fit_context:  # the worker lowered the ceiling to what the context leaves
+            max_tokens = max(1, min(max_tokens, core.workers.max_context_tokens(self.model) - prompt_tokens))
         core.quotas.trim(
             self.reservation, prompt_tokens + max_tokens, core.pricing.cost(self.model, prompt_tokens, max_tokens)
         )

@@ -210,11 +210,12 @@ def _sampling(d: RequestDraft, limits: Limits) -> wpb.Sampling:
     if d.max_tokens is not None:
         if d.max_tokens <= 0:
             raise invalid_argument("sampling.max_tokens", f"must be > 0, got {d.max_tokens}")
-        if d.max_tokens > limits.max_tokens_limit:
+        if d.max_tokens > limits.max_tokens_limit and not d.max_tokens_ceiling:
             raise invalid_argument(
                 "sampling.max_tokens", f"{d.max_tokens} is over this gateway's limit of {limits.max_tokens_limit}"
             )
-        out.max_tokens = d.max_tokens
+        out.max_tokens = min(d.max_tokens, limits.max_tokens_limit)
+        out.fit_context = d.max_tokens_ceiling
     else:
         out.max_tokens = limits.default_max_tokens
     if d.temperature is not None:

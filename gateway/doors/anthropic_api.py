@@ -10,9 +10,10 @@ core's ``RequestDraft``, events into Anthropic's JSON and server-sent events, er
   ``content_block_start`` / ``content_block_delta`` (``text_delta``, ``input_json_delta``) /
   ``content_block_stop``, then ``message_delta`` (``stop_reason``, usage) and ``message_stop``.
 
-Hints that change nothing about the answer are accepted and dropped (``metadata``, ``cache_control`` on
-blocks, ``thinking`` disabled); anything the gateway cannot honour is a 400 naming it, as on the OpenAI
-door. Errors name the body's own fields: the core's ``messages[i]`` is renamed to the Anthropic message
+Hints that change nothing a model served here can do are accepted and dropped (``metadata``,
+``cache_control``, ``thinking``, ``context_management``, ``output_config.effort``); anything else the gateway
+cannot honour is a 400 naming it, as on the OpenAI door. ``max_tokens`` is a ceiling, as Anthropic's is:
+lowered to ``gateway.limits.max_tokens_limit`` and to what the context leaves after the prompt. Errors name the body's own fields: the core's ``messages[i]`` is renamed to the Anthropic message
 it came from.
 """
 
@@ -41,7 +42,10 @@ _KNOWN = {
     "metadata",
 }
 # Accepted when they ask for what the gateway does anyway.
-_NEUTRAL = {"top_k": (None,), "thinking": (None, {"type": "disabled"}), "service_tier": (None, "auto", "standard_only")}
+_NEUTRAL = {"top_k": (None,), "service_tier": (None, "auto", "standard_only")}
+# Hints about how a Claude model should work, which change nothing a model served here can do: accepted and
+# dropped (Claude Code sends all of them on every request). ``output_config.format`` is not a hint.
+_HINTS = {"thinking", "context_management", "output_config", "cache_control", "speed"}
 
 NAMES = {
     **HEADER_NAMES,
@@ -90,8 +94,8 @@ def _turn(m, i: int) -> list[wpb.ChatMessage]:
     if not isinstance(m, dict):
         raise _bad(f"messages[{i}]", "must be an object with role and content")
     role, content = m.get("role"), m.get("content")
-    if role not in ("user", "assistant"):
-        raise _bad(f"messages[{i}].role", "must be user or assistant")
+    if role not in ("user", "assistant", "system"):  # system: a mid-conversation instruction (Claude Code's)
+        raise _bad(f"messages[{i}].role", "must be user, assistant or system")
     if isinstance(content, str):
         return [wpb.ChatMessage(role=role, content=content)]
     if not isinstance(content, list):
@@ -157,6 +161,10 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
     if not isinstance(body, dict):
         raise _bad("body", "the body must be a JSON object")
     for key, value in body.items():
+        if key in _HINTS:
+            if key == "output_config" and isinstance(value, dict) and value.get("format") is not None:
+                raise _bad("output_config.format", "structured output is not served on this API; use response_format")
+            continue
         if key not in _KNOWN and not any(value == v for v in _NEUTRAL.get(key, ())):
             raise _bad(clip(str(key), 40), "this gateway does not support this parameter (or this value of it)")
     model = body.get("model") or ""
@@ -188,6 +196,7 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
         model=model,
         messages=tuple(messages),
         max_tokens=max_tokens,
+        max_tokens_ceiling=True,  # Claude Code asks 32,000 of every model: as much as fits
         temperature=json_number(body, "temperature"),
         top_p=json_number(body, "top_p"),
         stop=tuple(stops),

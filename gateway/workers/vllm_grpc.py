@@ -181,6 +181,8 @@ class VllmGrpcConnection(Connection):
                     stream.on_error(invalid, clip(str(err), 300), "suffix" if job.suffix else "messages")
                 return
             window, max_tokens = self.max_context_tokens, job.sampling.max_tokens
+            if job.sampling.fit_context and 0 < window - len(ids) < max_tokens:
+                max_tokens = window - len(ids)  # a ceiling: what the context leaves
             if len(ids) + max_tokens > window:
                 field = "task" if len(ids) >= window else "sampling.max_tokens"
                 message = (
@@ -193,7 +195,7 @@ class VllmGrpcConnection(Connection):
             if not self._mine(wire_id, stream):
                 return
             timeout = None if job.deadline is None else max(0.001, job.deadline - loop.time())
-            call = self._stub.Generate(_request(wire_id, ids, job, spec), timeout=timeout)
+            call = self._stub.Generate(_request(wire_id, ids, job, spec, max_tokens), timeout=timeout)
             decoder, stops = tok.decoder(), StopStrings(job.sampling.stop)
             accepted = False
             async for resp in call:
@@ -285,10 +287,10 @@ def _encode(tok: ModelTokenizer, job: Job, spec: ToolSpec | None) -> list[int]:
     return tok.encode_chat(*conversation(job.messages, spec, tok.renders_tools))
 
 
-def _request(wire_id: str, ids: list[int], job: Job, spec: ToolSpec | None) -> vpb.GenerateRequest:
+def _request(wire_id: str, ids: list[int], job: Job, spec: ToolSpec | None, max_tokens: int) -> vpb.GenerateRequest:
     s = job.sampling
     params = vpb.SamplingParams(
-        max_tokens=s.max_tokens,
+        max_tokens=max_tokens,
         stop=list(s.stop),
         skip_special_tokens=True,
         top_p=s.top_p if s.HasField("top_p") else 1.0,

@@ -147,3 +147,43 @@ def test_a_long_prefill_gets_keepalives_on_every_http_api(tmp_path):
             assert st.get_final_message().content[0].text == "lorem ipsum "
     finally:
         s.stop()
+
+
+def test_claude_codes_request_shape_is_served(synthetic_stack):
+    """What Claude Code sends on every request: max_tokens 32,000 (a ceiling: lowered to what fits),
+    thinking, context_management and output_config hints, system blocks with cache_control, a
+    mid-conversation system message, its session header."""
+    body = {
+        "model": MODEL,
+        "max_tokens": 32_000,
+        "stream": True,
+        "stop_sequences": ["amet"],
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": '{"device_id":"d","session_id":"a3a2abe0-381c-472c-82ef-94087c7f7b7d"}'},
+        "system": [
+            {"type": "text", "text": "You are an agent."},
+            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "Available agent types: none."},
+        ],
+        "tools": [CLOCK],
+    }
+    headers = {
+        "x-claude-code-session-id": "a3a2abe0-381c-472c-82ef-94087c7f7b7d",
+        "anthropic-beta": "claude-code-20250219",
+    }
+    status, _, out = raw(synthetic_stack, "POST", "/v1/messages?beta=true", body, headers)
+    assert status == 200, out
+    text = "".join(
+        json.loads(b.split("data: ", 1)[1])["delta"].get("text", "")
+        for b in out.decode().strip().split("\n\n")
+        if b.startswith("event: content_block_delta")
+    )
+    assert text == "lorem ipsum dolor sit ", out
+    body["output_config"] = {"format": {"type": "json_schema", "schema": {}}}
+    status, _, out = raw(synthetic_stack, "POST", "/v1/messages", body)
+    assert status == 400 and "output_config.format" in json.loads(out)["error"]["message"]
