@@ -69,7 +69,7 @@ ERROR_TYPES = {
 }
 # Headers in which agents send their own conversation's id (Claude Code; Codex CLI): the worker affinity
 # of the conversation's turns, so they reuse one worker's prefix cache (never a server-side session).
-AGENT_SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "x-codex-session-id")
+AGENT_SESSION_HEADERS = ("x-claude-code-session-id", "session-id", "session_id", "x-codex-session-id")
 # The core's fields that every HTTP API takes from the gateway's own headers.
 HEADER_NAMES = {
     "request_id": "x-igw-request-id",

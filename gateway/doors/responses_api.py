@@ -7,6 +7,7 @@
   ``function_call_output`` items (``tool`` turns); ``reasoning`` items are dropped (not sent back to a
   model that did not make them).
 - ``tools`` are function tools in the Responses' flat shape (``name``, ``description``, ``parameters``);
+  hosted tools (``web_search``, ``file_search``, ...) and Codex's tool namespaces are left out;
   ``tool_choice`` and ``parallel_tool_calls`` as on chat completions; ``text.format`` (json_object,
   json_schema) is the core's structured-output constraint; ``max_output_tokens`` its max_tokens.
 - The stream: ``response.created``, ``response.in_progress``, per output item ``output_item.added`` ...
@@ -58,6 +59,20 @@ _KNOWN = {
     "user",
     "prompt_cache_key",
     "include",
+    "client_metadata",
+}
+# Tools that run on OpenAI's side (and Codex's namespaces of sub-agent tools): no model served here can call
+# them, so they are left out of the prompt, not refused (Codex sends web_search on every request).
+HOSTED_TOOLS = {
+    "web_search",
+    "web_search_preview",
+    "file_search",
+    "code_interpreter",
+    "computer_use_preview",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "namespace",
 }
 # Accepted when they ask for what the gateway does anyway (Codex CLI sends these).
 _NEUTRAL = {
@@ -154,6 +169,8 @@ def _tools(body: dict) -> ToolUse | None:
         raise _bad("tools", "must be a list of function tools")
     tools = []
     for i, t in enumerate(raw):
+        if isinstance(t, dict) and t.get("type") in HOSTED_TOOLS:
+            continue
         if not isinstance(t, dict) or t.get("type") != "function":
             raise _bad(f"tools[{i}]", 'only function tools: {"type": "function", "name": ..., "parameters": ...}')
         tools.append(function_tool(t, f"tools[{i}]"))

@@ -116,6 +116,11 @@ PATHS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/messages/count_tokens"),
     ("GET", "/v1/models"),
     ("GET", "/v1/sessions/{sid}"),
     ("DELETE", "/v1/sessions/{sid}"),
@@ -283,7 +288,7 @@ def http_cases(draw):
     """A clean completion (a canary of the HTTP door: it must stream), a hostile one, or raw bytes."""
     kind = draw(st.sampled_from(["clean", "hostile", "hostile", "hostile", "raw"]))
     if kind == "clean":
-        method, path = draw(st.sampled_from(PATHS[:5]))
+        method, path = draw(st.sampled_from(PATHS[:9]))
     else:
         method, path = draw(st.sampled_from(PATHS))
     sid = draw(session_ids)
@@ -297,12 +302,20 @@ def http_cases(draw):
     bad = set() if kind == "clean" else set(draw(st.lists(st.sampled_from(sorted(BODY_HOSTILE)), max_size=2)))
     fields = {k: draw(BODY_HOSTILE[k] if k in bad else BODY_VALID[k]) for k in BODY_VALID}
     chat = path.endswith("chat/completions")
-    body = {"messages": fields["messages"]} if chat else {"prompt": fields["prompt"]}
-    if not chat and fields["suffix"] is not None:
-        body["suffix"] = fields["suffix"]
-    for k in ("max_tokens", "temperature", "top_p", "stop", "seed", "model"):
+    if path.startswith("/v1/messages"):  # Anthropic: max_tokens required, stop_sequences, no seed
+        body = {"messages": fields["messages"], "max_tokens": fields["max_tokens"] or 16}
+        names = {"temperature": "temperature", "top_p": "top_p", "stop": "stop_sequences", "model": "model"}
+    elif path == "/v1/responses":
+        body = {"input": fields["messages"]}
+        names = {"max_tokens": "max_output_tokens", "temperature": "temperature", "top_p": "top_p", "model": "model"}
+    else:
+        body = {"messages": fields["messages"]} if chat else {"prompt": fields["prompt"]}
+        if not chat and fields["suffix"] is not None:
+            body["suffix"] = fields["suffix"]
+        names = {k: k for k in ("max_tokens", "temperature", "top_p", "stop", "seed", "model")}
+    for k, name in names.items():
         if fields[k] is not None or k in bad:
-            body[k] = fields[k]
+            body[name] = fields[k]
     body["stream"] = fields["stream"]
     if kind != "clean":
         body.update(draw(extras))
@@ -328,22 +341,29 @@ def check_http(status: int, headers: dict, data: bytes, sent: dict) -> None:
     if status != 200:
         assert len(data) < 4_096, f"unbounded error body ({len(data)} bytes)"
         if headers.get("content-type", "").startswith("application/json"):
-            err = json.loads(data)["error"]
+            err = json.loads(data)["error"]  # OpenAI's shape, and Anthropic's ({"type": "error", "error"})
             assert err["message"] and len(err["message"]) < 2_000
         return
     if headers.get("content-type", "").startswith("text/event-stream"):
-        events = [line[6:] for line in data.decode().split("\n\n") if line.startswith("data: ")]
+        # Every API's events have a data line (Anthropic's and Responses' an event line before it).
+        events = [
+            line[6:] for block in data.decode().split("\n\n") for line in block.split("\n") if line.startswith("data: ")
+        ]
         assert events, data[:300]
-        if events[-1] != "[DONE]":  # an error after the status line travels as the last event
-            err = json.loads(events[-1])["error"]
-            assert err["code"] and len(err["message"]) < 2_000
-            assert short_deadline and err["type"] == "timeout", err
+        last = events[-1] if events[-1] == "[DONE]" else json.loads(events[-1])
+        if last != "[DONE]" and last.get("type") not in ("message_stop", "response.completed", "response.incomplete"):
+            err = last.get("error", last)  # an error after the status line travels as the last event
+            assert len(err["message"]) < 2_000 and short_deadline, err
         return
     body = json.loads(data)
     if body.get("object") in ("chat.completion", "text_completion"):
         assert body["usage"]["completion_tokens"] <= 4096 and body["choices"][0]["finish_reason"], body
+    elif body.get("type") == "message":
+        assert body["usage"]["output_tokens"] <= 4096 and body["stop_reason"], body
+    elif body.get("object") == "response":
+        assert body["usage"]["output_tokens"] <= 4096 and body["status"] in ("completed", "incomplete"), body
     else:
-        assert body.get("object") in ("list", "session", "session.deleted"), body
+        assert body.get("object") in ("list", "session", "session.deleted") or "input_tokens" in body, body
 
 
 @settings(**DOOR_SETTINGS)

@@ -81,7 +81,7 @@ def test_errors_name_the_body_fields_beside_a_running_stream(synthetic_stack):
         ({"input": [{"type": "image", "url": "x"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content[0]"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"tools": [{"type": "web_search"}, {"type": "shell_call"}]}, "tools[1]"),
         ({"tools": [{"type": "function", "name": "f", "parameters": deep}]}, "tools[0].parameters"),
         ({"tools": [{"type": "function", "name": f"f{i}"} for i in range(3000)]}, "tools"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": deep}}}, "text.format.schema"),
@@ -95,3 +95,41 @@ def test_errors_name_the_body_fields_beside_a_running_stream(synthetic_stack):
     with pytest.raises(openai.BadRequestError):
         _client(s).responses.create(model=MODEL, input="hi", max_output_tokens=-1)
     assert canary.tokens() == 60
+
+
+def test_codex_clis_request_shape_is_served(synthetic_stack):
+    """What Codex CLI sends: developer messages, store false, reasoning and include, prompt_cache_key,
+    client_metadata, a hosted web_search tool and a namespace of sub-agent tools (both left out), its
+    session-id header."""
+    fn = {
+        "type": "function",
+        "name": "shell",
+        "description": "Run a command.",
+        "strict": False,
+        "parameters": {"type": "object"},
+    }
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        ],
+        "tools": [
+            fn,
+            {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [fn]},
+            {"type": "web_search", "external_web_access": False},
+        ],
+        "tool_choice": "auto",
+        "parallel_tool_calls": True,
+        "reasoning": {"summary": "auto"},
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "01a23b0b-7ab3-7b81-b6b1-1cb76ddf413a",
+        "client_metadata": {"thread_id": "01a23b0b", "turn_id": "01a23b0c"},
+        "max_output_tokens": 3,
+    }
+    status, _, out = raw(synthetic_stack, "POST", "/v1/responses", body, {"session-id": "01a23b0b-7ab3-7b81"})
+    assert status == 200, out
+    last = json.loads(out.decode().strip().split("\n\n")[-1].split("data: ", 1)[1])
+    assert last["type"] == "response.incomplete" and last["response"]["usage"]["output_tokens"] == 3
