@@ -237,7 +237,9 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
     draft = RequestDraft(
         model=model,
         messages=tuple(messages),
-        max_tokens=max_tokens,
+        # Unset: as much as the model allows (OpenAI's meaning), i.e. a ceiling at the gateway's limit.
+        max_tokens=max_tokens if max_tokens is not None else 2**31 - 1,
+        max_tokens_ceiling=max_tokens is None,
         temperature=json_number(body, "temperature"),
         top_p=json_number(body, "top_p"),
         tools=_tools(body),
