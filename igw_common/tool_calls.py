@@ -165,6 +165,15 @@ class CallDelta:
     arguments: str = ""
 
 
+def join_calls(calls: list[list[str]], pieces) -> None:
+    """Add streamed ``pieces`` (CallDelta or ToolCallDelta) to ``calls``, each ``[id, name, arguments]``: a
+    piece with an id or name (a call's first) starts a call, the others add to their call's arguments."""
+    for p in pieces:
+        if p.id or p.name or p.index >= len(calls):
+            calls.append([p.id, p.name, ""])
+        calls[min(p.index, len(calls) - 1)][2] += p.arguments
+
+
 def _complete_json(text: str) -> bool:
     try:
         json.loads(text)

@@ -49,11 +49,11 @@ class VllmToolCalls(ToolCallParser):
         self.called = False
 
     def feed(self, text: str, token_ids: tuple[int, ...] = ()) -> tuple[str, list[CallDelta]]:
-        previous, previous_ids = self.text, list(self.token_ids)
+        previous, previous_ids = self.text, self.token_ids
         self.text += text
-        self.token_ids.extend(token_ids)
+        self.token_ids = previous_ids + list(token_ids)  # a new list: the parser may keep the previous one
         message = self.parser.extract_tool_calls_streaming(
-            previous, self.text, text, previous_ids, list(self.token_ids), list(token_ids), self.request
+            previous, self.text, text, previous_ids, self.token_ids, list(token_ids), self.request
         )
         if message is None:
             return "", []

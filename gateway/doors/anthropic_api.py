@@ -22,7 +22,16 @@ from __future__ import annotations
 import json
 
 from gateway.core.events import Delta, Done, Started
-from gateway.doors.openai_api import HEADER_NAMES, Reading, Shape, function_tool, header_fields, json_number, read_with
+from gateway.doors.openai_api import (
+    HEADER_NAMES,
+    Reading,
+    Shape,
+    function_tool,
+    header_fields,
+    json_number,
+    read_with,
+    text_parts,
+)
 from gateway.errors import RpcError, clip, http_status, invalid_argument
 from gateway.request import RequestDraft, ToolUse, estimate_prompt_tokens
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -76,17 +85,8 @@ def _bad(param: str, message: str) -> RpcError:
 
 
 def _text_blocks(value, param: str) -> str:
-    """``system`` or a tool result's content: a string, or text blocks."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise _bad(param, "must be a string or a list of text blocks")
-    out = []
-    for i, block in enumerate(value):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise _bad(f"{param}[{i}]", "only text blocks are supported")
-        out.append(block["text"])
-    return "\n".join(out)
+    """``system`` or a tool result's content: a string, or text blocks (one per line)."""
+    return text_parts(value, param, sep="\n")
 
 
 def _turn(m, i: int) -> list[wpb.ChatMessage]:
@@ -249,7 +249,6 @@ class Answer:
         self.blocks: list[dict] = []  # whole answers: the content blocks so far
         self.open: str | None = None  # streams: the kind of the open block ("text", "tool_use")
         self.index = -1
-        self.prompt_tokens = 0
 
     def _message(self, content: list, stop_reason, usage: dict) -> dict:
         return {
@@ -267,7 +266,7 @@ class Answer:
 
     def frames(self, ev) -> list[bytes]:
         if isinstance(ev, Started):
-            self.model, self.prompt_tokens = ev.model, ev.prompt_tokens
+            self.model = ev.model
             usage = {"input_tokens": ev.prompt_tokens, "output_tokens": 0}
             start = event("message_start", {"type": "message_start", "message": self._message([], None, usage)})
             return [start, event("ping", {"type": "ping"})]

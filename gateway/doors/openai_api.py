@@ -24,6 +24,7 @@ from gateway.core.events import Delta, Done, Started
 from gateway.core.validation import MAX_STREAM_INTERVAL_MS, header_number
 from gateway.errors import RpcError, clip, http_status, invalid_argument
 from gateway.request import Constraint, RequestDraft, ToolUse
+from igw_common.tool_calls import join_calls
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 DOOR = "http"  # the request log's name for this API's requests
@@ -157,18 +158,19 @@ def _integer(body: dict, key: str, what: str) -> int | None:
     return value
 
 
-def _text(value, param: str) -> str:
-    """Message content: a string, or a list of text parts (what the SDKs send)."""
+def text_parts(value, param: str, kinds: tuple[str, ...] = ("text",), sep: str = "") -> str:
+    """Content as every HTTP API sends it: a string, or a list of ``{"type": <one of kinds>, "text"}`` parts
+    joined with ``sep`` (images and files are refused, naming the part)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list):
-        out = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{param}[{i}]", "only text parts are supported")
-            out.append(part["text"])
-        return "".join(out)
-    raise _bad(param, "must be a string or a list of text parts")
+    if not isinstance(value, list):
+        raise _bad(param, "must be a string or a list of text parts")
+    out = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") not in kinds or not isinstance(part.get("text"), str):
+            raise _bad(f"{param}[{i}]", f"only text parts ({', '.join(kinds)}) are supported")
+        out.append(part["text"])
+    return sep.join(out)
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -249,7 +251,7 @@ def _chat(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape]:
         role = m.get("role")
         if role not in _ROLES:
             raise _bad(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}")
-        content = _text(m.get("content") or "", f"messages[{i}].content")
+        content = text_parts(m.get("content") or "", f"messages[{i}].content")
         calls = _calls(m.get("tool_calls"), f"messages[{i}].tool_calls")
         call_id = m.get("tool_call_id") or ""
         if not isinstance(call_id, str):
@@ -520,19 +522,21 @@ class Calls:
     """The tool calls of an answer, joined from their pieces (a non-streamed answer's ``tool_calls``)."""
 
     def __init__(self) -> None:
-        self.calls: list[dict] = []
+        self.calls: list[list[str]] = []  # [id, name, arguments]
 
     def __bool__(self) -> bool:
         return bool(self.calls)
 
     def add(self, pieces) -> None:
-        for p in pieces:
-            if p.id or p.name or p.index >= len(self.calls):
-                self.calls.append({"id": p.id, "type": "function", "function": {"name": p.name, "arguments": ""}})
-            self.calls[min(p.index, len(self.calls) - 1)]["function"]["arguments"] += p.arguments
+        join_calls(self.calls, pieces)
 
     def whole(self) -> list[dict]:
-        return self.calls
+        return calls_json(self.calls)
+
+
+def calls_json(calls) -> list[dict]:
+    """Tool calls (``[id, name, arguments]``) in OpenAI's shape (a message's ``tool_calls``)."""
+    return [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in calls]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

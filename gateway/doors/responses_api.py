@@ -36,6 +36,7 @@ from gateway.doors.openai_api import (
     header_fields,
     json_number,
     read_with,
+    text_parts,
 )
 from gateway.errors import RpcError, clip, invalid_argument
 from gateway.request import Constraint, RequestDraft, ToolUse
@@ -60,6 +61,7 @@ _KNOWN = {
     "prompt_cache_key",
     "include",
     "client_metadata",
+    "reasoning",  # an effort or summary asks nothing of a model that does not reason: dropped
 }
 # Tools that run on OpenAI's side (and Codex's namespaces of sub-agent tools): no model served here can call
 # them, so they are left out of the prompt, not refused (Codex sends web_search on every request).
@@ -76,7 +78,6 @@ HOSTED_TOOLS = {
 }
 # Accepted when they ask for what the gateway does anyway (Codex CLI sends these).
 _NEUTRAL = {
-    "reasoning": (None, {}),
     "truncation": (None, "disabled"),
     "service_tier": (None, "auto", "default"),
     "previous_response_id": (None,),
@@ -102,17 +103,7 @@ def _bad(param: str, message: str) -> RpcError:
 
 
 def _content(value, param: str) -> str:
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise _bad(param, "must be a string or a list of text parts")
-    out = []
-    for i, part in enumerate(value):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-            raise _bad(f"{param}[{i}]", "only input_text and output_text parts are supported")
-        out.append(part["text"])
-    return "".join(out)
+    return text_parts(value, param, ("input_text", "output_text", "text"))
 
 
 def _items(raw, names: dict[str, str], messages: list[wpb.ChatMessage]) -> None:
@@ -209,12 +200,10 @@ def _format(text) -> Constraint | None:
 def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str, str]]:
     if not isinstance(body, dict):
         raise _bad("body", "the body must be a JSON object")
+    if body.get("previous_response_id") is not None:
+        raise _bad("previous_response_id", "stored responses are not served yet: send the whole conversation in input")
     for key, value in body.items():
         if key not in _KNOWN and not any(value == v for v in _NEUTRAL.get(key, ())):
-            if key == "previous_response_id":
-                raise _bad(key, "stored responses are not served yet: send the whole conversation in input")
-            if key == "reasoning":
-                continue  # a reasoning effort asks nothing of a model that does not reason: dropped
             raise _bad(clip(str(key), 40), "this gateway does not support this parameter (or this value of it)")
     model = body.get("model") or ""
     if not isinstance(model, str):

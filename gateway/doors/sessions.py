@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from gateway.core.request_core import RequestCore
+from gateway.doors.openai_api import calls_json
 from gateway.errors import RpcError, clip, invalid_argument, unavailable
 from gateway.request import MAX_SESSION_ID_CHARS
 from gateway.state.redis import StateUnavailable
@@ -80,15 +81,11 @@ def _message_proto(m) -> gpb.ChatMessage:
     return gpb.ChatMessage(role=role, content=content, tool_calls=_call_protos(tool[0]), tool_call_id=tool[1])
 
 
-def _calls_json(calls) -> list[dict]:
-    return [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in calls]
-
-
 def _message_json(m) -> dict:
     role, content, *tool = m
     out = {"role": role, "content": content}
     if tool and tool[0]:
-        out["tool_calls"] = _calls_json(tool[0])
+        out["tool_calls"] = calls_json(tool[0])
     if tool and tool[1]:
         out["tool_call_id"] = tool[1]
     return out
@@ -119,7 +116,7 @@ def to_json(session_id: str, s: Stored) -> dict:
             {
                 "messages": [_message_json(m) for m in t.messages],
                 "answer": t.answer,
-                **({"answer_tool_calls": _calls_json(t.calls)} if t.calls else {}),
+                **({"answer_tool_calls": calls_json(t.calls)} if t.calls else {}),
             }
             for t in s.turns
         ],

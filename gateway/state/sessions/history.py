@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from gateway.request import ValidRequest, estimate_prompt_tokens, message_bytes
 from gateway.state.sessions.store import MemoryStore, Message, RedisStore, Stored, Turn
 from igw_common.config import Limits, SessionsConfig
+from igw_common.tool_calls import join_calls
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 ANSWER_TEMPLATE_TOKENS = 8  # an assistant message's role markers in a chat template
@@ -30,12 +31,8 @@ class ActiveTurn:
     calls: list[list[str]] = field(default_factory=list)  # the answer's tool calls: [id, name, arguments]
 
     def add_calls(self, pieces) -> None:
-        """Join the streamed pieces of the answer's tool calls (a call's first piece has its id and name)."""
-        for p in pieces:
-            if p.id or p.name or p.index >= len(self.calls):
-                self.calls.append([p.id, p.name, p.arguments])
-            else:
-                self.calls[p.index][2] += p.arguments
+        """Join the streamed pieces of the answer's tool calls."""
+        join_calls(self.calls, pieces)
 
 
 def _pairs(messages) -> list[Message]:
