@@ -57,6 +57,8 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         raise invalid_argument("model", f"not a model name: {MODEL_NAME_RULE}")
     check_supersede_key(draft.supersede_key, "supersede_key")
     check_session_id(draft.session_id, "session_id")
+    if draft.session_follows >= 0 and not draft.session_id:
+        raise invalid_argument("session_follows", "continuing a session's turn needs the session's id")
     if draft.affinity_id and not AFFINITY_ID.fullmatch(draft.affinity_id):
         raise invalid_argument("affinity_id", "an agent's session id is 1-256 printable ASCII characters, no spaces")
     if draft.priority not in (None, *PRIORITIES):
@@ -74,6 +76,8 @@ def validate(draft: RequestDraft, limits: Limits) -> ValidRequest:
         sampling=_sampling(draft, limits),
         max_tokens_was_set=draft.max_tokens is not None,
         session_id=draft.session_id,
+        session_follows=max(-1, draft.session_follows),
+        session_store=draft.session_store,
         affinity_id=draft.affinity_id,
         priority=draft.priority,
         estimated_prompt_tokens=estimate_prompt_tokens(messages, tools_bytes(tools)),
@@ -261,6 +265,9 @@ def check_stream_interval(value: int, field: str) -> int:
 def check_session_id(session_id: str, field: str) -> None:
     if len(session_id) > MAX_SESSION_ID_CHARS:
         raise invalid_argument(field, f"{len(session_id)} characters is over the limit of {MAX_SESSION_ID_CHARS}")
+    # A header's bytes that are not UTF-8 arrive as lone surrogates, which no store key can hold.
+    if not session_id.isprintable():
+        raise invalid_argument(field, "printable UTF-8 characters only (no control characters or undecodable bytes)")
 
 
 def check_supersede_key(key: str, field: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 
+from gateway.core import validation
 from gateway.core.request_core import RequestCore
 from gateway.doors.openai_api import calls_json
 from gateway.errors import RpcError, clip, invalid_argument, unavailable
@@ -15,8 +16,9 @@ from gateway.v1 import gateway_pb2 as gpb
 
 
 def check_session_id(session_id: str, field: str = "session_id") -> None:
-    if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
+    if not session_id:
         raise invalid_argument(field, f"give the session id: 1-{MAX_SESSION_ID_CHARS} characters")
+    validation.check_session_id(session_id, field)
 
 
 class SessionApi:

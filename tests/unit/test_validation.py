@@ -8,7 +8,7 @@ from google.protobuf import json_format
 from gateway.core import validation
 from gateway.doors import execute_wire
 from gateway.errors import RpcError
-from gateway.request import estimate_prompt_tokens
+from gateway.request import RequestDraft, estimate_prompt_tokens
 from gateway.v1 import gateway_pb2 as gpb
 from igw_common.config import Limits
 
@@ -62,6 +62,14 @@ def test_prompt_bytes_limit_counts_every_part():
 @pytest.mark.parametrize("rid", ["abc\n", "a" * 129, "a b", "ü", "\n"])
 def test_request_id_pattern_is_anchored(rid):
     assert _field(lambda: _validate(gpb.ExecuteRequest(task="x", request_id=rid), Limits())) == "request_id"
+
+
+@pytest.mark.parametrize("sid", ["\udc80", "a\x00b", "x\ny", "a" * 129])
+def test_session_ids_are_bounded_printable_text(sid):
+    """An HTTP header's non-UTF-8 bytes arrive as lone surrogates: refused, not a key into the store."""
+    draft = RequestDraft(task="x", session_id=sid)
+    assert _field(lambda: validation.validate(draft, Limits())) == "session_id"
+    assert validation.validate(RequestDraft(task="x", session_id="bad id ²"), Limits()).session_id == "bad id ²"
 
 
 def test_client_strings_are_not_echoed():
