@@ -97,10 +97,15 @@ class RpcError(Exception):
 
 
 def invalid_argument(field: str, description: str) -> RpcError:
+    return field_error(grpc.StatusCode.INVALID_ARGUMENT, field, description, "invalid_argument")
+
+
+def field_error(code: grpc.StatusCode, field: str, description: str, reason: str) -> RpcError:
+    """An error about one request field (a door renames it to its own), with any status code."""
     detail = error_details_pb2.BadRequest(
         field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
     )
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", (detail,), reason="invalid_argument")
+    return RpcError(code, f"{field}: {description}", (detail,), reason=reason)
 
 
 def unauthenticated(message: str) -> RpcError:
@@ -171,12 +176,14 @@ def resource_exhausted(
 # gRPC status -> the HTTP status every HTTP API of the gateway answers with.
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ABORTED: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }

@@ -67,6 +67,8 @@ class RequestDraft:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     session_id: str = ""
+    session_follows: int = -1  # the session turn this one continues (must be its latest); -1 = no check
+    session_store: bool = True  # False: the session's history is read, this turn is not written
     affinity_id: str = ""  # an agent's own conversation id (its session header): worker affinity only
     supersede_key: str = ""
     priority: str | None = None  # "interactive" | "batch"; None = the key's cap
@@ -86,6 +88,8 @@ class ValidRequest:
     sampling: wpb.Sampling
     max_tokens_was_set: bool
     session_id: str = ""
+    session_follows: int = -1  # see RequestDraft
+    session_store: bool = True
     affinity_id: str = ""  # an agent's conversation id: requests with one go to the same worker (prefix cache)
     priority: str | None = None  # as asked; None = the key's cap
     estimated_prompt_tokens: int = 0  # the scheduler's cost until the worker has tokenized the prompt

@@ -18,7 +18,9 @@ from tests.helpers import RedisServer, build_stack, make_config, running_stack
 
 @pytest.fixture(scope="session")
 def vllm_stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("vllm-stack"), make_config("vllm")) as s:
+    # Sessions on, as in config/default.yaml: stored responses (previous_response_id) are served.
+    cfg = make_config("vllm", gateway={"sessions": {"enabled": True}})
+    with running_stack(tmp_path_factory.mktemp("vllm-stack"), cfg) as s:
         yield s
 
 

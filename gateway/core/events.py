@@ -19,6 +19,7 @@ class Started:
     session_history_turns: int = 0  # server-side sessions: earlier turns sent with this one
     session_turns_dropped: int = 0  # ... and the oldest ones trimmed to fit
     cache_hit: bool = False
+    session_turn: int = -1  # the number this turn gets in its session when done; -1 = not written to one
 
 
 @dataclass(slots=True)

@@ -34,13 +34,21 @@ from gateway.core.placement import affinity_key
 from gateway.core.scheduler import QueueFull, Ticket
 from gateway.core.supersession import Holder, Superseded
 from gateway.core.validation import validate
-from gateway.errors import RpcError, deadline_exceeded, invalid_argument, resource_exhausted, superseded, unavailable
+from gateway.errors import (
+    RpcError,
+    deadline_exceeded,
+    field_error,
+    invalid_argument,
+    resource_exhausted,
+    superseded,
+    unavailable,
+)
 from gateway.observe import RequestRecord, excerpt, request_trace
 from gateway.request import RequestDraft, ValidRequest, estimate_prompt_tokens
 from gateway.state.cache import Entry, Flight
 from gateway.state.quota import MICROS, prompt_token_bound
 from gateway.state.redis import StateUnavailable
-from gateway.state.sessions import ActiveTurn
+from gateway.state.sessions import ActiveTurn, TurnConflict, TurnMissing, TurnNotLatest
 from gateway.workers.connection import Claim, Job
 from gateway.workers.streaming import RequestStream, Update
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -141,6 +149,13 @@ class Run:
     async def recall(self) -> None:
         """A session's stored history goes around this turn (a new request value, not a change)."""
         sessions, valid = self.core.sessions, self.valid
+        if sessions is None and valid.session_follows >= 0:
+            raise RpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "server-side sessions are off on this gateway (gateway.sessions.enabled), so no turn is stored "
+                "to continue: send the whole conversation",
+                reason="sessions_off",
+            )
         if sessions is None or not sessions.applies(valid):
             return
         try:
@@ -151,18 +166,40 @@ class Run:
             raise self._session_store_down(
                 err, "the session store is unreachable, so this turn was not run; retry shortly"
             ) from None
+        except TurnMissing:
+            raise field_error(
+                grpc.StatusCode.NOT_FOUND,
+                "session_follows",
+                "no such turn in this caller's session (never stored, trimmed, expired, deleted or another tenant's)",
+                "session_turn_not_found",
+            ) from None
+        except TurnNotLatest:
+            raise field_error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "session_follows",
+                "the conversation went on after this turn; only its latest turn can be continued",
+                "session_turn_not_latest",
+            ) from None
+        self.turn.model = self.model
         messages = tuple(self.turn.messages)
         self.valid = dataclasses.replace(
             valid, messages=messages, estimated_prompt_tokens=estimate_prompt_tokens(messages, valid.tools_bytes())
         )
         self.rec.session_turns_dropped = self.turn.dropped
 
-    async def remember(self, prompt_tokens: int, completion_tokens: int) -> None:
+    async def remember(self, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
         """Write a finished turn before its ``done`` goes out, so the next turn sees it."""
-        if self.turn is None:
+        if self.turn is None or not self.valid.session_store:
             return
         try:
-            await self.core.sessions.commit(self.turn, prompt_tokens, completion_tokens)
+            await self.core.sessions.commit(self.turn, prompt_tokens, completion_tokens, finish_reason)
+        except TurnConflict:
+            raise RpcError(
+                grpc.StatusCode.ABORTED,
+                "another turn continued the same turn of this session while this one ran: this one was not "
+                "stored (the session has the other); continue from that one",
+                reason="session_conflict",
+            ) from None
         except StateUnavailable as err:
             raise self._session_store_down(
                 err,
@@ -205,7 +242,7 @@ class Run:
             yield Delta(text, tokens)
         if self.turn is not None:
             self.turn.answer.append(hit.text)
-        await self.remember(hit.prompt_tokens, hit.completion_tokens)
+        await self.remember(hit.prompt_tokens, hit.completion_tokens, hit.finish_reason)
         self.done_sent = True
         yield done
 
@@ -340,6 +377,7 @@ class Run:
             turn.history_turns if turn else 0,
             turn.dropped if turn else 0,
             cache_hit=cache_hit,
+            session_turn=turn.number if turn and self.valid.session_store else -1,
         )
 
     def _retry(self, failed) -> None:
@@ -370,7 +408,7 @@ class Run:
         self.trace.event("finish", finish_reason=finish_reason)
         if self.flight is not None:
             await self.flight.finish(self.model, stream.prompt_tokens, stream.completion_tokens, finish_reason)
-        await self.remember(stream.prompt_tokens, stream.completion_tokens)
+        await self.remember(stream.prompt_tokens, stream.completion_tokens, finish_reason)
         self.done_sent = True
         return Done(
             finish_reason,

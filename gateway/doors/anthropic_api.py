@@ -243,8 +243,8 @@ def event(name: str, data: dict) -> bytes:
 class Answer:
     """Builds one request's answer in Anthropic's shape: content blocks (text, tool_use), stop_reason."""
 
-    def __init__(self, shape: Shape, request_id: str):
-        self.id = "msg_" + request_id
+    def __init__(self, shape: Shape, started: Started):
+        self.id = "msg_" + started.request_id
         self.model = shape.model
         self.blocks: list[dict] = []  # whole answers: the content blocks so far
         self.open: str | None = None  # streams: the kind of the open block ("text", "tool_use")

@@ -1,7 +1,9 @@
-"""The HTTP front door: an OpenAI-compatible API on ``gateway.http_listen`` (Envoy routes ``/v1/`` here).
+"""The HTTP front door: the OpenAI and Anthropic APIs on ``gateway.http_listen`` (Envoy routes ``/v1/`` here).
 
     POST /v1/chat/completions   (stream: true -> server-sent events, data: [DONE])
     POST /v1/completions        (suffix -> fill-in-the-middle where the model has the tokens)
+    POST /v1/responses          (OpenAI Responses; GET and DELETE /v1/responses/{id}: stored ones)
+    POST /v1/messages           (Anthropic Messages; POST /v1/messages/count_tokens)
     GET  /v1/models
     GET  /v1/sessions/{session_id}     (server-side sessions: the caller's stored conversation)
     DELETE /v1/sessions/{session_id}
@@ -62,7 +64,7 @@ def _json_error(err: RpcError, api=openai_api, names: dict[str, str] | None = No
 _ROUTES = (
     "POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, POST /v1/messages, "
     "POST /v1/messages/count_tokens, "
-    "GET /v1/models, GET and DELETE /v1/sessions/{session_id}"
+    "GET /v1/models, GET and DELETE /v1/responses/{response_id}, GET and DELETE /v1/sessions/{session_id}"
 )
 
 
@@ -101,6 +103,8 @@ class HttpApi:
         self.app.router.add_post("/v1/messages", self.messages)
         self.app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         self.app.router.add_post("/v1/responses", self.responses)
+        self.app.router.add_get("/v1/responses/{response_id}", self.get_response)
+        self.app.router.add_delete("/v1/responses/{response_id}", self.delete_response)
         self.app.router.add_get("/v1/sessions/{session_id}", self.get_session)
         self.app.router.add_delete("/v1/sessions/{session_id}", self.delete_session)
         self.sessions = sessions_door.SessionApi(core)
@@ -182,6 +186,42 @@ class HttpApi:
             return _json_error(err)
         return web.json_response({"object": "session.deleted", "id": sid, "deleted": True})
 
+    async def get_response(self, request: web.Request) -> web.Response:
+        """A stored response (a turn of a server-side session) read back."""
+        rid = request.match_info["response_id"]
+        try:
+            turn = await self._stored_turn(request, rid)
+        except RpcError as err:
+            return _json_error(err, responses_api)
+        return web.json_response(responses_api.stored_response(rid, turn))
+
+    async def delete_response(self, request: web.Request) -> web.Response:
+        """Deletes the conversation a stored response belongs to (sessions store conversations)."""
+        rid = request.match_info["response_id"]
+        try:
+            await self._stored_turn(request, rid)
+            await self.sessions.delete(_headers(request), responses_api.parse_response_id(rid)[0])
+        except RpcError as err:
+            return _json_error(err, responses_api)
+        return web.json_response({"id": rid, "object": "response", "deleted": True})
+
+    async def _stored_turn(self, request: web.Request, rid: str):
+        headers = _headers(request)
+        self.core.authenticate(headers)
+        found = responses_api.parse_response_id(rid)
+        if found is None:
+            raise responses_api.unknown_response(rid)
+        try:
+            stored = await self.sessions.get(headers, found[0])
+        except RpcError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                raise responses_api.unknown_response(rid) from None
+            raise
+        turn = stored.turn(found[1])
+        if turn is None:
+            raise responses_api.unknown_response(rid)
+        return turn
+
     # --- one completion ---------------------------------------------------------------------
 
     async def _complete(self, request: web.Request, parse_body, api) -> web.StreamResponse:
@@ -211,7 +251,7 @@ class HttpApi:
                 first = await anext(events)
             except RpcError as err:
                 return _json_error(err, api, reading.names)
-            answer = api.Answer(reading.shape, first.request_id)
+            answer = api.Answer(reading.shape, first)
             if not reading.shape.stream:
                 return await self._whole(events, first, answer, api, reading.names)
             return await self._stream(request, events, first, answer, reading.names)

@@ -107,6 +107,7 @@ class Shape:
     model: str  # as asked, until `started` names the model that answers
     stream: bool
     include_usage: bool
+    session_id: str = ""  # the server-side session the answer is a turn of (stored responses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,10 +400,10 @@ def completion_request(body, headers: dict[str, str]) -> Reading:
 class Answer:
     """Builds the OpenAI JSON of one request's answer, chunk by chunk or whole."""
 
-    def __init__(self, shape: Shape, request_id: str):
+    def __init__(self, shape: Shape, started: Started):
         self.chat = shape.kind == "chat"
         self.include_usage = shape.include_usage
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + started.request_id
         self.created = int(time.time())
         self.model = shape.model
         self.object = "chat.completion" if self.chat else "text_completion"

@@ -15,14 +15,26 @@
   ``response.completed`` (or ``response.incomplete`` at ``max_output_tokens``) with usage; every event has a
   ``sequence_number``.
 
-``previous_response_id`` and ``store`` are not served yet: ``store: true`` is accepted and nothing is
-stored (as ``store: false``), and a ``previous_response_id`` is a 400 saying so.
+Stored responses are turns of the gateway's server-side sessions (``gateway.state.sessions``, bounded and
+per tenant): ``store`` (default true, as OpenAI's) starts a session for a new conversation, or writes the
+turn into the session of ``previous_response_id``, which is read around the new ``input``. A stored
+response's id names its session and turn (``resp_`` + the session id in base64url + ``.`` + the turn's
+number), so nothing maps ids to sessions; only a conversation's latest response can be continued (no
+branches). ``GET /v1/responses/{id}`` reads a stored turn back as a response; ``DELETE`` deletes the
+conversation it belongs to (the gateway stores conversations, not single responses). With sessions off
+(``gateway.sessions.enabled``) nothing is stored and a ``previous_response_id`` is refused.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 import time
+import uuid
+
+import grpc
 
 from gateway.core.events import Delta, Done, Started
 from gateway.doors import openai_api
@@ -38,8 +50,10 @@ from gateway.doors.openai_api import (
     read_with,
     text_parts,
 )
-from gateway.errors import RpcError, clip, invalid_argument
-from gateway.request import Constraint, RequestDraft, ToolUse
+from gateway.errors import RpcError, clip, field_error, invalid_argument
+from gateway.request import MAX_SESSION_ID_CHARS, Constraint, RequestDraft, ToolUse
+from gateway.state.sessions import Turn
+from igw_common.tool_calls import CallDelta
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 DOOR = "responses"
@@ -57,6 +71,7 @@ _KNOWN = {
     "text",
     "store",
     "metadata",
+    "previous_response_id",
     "user",
     "prompt_cache_key",
     "include",
@@ -80,7 +95,6 @@ HOSTED_TOOLS = {
 _NEUTRAL = {
     "truncation": (None, "disabled"),
     "service_tier": (None, "auto", "default"),
-    "previous_response_id": (None,),
     "background": (None, False),
 }
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -94,7 +108,10 @@ NAMES = {
     "constraint": "text.format",
     "constraint.json_schema": "text.format.schema",
     "tools[].parameters_json_schema": "tools[].parameters",
+    "session_follows": "previous_response_id",
 }
+MAX_RESPONSE_ID_CHARS = 256  # a stored response's id: resp_ + base64url of a session id (128 chars) + . + turn
+_TURN_NUMBER = re.compile(r"[0-9]{1,12}")
 ERROR_TYPES = openai_api.ERROR_TYPES
 
 
@@ -197,11 +214,66 @@ def _format(text) -> Constraint | None:
     raise _bad("text.format", 'type must be "text", "json_object" or "json_schema"')
 
 
+def response_id(session_id: str, turn: int) -> str:
+    """A stored response's id: its session and turn, so reading it back needs no index."""
+    return f"resp_{base64.urlsafe_b64encode(session_id.encode()).decode().rstrip('=')}.{turn}"
+
+
+def parse_response_id(rid: str) -> tuple[str, int] | None:
+    """(session id, turn number) of a stored response's id; None for any other text (an unknown id)."""
+    if len(rid) > MAX_RESPONSE_ID_CHARS or not rid.startswith("resp_"):
+        return None
+    encoded, _, number = rid[5:].rpartition(".")
+    if not _TURN_NUMBER.fullmatch(number):
+        return None
+    try:
+        session_id = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    if not 0 < len(session_id) <= MAX_SESSION_ID_CHARS or not session_id.isprintable():
+        return None
+    if response_id(session_id, int(number)) != rid:
+        return None  # one id per turn: no second spelling of it
+    return session_id, int(number)
+
+
+def unknown_response(rid: str) -> RpcError:
+    return RpcError(
+        grpc.StatusCode.NOT_FOUND,
+        f"no stored response {clip(rid)!r} for this caller (never stored, trimmed, expired, deleted or "
+        "another tenant's)",
+        reason="response_not_found",
+    )
+
+
+def _conversation(body: dict, fields: dict) -> dict:
+    """The session fields of ``store`` and ``previous_response_id``."""
+    store, previous = body.get("store", True), body.get("previous_response_id")
+    if not isinstance(store, bool):
+        raise _bad("store", "must be true or false")
+    if previous is None:
+        if store and not fields["session_id"]:
+            fields["session_id"] = uuid.uuid4().hex  # a new conversation: its own session
+        return {"session_store": store}
+    if not isinstance(previous, str):
+        raise _bad("previous_response_id", "must be a response id (a string)")
+    found = parse_response_id(previous)
+    if found is None:
+        raise field_error(
+            grpc.StatusCode.NOT_FOUND,
+            "previous_response_id",
+            f"no stored response {clip(previous)!r} (only responses made with store true can be continued)",
+            "response_not_found",
+        )
+    if fields["session_id"] and fields["session_id"] != found[0]:
+        raise _bad("previous_response_id", "names another conversation than x-igw-session-id")
+    fields["session_id"] = found[0]
+    return {"session_follows": found[1], "session_store": store}
+
+
 def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str, str]]:
     if not isinstance(body, dict):
         raise _bad("body", "the body must be a JSON object")
-    if body.get("previous_response_id") is not None:
-        raise _bad("previous_response_id", "stored responses are not served yet: send the whole conversation in input")
     for key, value in body.items():
         if key not in _KNOWN and not any(value == v for v in _NEUTRAL.get(key, ())):
             raise _bad(clip(str(key), 40), "this gateway does not support this parameter (or this value of it)")
@@ -223,6 +295,8 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
         names["messages[0]"] = "instructions"
         messages.append(wpb.ChatMessage(role="system", content=instructions))
     _items(body.get("input"), names, messages)
+    fields = header_fields(headers, body.get("prompt_cache_key"))
+    session = _conversation(body, fields)
     draft = RequestDraft(
         model=model,
         messages=tuple(messages),
@@ -233,9 +307,10 @@ def _read(body, headers: dict[str, str]) -> tuple[RequestDraft, Shape, dict[str,
         top_p=json_number(body, "top_p"),
         tools=_tools(body),
         constraint=_format(body.get("text")),
-        **header_fields(headers, body.get("prompt_cache_key")),
+        **fields,
+        **session,
     )
-    return draft, Shape("responses", model, stream, True), names
+    return draft, Shape("responses", model, stream, True, draft.session_id), names
 
 
 def responses_request(body, headers: dict[str, str]) -> Reading:
@@ -246,8 +321,10 @@ def responses_request(body, headers: dict[str, str]) -> Reading:
 class Answer:
     """Builds one request's Response: output items (a message with output_text, function calls)."""
 
-    def __init__(self, shape: Shape, request_id: str):
-        self.id = "resp_" + request_id
+    def __init__(self, shape: Shape, started: Started):
+        # Stored: the id names the session turn it will be; else the request's own id.
+        stored = started.session_turn >= 0 and shape.session_id
+        self.id = response_id(shape.session_id, started.session_turn) if stored else "resp_" + started.request_id
         self.model = shape.model
         self.created_at = int(time.time())
         self.items: list[dict] = []
@@ -420,10 +497,24 @@ class Answer:
 
 
 def _usage(ev: Done) -> dict:
+    return _usage_of(ev.prompt_tokens, ev.completion_tokens)
+
+
+def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
-        "input_tokens": ev.prompt_tokens,
+        "input_tokens": prompt_tokens,
         "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": ev.completion_tokens,
+        "output_tokens": completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def stored_response(rid: str, turn: Turn) -> dict:
+    """A stored turn read back as the response it was (GET /v1/responses/{id})."""
+    answer = Answer(Shape("responses", turn.model, False, True), Started("", turn.model, "", 0))
+    answer.id, answer.created_at = rid, turn.created_at
+    answer.add(Delta(turn.answer, 0, tuple(CallDelta(i, c[0], c[1], c[2]) for i, c in enumerate(turn.calls))))
+    answer._close()
+    reason = "max_output_tokens" if turn.finish_reason == "length" else None
+    return answer.response("incomplete" if reason else "completed", _usage_of(*turn.usage), reason)

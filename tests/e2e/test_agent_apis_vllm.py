@@ -1,7 +1,8 @@
 """The APIs agents speak, on real vLLM through Envoy (embedded model): the `anthropic` package's Messages
 and the `openai` package's Responses (``client.responses``): streamed text, a forced tool call whose
 arguments validate, the tool's result sent back and answered, and a stream cancelled mid-way that frees
-the engine (vLLM's own unfinished count back to 0) and is charged."""
+the engine (vLLM's own unfinished count back to 0) and is charged; a stored response continued by
+``previous_response_id``."""
 
 from __future__ import annotations
 
@@ -127,3 +128,22 @@ def test_responses_stream_function_call_and_output(vllm_stack, oai):
         lambda: oai.responses.create(model=MODEL, input="Count to 300.", max_output_tokens=400, stream=True),
         lambda stream: [next(iter(stream)) for _ in range(6)],
     )
+
+
+def test_responses_previous_response_id_continues_the_stored_conversation(oai):
+    first = oai.responses.create(
+        model=MODEL, instructions="Be brief.", input="My name is Ada.", max_output_tokens=16, temperature=0
+    )
+    second = oai.responses.create(
+        model=MODEL,
+        instructions="Be brief.",
+        input="What is my name?",
+        previous_response_id=first.id,
+        max_output_tokens=16,
+        temperature=0,
+    )
+    # vLLM's tokenizer counted the stored turn (question and answer) again in the second prompt.
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    back = oai.responses.retrieve(second.id)
+    assert back.output_text == second.output_text and back.usage.input_tokens == second.usage.input_tokens
+    print("\nRESPONSES CONTINUED", json.dumps({"first": first.output_text, "second": second.output_text}))

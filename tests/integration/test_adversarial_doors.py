@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
+from gateway.doors.responses_api import response_id
 from gateway.v1 import gateway_pb2 as gpb
 from igw_common.config import GatewayConfig
 from inference import embedded_model
@@ -124,6 +125,8 @@ PATHS = [
     ("GET", "/v1/models"),
     ("GET", "/v1/sessions/{sid}"),
     ("DELETE", "/v1/sessions/{sid}"),
+    ("GET", "/v1/responses/{rid}"),
+    ("DELETE", "/v1/responses/{rid}"),
     ("PUT", "/v1/chat/completions"),
     ("GET", "/v1/chat/completions"),
     ("POST", "/v1/sessions/{sid}"),
@@ -259,6 +262,14 @@ extras = st.one_of(
             {"response_format": {"type": "regex", "regex": "(("}},
             {"response_format": "json"},
             {"user": "u" * 10_000},
+            # Stored responses: ids that name a session turn (or try to), and store flags.
+            {"previous_response_id": response_id("s-1", 0)},
+            {"previous_response_id": response_id("s" * 128, 10**11)},
+            {"previous_response_id": "resp_" + "A" * 100_000 + ".1"},
+            {"previous_response_id": "resp_cw==.0"},
+            {"previous_response_id": 7},
+            {"store": False, "previous_response_id": response_id("refactor-42", 1)},
+            {"store": "no"},
         ]
     ),
     st.dictionaries(odd_text, json_value, min_size=1, max_size=3),
@@ -293,6 +304,8 @@ def http_cases(draw):
         method, path = draw(st.sampled_from(PATHS))
     sid = draw(session_ids)
     path = path.replace("{sid}", urllib.parse.quote(sid, safe="") or "%20")
+    rid = draw(st.one_of(st.builds(response_id, session_ids.filter(bool), st.integers(0, 10**12)), session_ids))
+    path = path.replace("{rid}", urllib.parse.quote(rid, safe="") or "%20")
     headers = auth_for("good" if kind == "clean" else draw(auth_headers), "{key}")
     if kind != "clean":
         for name in draw(st.lists(st.sampled_from(sorted(header_values)), max_size=3, unique=True)):
@@ -360,7 +373,7 @@ def check_http(status: int, headers: dict, data: bytes, sent: dict) -> None:
         assert body["usage"]["completion_tokens"] <= 4096 and body["choices"][0]["finish_reason"], body
     elif body.get("type") == "message":
         assert body["usage"]["output_tokens"] <= 4096 and body["stop_reason"], body
-    elif body.get("object") == "response":
+    elif body.get("object") == "response" and not body.get("deleted"):
         assert body["usage"]["output_tokens"] <= 4096 and body["status"] in ("completed", "incomplete"), body
     else:
         assert body.get("object") in ("list", "session", "session.deleted") or "input_tokens" in body, body

@@ -9,6 +9,7 @@ import json
 import openai
 import pytest
 
+from gateway.doors.responses_api import response_id
 from tests.integration.test_http_api import raw
 from tests.integration.test_structured import Canary
 
@@ -85,7 +86,8 @@ def test_errors_name_the_body_fields_beside_a_running_stream(synthetic_stack):
         ({"tools": [{"type": "function", "name": "f", "parameters": deep}]}, "tools[0].parameters"),
         ({"tools": [{"type": "function", "name": f"f{i}"} for i in range(3000)]}, "tools"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": deep}}}, "text.format.schema"),
-        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"previous_response_id": 5}, "previous_response_id"),
+        ({"store": "yes"}, "store"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
     ]
     for extra, param in cases:
@@ -94,6 +96,14 @@ def test_errors_name_the_body_fields_beside_a_running_stream(synthetic_stack):
         assert status == 400 and err["param"] == param, (param, err)
     with pytest.raises(openai.BadRequestError):
         _client(s).responses.create(model=MODEL, input="hi", max_output_tokens=-1)
+    status, _, out = raw(s, "POST", "/v1/responses", {"model": MODEL, "input": "hi", "previous_response_id": "resp_1"})
+    assert status == 404 and json.loads(out)["error"]["param"] == "previous_response_id"
+    # A well-formed id, but this gateway keeps no sessions (gateway.sessions.enabled is off).
+    body = {"model": MODEL, "input": "hi", "previous_response_id": response_id("s", 0)}
+    status, _, out = raw(s, "POST", "/v1/responses", body)
+    assert status == 400 and "gateway.sessions.enabled" in json.loads(out)["error"]["message"]
+    status, _, out = raw(s, "GET", "/v1/responses/" + response_id("s", 0))
+    assert status == 501 and json.loads(out)["error"]["code"] == "sessions_off"
     assert canary.tokens() == 60
 
 

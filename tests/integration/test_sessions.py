@@ -10,12 +10,15 @@ import threading
 import time
 
 import grpc
+import openai
 import pytest
 
 from gateway.v1 import gateway_pb2 as gpb
 from tests.helpers import build_stack, igw_keys, make_config, new_key
 from tests.integration.test_http_api import raw
 from tests.state_helpers import ask, md, start_replica
+
+MODEL = "smollm2-135m-instruct"
 
 
 def synthetic_prompt_tokens(messages: list[tuple[str, str]]) -> int:
@@ -297,3 +300,70 @@ def test_sessions_store_tool_calls_and_results_as_turns(sessions):
     first, second = session.turns
     assert [(c.id, c.name, c.arguments_json) for c in first.answer_tool_calls] == [(call_id, "get_time", "{}")]
     assert second.messages[0].role == "tool" and second.messages[0].tool_call_id == call_id
+
+
+def test_stored_responses_are_continued_read_back_and_deleted(sessions):
+    """The Responses API's previous_response_id and store on Redis-kept sessions, with the real `openai`
+    package: only the latest response continues, two rival continuations do not both land, ids are
+    per tenant, and GET / DELETE /v1/responses/{id} read back and delete the conversation."""
+    s, keys, _ = sessions
+    key, stranger = new_key(keys, "t-resp"), new_key(keys, "t-resp-other")
+    c = openai.OpenAI(base_url=f"http://{s.envoy}/v1", api_key=key, max_retries=0, timeout=30)
+    first = c.responses.create(model=MODEL, input="my name is Ada", max_output_tokens=3)
+    second = c.responses.create(
+        model=MODEL, input="what is my name?", previous_response_id=first.id, max_output_tokens=4
+    )
+    seen = [("user", "my name is Ada"), ("assistant", first.output_text), ("user", "what is my name?")]
+    assert second.usage.input_tokens == synthetic_prompt_tokens(seen)  # the worker saw the stored turn
+    back = c.responses.retrieve(second.id)
+    assert (back.id, back.output_text, back.usage.output_tokens) == (second.id, second.output_text, 4)
+    assert back.status == "incomplete" and back.incomplete_details.reason == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError, match="latest"):  # no branches from an earlier response
+        c.responses.create(model=MODEL, input="again", previous_response_id=first.id, max_output_tokens=2)
+    # A streamed continuation: the id in response.created is the one it is stored under.
+    events = list(
+        c.responses.create(
+            model=MODEL, input="and now?", previous_response_id=second.id, max_output_tokens=2, stream=True
+        )
+    )
+    created, third = events[0].response.id, events[-1].response
+    assert created == third.id and c.responses.retrieve(third.id).output_text == third.output_text
+    # Two continuations of the same response at once: one is stored, the other is refused (409).
+    results = []
+
+    def rival(i):
+        try:
+            r = c.responses.create(model=MODEL, input=f"rival {i}", previous_response_id=third.id, max_output_tokens=5)
+            results.append(r.id)
+        except openai.APIStatusError as err:
+            results.append(err.status_code)
+
+    threads = [threading.Thread(target=rival, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results, key=str) == sorted([409, response_id_after(third.id)], key=str), results
+    # Not stored: nothing to read back or continue.
+    loose = c.responses.create(model=MODEL, input="forget me", store=False, max_output_tokens=2)
+    for call in (
+        lambda: c.responses.retrieve(loose.id),
+        lambda: c.responses.create(model=MODEL, input="x", previous_response_id=loose.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    other = openai.OpenAI(base_url=f"http://{s.envoy}/v1", api_key=stranger, max_retries=0, timeout=30)
+    with pytest.raises(openai.NotFoundError):  # another tenant's
+        other.responses.retrieve(second.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model=MODEL, input="x", previous_response_id=second.id)
+    c.responses.delete(first.id)  # the whole conversation goes
+    for rid in (first.id, second.id, third.id):
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(rid)
+
+
+def response_id_after(rid: str) -> str:
+    """The id the turn after ``rid`` is stored under."""
+    head, _, number = rid.rpartition(".")
+    return f"{head}.{int(number) + 1}"

@@ -8,10 +8,11 @@ import calendar
 import pytest
 
 from gateway.core.validation import ValidRequest
+from gateway.doors.responses_api import parse_response_id, response_id
 from gateway.metrics import GatewayMetrics
 from gateway.state.cache import Entry, MemoryStore, ResponseCache, deterministic
 from gateway.state.quota import Budget, Denied, LocalStore, Pricing, window_at
-from gateway.state.sessions import Sessions
+from gateway.state.sessions import Sessions, Turn, TurnConflict, TurnMissing, TurnNotLatest
 from igw_common import config
 from igw_common.config import CacheConfig, Limits, PricingConfig, QuotaLimits, SessionsConfig
 from igw_worker_api.v1 import worker_pb2 as wpb
@@ -157,7 +158,7 @@ async def test_session_trims_oldest_turns_to_the_context_and_counts_measured_tok
         turn = await s.begin("t", chat(f"turn {i}"), 10_000)
         turn.answer.append(f"answer {i}")
         # The worker counts each turn's own 100 tokens plus the history's (100 + 20 answer + 8 template each).
-        await s.commit(turn, prompt_tokens=100 + 128 * i, completion_tokens=20)
+        await s.commit(turn, prompt_tokens=100 + 128 * i, completion_tokens=20, finish_reason="stop")
     stored = await s.get("t", "s")
     assert [t.messages[0][1] for t in stored.turns] == [f"turn {i}" for i in range(5)]
     assert all(t.tokens == 100 + 20 + 8 for t in stored.turns)  # its own share, not the whole prompt
@@ -169,7 +170,7 @@ async def test_session_trims_oldest_turns_to_the_context_and_counts_measured_tok
     # Not written until done: the session still has all five.
     assert len((await s.get("t", "s")).turns) == 5
     turn.answer.append("answer 5")
-    await s.commit(turn, prompt_tokens=300, completion_tokens=5)
+    await s.commit(turn, prompt_tokens=300, completion_tokens=5, finish_reason="stop")
     assert [t.messages[0][1] for t in (await s.get("t", "s")).turns] == ["turn 3", "turn 4", "next"]
     assert await s.get("other tenant", "s") is None
 
@@ -179,9 +180,59 @@ async def test_session_max_turns_and_bytes():
     for i in range(4):
         turn = await s.begin("t", chat(f"{i}" * 10), 10_000)
         turn.answer.append("a" * 5)
-        await s.commit(turn, 20, 5)
+        await s.commit(turn, 20, 5, "stop")
     turns = (await s.get("t", "s")).turns
     assert len(turns) <= 3 and sum(t.size for t in turns) <= 50 + 15
+
+
+async def test_a_turn_continues_only_the_latest_and_takes_only_its_number():
+    s = Sessions(SessionsConfig(enabled=True), Limits(), "", GatewayMetrics())
+    with pytest.raises(TurnMissing):  # nothing stored yet
+        await s.begin("t", chat("x", session_follows=0), 10_000)
+    first = await s.begin("t", chat("one"), 10_000)
+    assert first.number == 0 and not first.checked
+    first.model = "m"
+    first.answer.append("a1")
+    await s.commit(first, 10, 2, "length")
+    # Two continuations of turn 0 at once: the first done is turn 1, the other is refused, not reordered.
+    a = await s.begin("t", chat("two", session_follows=0), 10_000)
+    b = await s.begin("t", chat("rival", session_follows=0), 10_000)
+    assert (a.number, b.number, a.checked) == (1, 1, True)
+    assert [m.content for m in a.messages] == ["one", "a1", "two"]
+    await s.commit(a, 20, 3, "stop")
+    with pytest.raises(TurnConflict):
+        await s.commit(b, 20, 3, "stop")
+    with pytest.raises(TurnNotLatest):  # the conversation went on after turn 0
+        await s.begin("t", chat("late", session_follows=0), 10_000)
+    with pytest.raises(TurnMissing):
+        await s.begin("t", chat("ahead", session_follows=7), 10_000)
+    with pytest.raises(TurnMissing):  # another tenant's session is not there
+        await s.begin("u", chat("theirs", session_follows=1), 10_000)
+    stored = await s.get("t", "s")
+    assert [t.messages[0][1] for t in stored.turns] == ["one", "two"] and stored.next_number == 2
+    # How each answer was made is kept, and survives the store's encoding.
+    back = Turn.decode(stored.turn(0).encode())
+    assert (back.model, back.usage, back.finish_reason, back.answer) == ("m", (10, 2), "length", "a1")
+    assert back.created_at > 1_700_000_000 and stored.turn(2) is None
+    assert Turn.decode('{"m": [["user", "old"]], "a": "x", "k": 3}').model == ""  # turns stored before
+
+
+def test_response_ids_name_a_session_turn_in_one_spelling():
+    rid = response_id("a/b c\u00e9", 12)
+    assert parse_response_id(rid) == ("a/b c\u00e9", 12)
+    assert parse_response_id(response_id("s", 0)) == ("s", 0)
+    for bad in (
+        "resp_1",
+        "chatcmpl-x.1",
+        rid + "x",
+        rid.replace(".", ".0", 1),  # a second spelling of the number
+        "resp_cw==.1",  # padded: a second spelling of "s"
+        "resp_@@@@.1",
+        "resp_.1",
+        "resp_" + "QUFB" * 80 + ".1",  # over the length limit
+        "resp_//79.1",  # not UTF-8
+    ):
+        assert parse_response_id(bad) is None, bad
 
 
 # --- config ---------------------------------------------------------------------------------------------

@@ -28,9 +28,25 @@ replicas). In Redis a session is a list of turns (one JSON each) and a hash (``f
 the oldest turn kept, ``sys``: the system messages), both with the session TTL, in the tenant's hash
 slot; a turn is written by one script that drops the turns trimmed by number and appends, so two turns
 of one session running at once both land, in the order they finish.
+
+Continuing a given turn (``session_follows``: the Responses API's ``previous_response_id``): only the
+session's latest turn can be continued (no branches), and the new turn is written only as the number it
+was given at the start; if another turn took that number meanwhile, this one is refused
+(``TurnConflict``), so a response id never names two different turns. A turn with ``session_store``
+false reads the history and writes nothing (Responses' ``store: false``).
 """
 
-from gateway.state.sessions.history import ActiveTurn, Sessions
+from gateway.state.sessions.history import ActiveTurn, Sessions, TurnConflict, TurnMissing, TurnNotLatest
 from gateway.state.sessions.store import MemoryStore, RedisStore, Stored, Turn
 
-__all__ = ["ActiveTurn", "MemoryStore", "RedisStore", "Sessions", "Stored", "Turn"]
+__all__ = [
+    "ActiveTurn",
+    "MemoryStore",
+    "RedisStore",
+    "Sessions",
+    "Stored",
+    "Turn",
+    "TurnConflict",
+    "TurnMissing",
+    "TurnNotLatest",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from gateway.request import ValidRequest, estimate_prompt_tokens, message_bytes
@@ -27,6 +28,9 @@ class ActiveTurn:
     system: list[Message] | None  # new system messages, or None to keep the session's
     history_tokens: int
     fixed_tokens: int  # the estimate of what is sent again each turn (context, system messages)
+    number: int  # the number this turn gets when written
+    checked: bool  # written only as that number (it continues a given turn): else refused, not reordered
+    model: str = ""
     answer: list[str] = field(default_factory=list)
     calls: list[list[str]] = field(default_factory=list)  # the answer's tool calls: [id, name, arguments]
 
@@ -59,6 +63,18 @@ def _message(role: str, content: str, calls=(), tool_call_id: str = "") -> wpb.C
     )
 
 
+class TurnMissing(LookupError):
+    """The turn a request continues is not in the session (never written, trimmed, expired or deleted)."""
+
+
+class TurnNotLatest(ValueError):
+    """The turn a request continues is not the session's latest: the conversation went on after it."""
+
+
+class TurnConflict(ValueError):
+    """Another turn was written while this one ran, so it cannot take the number it was given."""
+
+
 class Sessions:
     def __init__(self, cfg: SessionsConfig, limits: Limits, redis_url: str, metrics):
         self.cfg, self.limits, self.metrics = cfg, limits, metrics
@@ -75,6 +91,11 @@ class Sessions:
         """The turn's prompt: the stored history (trimmed to fit) around this request's messages.
         Raises StateUnavailable."""
         stored = await self.store.load(tenant, valid.session_id) or Stored(0, [], [], 0)
+        if valid.session_follows >= 0:  # it continues that turn: only the latest can be (no branches)
+            if stored.turn(valid.session_follows) is None:
+                raise TurnMissing()
+            if valid.session_follows != stored.next_number - 1:
+                raise TurnNotLatest()
         context = list(valid.messages[: valid.context_messages])
         own = valid.messages[valid.context_messages :]
         new_system = [m for m in own if m.role == "system"]
@@ -115,17 +136,38 @@ class Sessions:
             system=_pairs(new_system) if new_system else None,
             history_tokens=tokens,
             fixed_tokens=fixed_tokens,
+            number=stored.next_number,
+            checked=valid.session_follows >= 0,
         )
 
-    async def commit(self, turn: ActiveTurn, prompt_tokens: int, completion_tokens: int) -> None:
-        """Write the finished turn (raises StateUnavailable: the caller says the session was not saved)."""
+    async def commit(self, turn: ActiveTurn, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
+        """Write the finished turn. Raises StateUnavailable (the caller says the session was not saved) and
+        TurnConflict (a checked turn whose number another took meanwhile)."""
         own_tokens = prompt_tokens - turn.history_tokens - turn.fixed_tokens
         if prompt_tokens <= 0 or own_tokens <= 0:  # no count from the worker: estimate
             own_tokens = estimate_prompt_tokens(_chat(turn.own))
-        t = Turn(turn.own, "".join(turn.answer), own_tokens + completion_tokens + ANSWER_TEMPLATE_TOKENS, turn.calls)
-        await self.store.append(
-            turn.tenant, turn.session_id, turn.drop_below, t, turn.system, self.cfg.ttl_s, self.cfg.max_turns
+        t = Turn(
+            turn.own,
+            "".join(turn.answer),
+            own_tokens + completion_tokens + ANSWER_TEMPLATE_TOKENS,
+            turn.calls,
+            turn.model,
+            int(time.time()),
+            (prompt_tokens, completion_tokens),
+            finish_reason,
         )
+        written = await self.store.append(
+            turn.tenant,
+            turn.session_id,
+            turn.drop_below,
+            t,
+            turn.system,
+            self.cfg.ttl_s,
+            self.cfg.max_turns,
+            turn.number if turn.checked else -1,
+        )
+        if not written:
+            raise TurnConflict()
 
     async def get(self, tenant: str, session_id: str) -> Stored | None:
         return await self.store.load(tenant, session_id)

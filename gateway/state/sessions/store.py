@@ -26,6 +26,11 @@ class Turn:
     answer: str
     tokens: int  # measured share of the prompt, see the module docstring
     calls: list[list[str]] = field(default_factory=list)  # the answer's tool calls: [id, name, arguments]
+    # How the answer was made, for reading a turn back as a response (Responses' GET /v1/responses/{id}):
+    model: str = ""
+    created_at: int = 0  # unix seconds
+    usage: tuple[int, int] = (0, 0)  # the worker's (prompt, completion) tokens
+    finish_reason: str = ""
 
     @property
     def size(self) -> int:
@@ -35,6 +40,8 @@ class Turn:
         d = {"m": self.messages, "a": self.answer, "k": self.tokens}
         if self.calls:
             d["c"] = self.calls
+        if self.model:
+            d["x"] = [self.model, self.created_at, *self.usage, self.finish_reason]
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
@@ -43,7 +50,17 @@ class Turn:
         messages = [
             (str(m[0]), str(m[1])) if len(m) == 2 else (str(m[0]), str(m[1]), _calls(m[2]), str(m[3])) for m in d["m"]
         ]
-        return cls(messages, str(d["a"]), int(d["k"]), _calls(d.get("c", [])))
+        model, created_at, prompt, completion, finish = d.get("x") or ("", 0, 0, 0, "")  # older turns: none
+        return cls(
+            messages,
+            str(d["a"]),
+            int(d["k"]),
+            _calls(d.get("c", [])),
+            str(model),
+            int(created_at),
+            (int(prompt), int(completion)),
+            str(finish),
+        )
 
 
 def _calls(raw) -> list[list[str]]:
@@ -65,6 +82,15 @@ class Stored:
     turns: list[Turn]
     expires_in_s: float
 
+    @property
+    def next_number(self) -> int:
+        """The number the next turn written gets."""
+        return self.first + len(self.turns)
+
+    def turn(self, number: int) -> Turn | None:
+        """Turn ``number``, or None when it was trimmed or is not written yet."""
+        return self.turns[number - self.first] if self.first <= number < self.next_number else None
+
 
 class MemoryStore:
     def __init__(self, max_sessions: int):
@@ -82,9 +108,11 @@ class MemoryStore:
         s = item[1]
         return Stored(s.first, list(s.system), list(s.turns), item[0] - time.monotonic())
 
-    async def append(self, tenant, sid, drop_below, turn, system, ttl_s, max_turns) -> None:
+    async def append(self, tenant, sid, drop_below, turn, system, ttl_s, max_turns, number=-1) -> bool:
         item = self._items.get((tenant, sid))
         s = item[1] if item is not None and item[0] > time.monotonic() else Stored(0, [], [], 0)
+        if number >= 0 and s.next_number != number:
+            return False
         drop = max(0, drop_below - s.first)
         turns = s.turns[drop:] + [turn]
         first = s.first + drop
@@ -98,6 +126,7 @@ class MemoryStore:
         self._items.move_to_end((tenant, sid))
         while len(self._items) > self.max_sessions:
             self._items.popitem(last=False)
+        return True
 
     async def delete(self, tenant: str, sid: str) -> bool:
         item = self._items.pop((tenant, sid), None)
@@ -135,11 +164,14 @@ class RedisStore:
         system = [(str(r), str(c)) for r, c in json.loads(sys_raw)] if sys_raw else []
         return Stored(int(first or 0), system, [Turn.decode(t) for t in raw_turns], max(0, pttl) / 1000)
 
-    async def append(self, tenant, sid, drop_below, turn, system, ttl_s, max_turns) -> None:
+    async def append(self, tenant, sid, drop_below, turn, system, ttl_s, max_turns, number=-1) -> bool:
         turns_key, meta_key = self._keys(tenant, sid)
         sys_json = json.dumps(system, ensure_ascii=False) if system is not None else ""
-        args = [drop_below, turn.encode(), sys_json, int(ttl_s * 1000), max_turns]
-        await call("session write", self._timeout_s, lambda: self._append(keys=[turns_key, meta_key], args=args))
+        args = [drop_below, turn.encode(), sys_json, int(ttl_s * 1000), max_turns, number]
+        first = await call(
+            "session write", self._timeout_s, lambda: self._append(keys=[turns_key, meta_key], args=args)
+        )
+        return int(first) >= 0
 
     async def delete(self, tenant: str, sid: str) -> bool:
         keys = self._keys(tenant, sid)

@@ -1,6 +1,9 @@
 -- KEYS: turns list, meta hash. ARGV: drop turns numbered below this, the new turn (JSON), system messages
--- (JSON; '' = unchanged), TTL (ms), max turns. Returns the number of the oldest turn kept.
+-- (JSON; '' = unchanged), TTL (ms), max turns, the number the new turn must get (-1 = any).
+-- Returns the number of the oldest turn kept, or -1 (nothing written) when the new turn's number is not it.
 local first = tonumber(redis.call('HGET', KEYS[2], 'first') or '0')
+local number = tonumber(ARGV[6])
+if number >= 0 and first + redis.call('LLEN', KEYS[1]) ~= number then return -1 end
 local drop = tonumber(ARGV[1]) - first
 if drop > 0 then
   redis.call('LTRIM', KEYS[1], drop, -1)
