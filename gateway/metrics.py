@@ -116,6 +116,11 @@ class GatewayMetrics:
             "Requests replaced by a newer one with the same supersede key (queued or generating).",
             registry=r,
         )
+        self.resumes = Counter(
+            "igw_resumes",
+            "Requests continued on another worker from the tokens already sent, after theirs was lost mid-answer.",
+            registry=r,
+        )
         self.retries = Counter(
             "igw_retries", "Requests placed again after their worker failed before the first token.", registry=r
         )

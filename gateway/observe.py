@@ -49,6 +49,7 @@ class RequestRecord:
     cache: str = ""  # "hit" or "miss" for a cacheable request (gateway.state.cache), else ""
     cost_micros: int = 0  # micro-units of gateway.pricing.currency
     session_turns_dropped: int = 0
+    resumes: int = 0  # times the request went on on another worker after its worker was lost mid-answer
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens of an answer that had no stream (a hit)
 
     def log_line(self, stream) -> None:
@@ -83,6 +84,8 @@ class RequestRecord:
             fields["cache"] = self.cache
         if self.session_turns_dropped:
             fields["session_turns_dropped"] = self.session_turns_dropped
+        if self.resumes:
+            fields["resumes"] = self.resumes
         fields["total_ms"] = max(0, round((time.monotonic() - self.started) * 1000))
         if self.task_excerpt:
             fields["task"] = self.task_excerpt

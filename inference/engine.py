@@ -44,10 +44,21 @@ class Prompt:
     """A rendered prompt, ready for the engine."""
 
     token_ids: list[int] = field(repr=False)
+    # The last this many of token_ids are output another worker generated: the request continues after them.
+    resumed_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def rendered_tokens(self) -> int:
+        """The prompt's own tokens (what usage counts), without resumed output."""
+        return len(self.token_ids) - self.resumed_tokens
+
+    def resumed(self, token_ids) -> Prompt:
+        """This prompt followed by output already generated, to continue after it."""
+        return Prompt(token_ids=[*self.token_ids, *token_ids], resumed_tokens=len(token_ids))
 
 
 @dataclass(frozen=True)

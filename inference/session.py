@@ -142,6 +142,8 @@ class Session:
                 prompt = self.engine.render(
                     *tool_calls.conversation(sub.messages, sampling.tools, self.engine.renders_tools)
                 )
+            if sub.resume_token_ids:
+                prompt = prompt.resumed(sub.resume_token_ids)
             fitted = self.engine.fit(prompt, sampling)
             self.engine.check(prompt, fitted)
             return prompt, fitted
@@ -180,8 +182,11 @@ class Session:
                 parser = self.engine.tool_parser(tools) if tools is not None and tools.parses else None
                 if sampling.max_tokens <= 0:
                     raise InvalidRequest("sampling.max_tokens", "max_tokens must be > 0")
+                if sub.resume_token_ids and (sampling.constraint is not None or tools is not None):
+                    raise InvalidRequest("resume_token_ids", "a request with a constraint or tools cannot be resumed")
+                ids = sub.report_token_ids
                 prompt, sampling = await self._prepare(sub, sampling)
-                self._emit(pb.Event(request_id=rid, accepted=pb.Accepted(prompt_tokens=prompt.num_tokens)))
+                self._emit(pb.Event(request_id=rid, accepted=pb.Accepted(prompt_tokens=prompt.rendered_tokens)))
                 # Engine request ids must be unique across sessions.
                 async for step in self.engine.generate(f"s{self.id}-{rid}", prompt, sampling):
                     completion += step.tokens
@@ -194,16 +199,16 @@ class Session:
                         if parser.called and finish_reason == "stop":
                             finish_reason = "tool_calls"
                     if step.tokens or text or calls:
-                        self._emit_delta(rid, text, step.tokens, calls)
+                        self._emit_delta(rid, text, step.tokens, calls, step.token_ids if ids else ())
                     if finish_reason is not None:
-                        span.set_attribute("gen_ai.usage.input_tokens", prompt.num_tokens)
+                        span.set_attribute("gen_ai.usage.input_tokens", prompt.rendered_tokens)
                         span.set_attribute("gen_ai.usage.output_tokens", completion)
                         self._emit_end(
                             pb.Event(
                                 request_id=rid,
                                 finished=pb.Finished(
                                     finish_reason=_FINISH[finish_reason],
-                                    prompt_tokens=prompt.num_tokens,
+                                    prompt_tokens=prompt.rendered_tokens,
                                     completion_tokens=completion,
                                 ),
                             )
@@ -262,15 +267,17 @@ class Session:
             self._outbox.append(held)
         self._emit(event)
 
-    def _emit_delta(self, rid: str, text: str, tokens: int, calls=()) -> None:
+    def _emit_delta(self, rid: str, text: str, tokens: int, calls=(), token_ids=()) -> None:
         calls = [pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in calls]
         unsent = self._unsent_deltas.get(rid)
         if unsent is not None:  # its previous step has not gone out yet: one delta for both
             unsent.text += text
             unsent.tokens += tokens
             unsent.tool_calls.extend(calls)
+            unsent.token_ids.extend(token_ids)
             return
-        event = pb.Event(request_id=rid, delta=pb.TokenDelta(text=text, tokens=tokens, tool_calls=calls))
+        delta = pb.TokenDelta(text=text, tokens=tokens, tool_calls=calls, token_ids=token_ids)
+        event = pb.Event(request_id=rid, delta=delta)
         self._unsent_deltas[rid] = event.delta
         interval = self._intervals.get(rid)
         if interval is not None:

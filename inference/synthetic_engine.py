@@ -11,7 +11,6 @@ for all requests, as it does with vLLM.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from collections.abc import AsyncIterator
 
@@ -91,21 +90,24 @@ class SyntheticEngine(Engine):
                     await self._next_step()
                     yield Step(text=piece, tokens=1, finish_reason="stop" if i == len(answer) - 1 else None)
                 return
-            words = itertools.cycle(self._words)
+            first = prompt.resumed_tokens  # a resumed request goes on from the word after its output so far
             text = ""
             for i in range(sampling.max_tokens):
                 await self._next_step()
-                word = next(words) + " "
+                index = (first + i) % len(self._words)
+                word = self._words[index] + " "
                 # Stop strings work as in vLLM: the output ends before the stop string.
                 hit = min(
                     (p for p in (f"{text}{word}".find(s, max(0, len(text) - len(s))) for s in sampling.stop) if p >= 0),
                     default=-1,
                 )
                 if hit >= 0:
-                    yield Step(text=f"{text}{word}"[len(text) : hit], tokens=1, finish_reason="stop")
+                    yield Step(
+                        text=f"{text}{word}"[len(text) : hit], tokens=1, finish_reason="stop", token_ids=(index,)
+                    )
                     return
                 text += word
                 last = i == sampling.max_tokens - 1
-                yield Step(text=word, tokens=1, finish_reason="length" if last else None)
+                yield Step(text=word, tokens=1, finish_reason="length" if last else None, token_ids=(index,))
         finally:
             self._active -= 1

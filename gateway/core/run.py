@@ -260,11 +260,14 @@ class Run:
         cost = core.pricing.cost(self.model, bound, max_tokens)
         self.reservation = await admission.reserve(core.quotas, core.budgets(self.principal), bound + max_tokens, cost)
         estimate = valid.estimated_prompt_tokens + max_tokens
+        # A constraint's or tools' decoding state cannot be carried to another worker: those are not resumed.
+        resumable = valid.constraint is None and valid.tools is None
         self.stream = RequestStream(
             max_tokens,
             estimate,
             retries=core.cfg.queue.retry_before_first_token,
             itl_observer=core.metrics.itl.labels(self.model),
+            resumes=core.cfg.queue.resume_after_first_token if resumable else 0,
         )
         if self.holder is not None:
             self.holder.stream = self.stream
@@ -288,6 +291,7 @@ class Run:
             stream_interval_ms=self.interval_ms,
             constraint=valid.constraint,
             tools=valid.tools,
+            report_token_ids=self.stream.resumes_left > 0,
         )
 
     @property
@@ -347,6 +351,9 @@ class Run:
             elif update.retry_from is not None:
                 self._retry(update.retry_from)
                 return None
+            elif update.resume_from is not None:
+                self._resume(update.resume_from)
+                return None
             elif update.error is not None:
                 raise self._worker_error(*update.error)
             elif update.finish_reason is not None:
@@ -384,6 +391,10 @@ class Run:
         """The worker failed before answering: queue again for any other worker, in any pool."""
         log.warning("request %s: worker %s failed before the first token; retrying elsewhere", self.rec.id, failed.name)
         self.core.metrics.retries.inc()
+        self._retry_elsewhere(failed)
+
+    def _retry_elsewhere(self, failed) -> None:
+        """Queue again for any worker but ``failed``, in any pool."""
         ticket = self.ticket
         self.ticket = dataclasses.replace(
             ticket,
@@ -393,6 +404,29 @@ class Run:
             enqueued_at=time.monotonic(),
         )
         self.stream.resume()
+
+    def _resume(self, failed) -> None:
+        """The worker was lost mid-answer: continue on another worker from the tokens already sent, as
+        token ids (greedy output is unchanged), for the tokens still to make; usage stays one request's."""
+        stream, job, core = self.stream, self.job, self.core
+        sent = stream.completion_tokens
+        if not core.workers.can_serve(self.model, self.ticket.exclude | {failed}):
+            raise self._worker_error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the worker serving this request became unavailable and no other can continue it; the stream "
+                f"was cut after {sent} tokens and is incomplete",
+                "",
+            )
+        log.warning(
+            "request %s: worker %s lost after %d tokens; resuming on another worker", self.rec.id, failed.name, sent
+        )
+        core.metrics.resumes.inc()
+        self.rec.resumes += 1
+        sampling = wpb.Sampling()
+        sampling.CopyFrom(job.sampling)
+        sampling.max_tokens = stream.max_tokens - sent
+        self.job = dataclasses.replace(job, sampling=sampling, resume_token_ids=tuple(stream.token_ids))
+        self._retry_elsewhere(failed)
 
     def _worker_error(self, code: grpc.StatusCode, message: str, field: str) -> BaseException:
         if code == grpc.StatusCode.INVALID_ARGUMENT and field:

@@ -60,6 +60,8 @@ class Job:
     stream_interval_ms: int = 0  # at most one delta per this many ms (0 = per engine step)
     constraint: wpb.Constraint | None = None  # structured output, enforced by the engine
     tools: ToolUse | None = None  # functions the model may call
+    report_token_ids: bool = False  # the worker sends each token's id (so the request can be resumed)
+    resume_token_ids: tuple[int, ...] = ()  # continue after these tokens another worker generated
 
 
 class Claim:
@@ -253,10 +255,13 @@ class Connection:
         self._forget_pending()
 
     def _fail(self, stream: RequestStream) -> None:
-        """One request whose worker went away: placed again if it had no token yet, else cut, clearly."""
+        """One request whose worker went away: placed again if it had no token yet, continued elsewhere from
+        its tokens if it can be, else cut, clearly."""
         if self.metrics:
             self.metrics.aborts.labels("worker_lost").inc()
-        if stream.completion_tokens:
+        if stream.completion_tokens and stream.can_resume:
+            stream.on_resume(self)  # the client sees a pause
+        elif stream.completion_tokens:
             stream.on_error(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the worker serving this request became unavailable; the stream was cut after "

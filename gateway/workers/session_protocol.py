@@ -156,6 +156,8 @@ class WorkerConnection(Connection):
             suffix=job.suffix,
             stream_interval_ms=job.stream_interval_ms,
             constraint=job.constraint,
+            report_token_ids=job.report_token_ids,
+            resume_token_ids=job.resume_token_ids,
         )
         if job.tools is not None:
             submit.tools.extend(job.tools.tools)
@@ -207,7 +209,7 @@ class WorkerConnection(Connection):
         if kind == "delta":
             stream = self.streams.get(ev.request_id)
             if stream is not None:
-                stream.on_delta(ev.delta.text, ev.delta.tokens, ev.delta.tool_calls)
+                stream.on_delta(ev.delta.text, ev.delta.tokens, ev.delta.tool_calls, ev.delta.token_ids)
             elif self.metrics and ev.request_id in self._cancelled_at:
                 self.metrics.tokens_after_cancel.inc(ev.delta.tokens)
             return
@@ -229,6 +231,8 @@ class WorkerConnection(Connection):
         elif kind == "aborted":
             if ev.aborted.reason == "timeout":
                 stream.on_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed during generation")
+            elif stream.completion_tokens and stream.can_resume:  # the worker is going away (drained, stopped)
+                stream.on_resume(self)
             else:
                 stream.on_error(
                     grpc.StatusCode.ABORTED,

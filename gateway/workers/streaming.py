@@ -87,15 +87,19 @@ class Update:
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" when the request is done
     error: tuple[grpc.StatusCode, str, str] | None = None  # (code, message, field)
     retry_from: object | None = None  # the worker failed before the first token: place it again
+    resume_from: object | None = None  # the worker was lost after tokens went out: continue on another
 
 
 class RequestStream:
-    def __init__(self, max_tokens: int, cost_tokens: int, retries: int = 0, itl_observer=None):
+    def __init__(self, max_tokens: int, cost_tokens: int, retries: int = 0, itl_observer=None, resumes: int = 0):
         self.max_tokens = max_tokens
         # Tokens this request may occupy on its worker: an estimate of the
         # prompt + max_tokens until the worker reports the real prompt size.
         self.cost_tokens = cost_tokens
         self.retries_left = retries
+        self.resumes_left = resumes
+        # The ids of the tokens generated so far, to resume from (None: not resumable, or one went unreported).
+        self.token_ids: list[int] | None = [] if resumes else None
         self.wire_id = ""  # the id the gateway gave it on the worker session (never the client's)
         self.worker = None  # the worker connection serving it
         self.claim = None  # the room held for it on that worker
@@ -132,11 +136,24 @@ class RequestStream:
         self._final = Update(retry_from=failed_worker)
         self._wake.set()
 
+    @property
+    def can_resume(self) -> bool:
+        """Lost mid-answer, it can go on elsewhere: resumes left, every token's id known, tokens still to make."""
+        ids = self.token_ids
+        return self.resumes_left > 0 and ids is not None and len(ids) == self.completion_tokens < self.max_tokens
+
+    def on_resume(self, failed_worker) -> None:
+        """The worker was lost after some tokens: the core continues the request on another worker."""
+        self.resumes_left -= 1
+        self.detach()
+        self._final = Update(resume_from=failed_worker)
+        self._wake.set()
+
     def resume(self) -> None:
-        """Back in play after a retry was taken."""
+        """Back in play after a retry or resume was taken."""
         self._final = None
 
-    def on_delta(self, text: str, tokens: int, calls=()) -> None:
+    def on_delta(self, text: str, tokens: int, calls=(), token_ids=()) -> None:
         if tokens:
             now = time.monotonic()
             if self.first_token_at is None:
@@ -147,6 +164,11 @@ class RequestStream:
                     self._itl.observe(per_token)
             self.last_token_at = now
         self.completion_tokens += tokens
+        if self.token_ids is not None:
+            if len(token_ids) == tokens:
+                self.token_ids.extend(token_ids)
+            else:
+                self.token_ids = None  # a worker that does not report them: this request cannot resume
         if text:
             self._text.append(text)
             if len(self._text) >= _COMPACT_AT:

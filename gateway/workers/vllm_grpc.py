@@ -180,6 +180,8 @@ class VllmGrpcConnection(Connection):
                 if self._take(wire_id, stream):
                     stream.on_error(invalid, clip(str(err), 300), "suffix" if job.suffix else "messages")
                 return
+            prompt_tokens = len(ids)
+            ids = ids + list(job.resume_token_ids)  # resumed: generation goes on after the output so far
             window, max_tokens = self.max_context_tokens, job.sampling.max_tokens
             if job.sampling.fit_context and 0 < window - len(ids) < max_tokens:
                 max_tokens = window - len(ids)  # a ceiling: what the context leaves
@@ -197,6 +199,8 @@ class VllmGrpcConnection(Connection):
             timeout = None if job.deadline is None else max(0.001, job.deadline - loop.time())
             call = self._stub.Generate(_request(wire_id, ids, job, spec, max_tokens), timeout=timeout)
             decoder, stops = tok.decoder(), StopStrings(job.sampling.stop)
+            if job.resume_token_ids:
+                decoder.feed(job.resume_token_ids)  # its text went out from the first worker
             accepted = False
             async for resp in call:
                 if not self._mine(wire_id, stream):
@@ -204,13 +208,13 @@ class VllmGrpcConnection(Connection):
                     return
                 if not accepted:  # the server has it (not only our tokenizer): only now is it `started`
                     accepted = True
-                    stream.on_accepted(len(ids))
+                    stream.on_accepted(prompt_tokens)
                 if resp.HasField("chunk"):
                     new_ids = resp.chunk.token_ids
                     text = stops.feed(decoder.feed(new_ids))
                     text, calls = parser.feed(text) if parser is not None else (text, ())
                     if text or new_ids or calls:
-                        stream.on_delta(text, len(new_ids), calls)
+                        stream.on_delta(text, len(new_ids), calls, new_ids)
                     if stops.stopped:  # the server stops there too; this saves its last step
                         call.cancel()
                         self._abort(wire_id)

@@ -349,6 +349,13 @@ class QueueConfig(Section):
     retry_before_first_token: int = Field(
         2, ge=0, description="times a request whose worker failed before its first token is retried on another worker"
     )
+    resume_after_first_token: int = Field(
+        2,
+        ge=0,
+        description="times a streaming request whose worker was lost mid-answer is continued on another worker "
+        "from the tokens already sent (the client sees a pause); 0 = such a request ends with UNAVAILABLE. "
+        "Not for requests with tools or a structured-output constraint",
+    )
     max_in_flight_per_worker: int = Field(
         0, ge=0, description="cap on this gateway's requests in flight per worker; 0 = the worker's reported capacity"
     )

@@ -96,3 +96,50 @@ async def test_a_paced_request_gets_a_delta_per_interval_and_its_first_token_at_
     assert deltas["r1"] >= TOKENS // 2  # a request without an interval beside it still gets every step
     # An interval longer than the request: its first token at once, the rest with the end, not a second later.
     assert deltas["r2"] == 2 and arrivals["r2"][-1][0] - arrivals["r2"][0][0] < 0.5
+
+
+async def _events(*submits: pb.Submit) -> dict[str, list[pb.Event]]:
+    """Each request's events, until all have ended."""
+    session = Session(1, SyntheticEngine(MODEL, SyntheticConfig(tokens_per_s=1000, text="a b c d e")), Counters())
+
+    async def gateway():
+        yield pb.GatewayMessage(submits=list(submits))
+
+    reader = asyncio.ensure_future(session.read(gateway()))
+    out: dict[str, list[pb.Event]] = {}
+    ended = 0
+    async for frame in session.frames():
+        for ev in frame.events:
+            out.setdefault(ev.request_id, []).append(ev)
+            ended += ev.WhichOneof("kind") in ("finished", "failed", "aborted")
+        if ended == len(submits):
+            break
+    await reader
+    return out
+
+
+async def test_token_ids_are_reported_and_a_resumed_request_goes_on_after_them():
+    hi = [pb.ChatMessage(role="user", content="hi")]
+    whole = pb.Submit(request_id="w", model=MODEL, messages=hi, sampling=pb.Sampling(max_tokens=7))
+    whole.report_token_ids = True
+    # The same request, resumed after its first 3 tokens (by their ids), for the 4 left.
+    resumed = pb.Submit(request_id="r", model=MODEL, messages=hi, sampling=pb.Sampling(max_tokens=4))
+    resumed.resume_token_ids.extend([0, 1, 2])
+    silent = pb.Submit(request_id="s", model=MODEL, messages=hi, sampling=pb.Sampling(max_tokens=2))
+    tools = pb.Submit(request_id="t", model=MODEL, messages=hi, sampling=pb.Sampling(max_tokens=2))
+    tools.tools.add(name="f")
+    tools.resume_token_ids.append(0)
+    got = await _events(whole, resumed, silent, tools)
+
+    def deltas(rid):
+        return [ev.delta for ev in got[rid] if ev.HasField("delta")]
+
+    assert [i for d in deltas("w") for i in d.token_ids] == [0, 1, 2, 3, 4, 0, 1]
+    assert "".join(d.text for d in deltas("w")) == "a b c d e a b "
+    assert "".join(d.text for d in deltas("r")) == "d e a b "  # the whole answer's last four words
+    # Usage is the rendered prompt's: the resumed output is not counted again as prompt.
+    for rid in ("w", "r"):
+        assert got[rid][0].accepted.prompt_tokens == got["w"][0].accepted.prompt_tokens
+    assert got["r"][-1].finished.completion_tokens == 4
+    assert all(not d.token_ids for d in deltas("s"))  # not asked for: not sent
+    assert got["t"][-1].failed.field == "resume_token_ids"

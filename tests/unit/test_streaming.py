@@ -158,3 +158,25 @@ async def test_pacer_never_sends_two_messages_of_a_stream_closer_than_its_interv
     await b_wait
     b_at = loop.time()
     assert a_at - a_sent >= 0.049 and b_at - b_sent >= 0.049
+
+
+async def test_a_stream_resumes_only_with_every_tokens_id_and_tokens_left():
+    s = RequestStream(max_tokens=5, cost_tokens=10, resumes=1)
+    s.on_delta("a ", 1, token_ids=(7,))
+    s.on_delta("b c ", 2, token_ids=(8, 9))
+    assert s.can_resume and s.token_ids == [7, 8, 9]
+    s.on_resume("worker-a")
+    assert (await s.next()).text == "a b c "  # what arrived before the loss goes out first
+    assert (await s.next()).resume_from == "worker-a"
+    s.resume()
+    s.on_delta("d ", 1, token_ids=(10,))
+    assert not s.can_resume  # one resume per request here, used
+    unreported = RequestStream(max_tokens=5, cost_tokens=10, resumes=2)
+    unreported.on_delta("a ", 1)  # a worker that sends no ids
+    assert not unreported.can_resume and unreported.token_ids is None
+    done = RequestStream(max_tokens=1, cost_tokens=10, resumes=2)
+    done.on_delta("a ", 1, token_ids=(7,))
+    assert not done.can_resume  # nothing left to make
+    off = RequestStream(max_tokens=5, cost_tokens=10)
+    off.on_delta("a ", 1, token_ids=(7,))
+    assert not off.can_resume and off.token_ids is None
