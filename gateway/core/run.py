@@ -272,13 +272,15 @@ class Run:
         if self.holder is not None:
             self.holder.stream = self.stream
         tenant = self.principal.tenant
-        sticky = tenant if core.cfg.pool_affinity == "tenant" else valid.session_id or valid.affinity_id or tenant
+        # An agent's own conversation id first: a Responses conversation the gateway stores has a session id
+        # it made, which must not take that agent's turns off the worker that holds their prefix.
+        sticky = tenant if core.cfg.pool_affinity == "tenant" else valid.affinity_id or valid.session_id or tenant
         self.ticket = Ticket(
             model=self.model,
             tenant=tenant,
             priority=self.priority,
             cost_tokens=estimate,
-            affinity=affinity_key(tenant, valid.session_id or valid.affinity_id, texts),
+            affinity=affinity_key(tenant, valid.affinity_id or valid.session_id, texts),
             pool=core.placement.choose_pool(self.model, sticky),
         )
         self.job = Job(

@@ -163,3 +163,50 @@ def test_failover_between_the_kinds(mixed, tmp_path):
         held.cancel()
         assert out[-1].done.usage.completion_tokens == 8
         seen |= {first.started.worker, out[0].started.worker}
+
+
+def _ready_workers(stub) -> int:
+    return stub.ListModels(gpb.ListModelsRequest(), timeout=5).models[0].ready_workers
+
+
+def test_a_stream_resumes_across_the_kinds_when_its_worker_dies(mixed):
+    """Lost mid-answer, a stream goes on on the other kind from its token ids: the stock server's ids
+    (the gateway detokenizes them) into our worker's Submit.resume_token_ids, and our worker's reported
+    ids into the stock server's prompt. The engines are synthetic, so only the plumbing is checked here:
+    every token once, no error; the text identity is checked on real vLLM in tests/e2e/test_resume_vllm.py."""
+    s, stock, folder = mixed
+    stub = s.gateway_stub("envoy")
+    for victim in ("stock", "worker"):
+        deadline = time.monotonic() + 30
+        while _ready_workers(stub) < 2:
+            assert time.monotonic() < deadline, "both workers never became ready"
+            time.sleep(0.1)
+        # Two long streams: the second goes to the other (least loaded) worker.
+        calls, firsts = [], []
+        for i in range(2):  # one after the other, each its own affinity: the second goes to the idle worker
+            sampling = gpb.SamplingParams(max_tokens=150)
+            calls.append(
+                stub.Execute(gpb.ExecuteRequest(task="long", session_id=f"{victim}{i}", sampling=sampling), timeout=60)
+            )
+            firsts.append(next(calls[-1]))
+        address = stock if victim == "stock" else s.worker
+        assert {f.started.worker for f in firsts} == {stock, s.worker}
+        on_victim = next(c for c, f in zip(calls, firsts, strict=True) if f.started.worker == address)
+        got = 0
+        for ev in on_victim:
+            got += ev.delta.tokens if ev.HasField("delta") else 0
+            if got >= 5:
+                break
+        proc = s.procs.pop(victim)
+        proc.kill()
+        proc.wait()
+        rest = list(on_victim)  # resumed on the other worker: no error
+        got += sum(ev.delta.tokens for ev in rest if ev.HasField("delta"))
+        assert got == rest[-1].done.usage.completion_tokens == 150, victim
+        for c in calls:
+            c.cancel()
+        if victim == "stock":
+            s.start_vllm_grpc("stock", listen=stock, engine="synthetic")
+        else:
+            s.start_worker()
+    assert s.log("gateway").read_text().count("resuming on another worker") >= 2
