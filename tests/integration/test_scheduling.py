@@ -248,6 +248,28 @@ def test_kill9_worker_under_load_loses_no_stream(tmp_path):
         wait_ready_workers(stub, 2, timeout=15)  # rejoined
 
 
+def test_a_stream_outliving_its_workers_drain_is_resumed_elsewhere(tmp_path):
+    """A worker told to stop (SIGTERM) lets its streams run for its grace (drain_grace_s, 5 s here); one
+    still running when the grace ends goes on on the other worker from its tokens: no error, no token lost."""
+    with gateway_over(tmp_path, workers=2, capacity=4, rate=20) as (s, stub, addrs):
+        call = stub.Execute(req(200, task="long"), timeout=60)  # 10 s at 20 tokens/s
+        first = next(call)
+        victim = f"worker{addrs.index(first.started.worker)}"
+        text, tokens = "", 0
+        for ev in call:
+            text += ev.delta.text
+            tokens += ev.delta.tokens
+            if tokens >= 5:
+                break
+        s.procs[victim].send_signal(signal.SIGTERM)
+        rest = list(call)
+        text += "".join(ev.delta.text for ev in rest if ev.HasField("delta"))
+        assert rest[-1].done.usage.completion_tokens == 200
+        assert text == "".join("lorem ipsum dolor sit amet ".split(" ")[i % 5] + " " for i in range(200))
+        assert s.procs[victim].wait(10) == 0
+        assert "resuming on another worker" in s.log("gateway").read_text()
+
+
 def test_sigterm_gateway_behind_envoy_loses_no_stream(tmp_path):
     cfg = make_config(
         "synthetic",
