@@ -13,8 +13,8 @@ core's ``RequestDraft``, events into Anthropic's JSON and server-sent events, er
 Hints that change nothing a model served here can do are accepted and dropped (``metadata``,
 ``cache_control``, ``thinking``, ``context_management``, ``output_config.effort``); anything else the gateway
 cannot honour is a 400 naming it, as on the OpenAI door. ``max_tokens`` is a ceiling, as Anthropic's is:
-lowered to ``gateway.limits.max_tokens_limit`` and to what the context leaves after the prompt. Errors name the body's own fields: the core's ``messages[i]`` is renamed to the Anthropic message
-it came from.
+lowered to ``gateway.limits.max_tokens_limit`` and to what the context leaves after the prompt. Errors
+name the body's own fields: the core's ``messages[i]`` is renamed to the Anthropic message it came from.
 """
 
 from __future__ import annotations

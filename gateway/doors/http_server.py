@@ -190,7 +190,7 @@ class HttpApi:
         """A stored response (a turn of a server-side session) read back."""
         rid = request.match_info["response_id"]
         try:
-            turn = await self._stored_turn(request, rid)
+            _, turn = await self._stored_turn(request, rid)
         except RpcError as err:
             return _json_error(err, responses_api)
         return web.json_response(responses_api.stored_response(rid, turn))
@@ -199,20 +199,21 @@ class HttpApi:
         """Deletes the conversation a stored response belongs to (sessions store conversations)."""
         rid = request.match_info["response_id"]
         try:
-            await self._stored_turn(request, rid)
-            await self.sessions.delete(_headers(request), responses_api.parse_response_id(rid)[0])
+            session_id, _ = await self._stored_turn(request, rid)
+            await self.sessions.delete(_headers(request), session_id)
         except RpcError as err:
             return _json_error(err, responses_api)
         return web.json_response({"id": rid, "object": "response", "deleted": True})
 
     async def _stored_turn(self, request: web.Request, rid: str):
+        """(session id, turn) of a stored response this caller has; NOT_FOUND for any other id."""
         headers = _headers(request)
-        self.core.authenticate(headers)
         found = responses_api.parse_response_id(rid)
         if found is None:
+            self.core.authenticate(headers)  # an unauthenticated caller learns nothing of the id
             raise responses_api.unknown_response(rid)
         try:
-            stored = await self.sessions.get(headers, found[0])
+            stored = await self.sessions.get(headers, found[0])  # authenticates
         except RpcError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
                 raise responses_api.unknown_response(rid) from None
@@ -220,7 +221,7 @@ class HttpApi:
         turn = stored.turn(found[1])
         if turn is None:
             raise responses_api.unknown_response(rid)
-        return turn
+        return found[0], turn
 
     # --- one completion ---------------------------------------------------------------------
 

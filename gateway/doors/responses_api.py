@@ -497,24 +497,19 @@ class Answer:
 
 
 def _usage(ev: Done) -> dict:
-    return _usage_of(ev.prompt_tokens, ev.completion_tokens)
-
-
-def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
-        "input_tokens": prompt_tokens,
+        "input_tokens": ev.prompt_tokens,
         "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": completion_tokens,
+        "output_tokens": ev.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": prompt_tokens + completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
     }
 
 
 def stored_response(rid: str, turn: Turn) -> dict:
-    """A stored turn read back as the response it was (GET /v1/responses/{id})."""
+    """A stored turn read back as the response it was (GET /v1/responses/{id}): its events replayed into
+    an Answer, as a whole answer is built."""
     answer = Answer(Shape("responses", turn.model, False, True), Started("", turn.model, "", 0))
     answer.id, answer.created_at = rid, turn.created_at
     answer.add(Delta(turn.answer, 0, tuple(CallDelta(i, c[0], c[1], c[2]) for i, c in enumerate(turn.calls))))
-    answer._close()
-    reason = "max_output_tokens" if turn.finish_reason == "length" else None
-    return answer.response("incomplete" if reason else "completed", _usage_of(*turn.usage), reason)
+    return answer.result(Done(turn.finish_reason, *turn.usage, queue_ms=0, ttft_ms=0, total_ms=0))

@@ -10,6 +10,7 @@ import json
 import anthropic
 import pytest
 
+from tests.helpers import make_config, running_stack
 from tests.integration.test_http_api import raw
 from tests.integration.test_structured import Canary
 
@@ -123,18 +124,12 @@ def test_errors_are_anthropic_shaped_and_name_the_body_fields(synthetic_stack):
 def test_a_long_prefill_gets_keepalives_on_every_http_api(tmp_path):
     """A stream silent for a long prefill gets keep-alive events (Anthropic's ping, an SSE comment on the
     OpenAI APIs) every gateway.sse_keepalive_ms, and the SDKs read through them."""
-    from tests.helpers import build_stack, make_config
-
     cfg = make_config(
         "synthetic",
         worker={"synthetic": {"tokens_per_s": 50, "first_token_delay_ms": 1_000}},
         gateway={"sse_keepalive_ms": 200},
     )
-    s = build_stack(tmp_path, cfg)
-    try:
-        s.start_worker()
-        s.start_gateway()
-        s.start_envoy()
+    with running_stack(tmp_path, cfg) as s:
         body = {"model": MODEL, "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         _, _, out = raw(s, "POST", "/v1/messages", body)
         head = out.decode().split("content_block_delta")[0]
@@ -145,8 +140,6 @@ def test_a_long_prefill_gets_keepalives_on_every_http_api(tmp_path):
         assert out.decode().count(": keep-alive\n\n") >= 3, out
         with _client(s).messages.stream(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]) as st:
             assert st.get_final_message().content[0].text == "lorem ipsum "
-    finally:
-        s.stop()
 
 
 def test_claude_codes_request_shape_is_served(synthetic_stack):
