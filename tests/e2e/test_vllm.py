@@ -340,8 +340,10 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     try:
         gateway.start_gateway()
         stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["listen"]))
+        # Long enough to hold the one slot for the whole test even when vLLM decodes fast (a CI
+        # run once saw 200 tokens finish before the queued pair arrived); it is cancelled below.
         long = gpb.ExecuteRequest(
-            task="Count from 1 to 300.", sampling=gpb.SamplingParams(max_tokens=200, temperature=0)
+            task="Count from 1 to 1000.", sampling=gpb.SamplingParams(max_tokens=1500, temperature=0)
         )
         blocker = stub.Execute(long, timeout=120)
         next(iter(blocker))
@@ -368,6 +370,7 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
             time.sleep(0.3)
             i = ex.submit(one, "interactive", gpb.PRIORITY_INTERACTIVE)
             time.sleep(0.3)
+            assert blocker.running(), "the blocker ended by itself; the queue test's premise failed"
             blocker.cancel()
             b.result(), i.result()
         assert [n for n, _ in order] == ["interactive", "batch"], order
