@@ -70,6 +70,7 @@ class Step:
     # "stop" or "length" on the request's last step, else None.
     finish_reason: str | None = None
     token_ids: tuple[int, ...] = ()  # the step's tokens, for tool parsers that read them; () = not known
+    cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache (set on the first step)
 
 
 # Fill-in-the-middle token triples (before the prefix, before the suffix, where generation starts) of the
@@ -110,6 +111,11 @@ class Engine(abc.ABC):
     max_batch_tokens: int = 0  # tokens the engine holds at once (KV cache); 0 = unknown
     fim_tokens: tuple[str, str, str] | None = None  # set when the model can fill in the middle
     renders_tools: bool = False  # the chat template renders tools (else igw_common.tool_calls' fallback)
+    # Its prefix cache, when the engine reports it (igw_common.kv_blocks; vLLM's KV-cache events): the
+    # blocks it holds and a callback for each change. None = not reported.
+    kv_blocks = None
+    on_kv_changes = None  # set by the service: called with igw_common.kv_blocks.Changes
+    tokenizer_path: str = ""  # the model folder, for a gateway on this host to tokenize prompts as we do
 
     async def start(self) -> None:
         """Load the model; called once before serving."""

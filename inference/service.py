@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import itertools
 
-from igw_common import tracing
+from igw_common import kv_blocks, tracing
 from igw_worker_api.v1 import worker_pb2 as pb
 from igw_worker_api.v1 import worker_pb2_grpc as pb_grpc
 from inference.engine import Engine
@@ -38,6 +38,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.metrics = WorkerMetrics(self.counters, engine, max_concurrent_requests)
         self.sessions: set[Session] = set()
         self._ids = itertools.count(1)
+        engine.on_kv_changes = self._kv_changed
         # Chat templates and tokenizers run here, off the event loop that sends every session's frames.
         self.render_pool = (
             concurrent.futures.ThreadPoolExecutor(render_threads, thread_name_prefix="render")
@@ -48,6 +49,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Session(self, request_iterator, context):
         session = Session(next(self._ids), self.engine, self.counters, self.metrics, self.tracer, self.render_pool)
         self.sessions.add(session)
+        if self.engine.kv_blocks is not None:
+            # The gateway learns the whole cache first (it may have been away while it changed).
+            blocks = self.engine.kv_blocks.keys()
+            session.kv_changed(kv_blocks.Changes(stored=dict.fromkeys(blocks), cleared=True))
         reader = asyncio.create_task(session.read(request_iterator))
         try:
             async for frame in session.frames():
@@ -57,6 +62,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             reader.cancel()
             session.abort_all("session_closed")
             self.sessions.discard(session)
+
+    def _kv_changed(self, changes: kv_blocks.Changes) -> None:
+        for session in self.sessions:
+            session.kv_changed(changes)
 
     async def Info(self, request, context):
         return pb.WorkerInfo(
@@ -68,6 +77,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             max_batch_tokens=self.engine.max_batch_tokens,
             max_message_bytes=self.max_message_bytes,
             fill_in_middle=self.engine.fim_tokens is not None,
+            kv_block_size=self.engine.kv_blocks.block_size if self.engine.kv_blocks is not None else 0,
+            tokenizer_path=self.engine.tokenizer_path,
         )
 
     async def Load(self, request, context):

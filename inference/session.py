@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 
 from google.rpc import code_pb2
 
-from igw_common import pacing, tool_calls, tracing
+from igw_common import kv_blocks, pacing, tool_calls, tracing
 from igw_worker_api.v1 import worker_pb2 as pb
 from inference.engine import Engine, InvalidRequest, SamplingSpec
 from inference.metrics import WorkerMetrics
@@ -85,6 +85,8 @@ class Session:
         self._wake = asyncio.Event()
         self._reader_done = False
         self._seq = 0
+        # Prefix-cache changes not yet sent (the engine's KV events): merged until the next frame.
+        self._kv: kv_blocks.Changes | None = None
 
     # --- incoming -----------------------------------------------------------
 
@@ -154,7 +156,7 @@ class Session:
 
     async def _run_traced(self, sub: pb.Submit, span) -> None:
         rid = sub.request_id
-        completion = 0
+        completion = cached = 0
         self.counters.requests_total += 1
         self.counters.active_requests += 1
         try:
@@ -189,6 +191,7 @@ class Session:
                 self._emit(pb.Event(request_id=rid, accepted=pb.Accepted(prompt_tokens=prompt.rendered_tokens)))
                 # Engine request ids must be unique across sessions.
                 async for step in self.engine.generate(f"s{self.id}-{rid}", prompt, sampling):
+                    cached = max(cached, step.cached_tokens)
                     completion += step.tokens
                     self.counters.completion_tokens_total += step.tokens
                     text, calls = parser.feed(step.text, step.token_ids) if parser else (step.text, ())
@@ -210,6 +213,7 @@ class Session:
                                     finish_reason=_FINISH[finish_reason],
                                     prompt_tokens=prompt.rendered_tokens,
                                     completion_tokens=completion,
+                                    cached_prompt_tokens=min(cached, prompt.rendered_tokens),
                                 ),
                             )
                         )
@@ -306,6 +310,21 @@ class Session:
                 self._outbox.append(event)
         self._wake.set()
 
+    def kv_changed(self, changes: kv_blocks.Changes) -> None:
+        """The engine's prefix cache changed: tell this session's gateway in the next frame."""
+        if self._kv is None:
+            self._kv = kv_blocks.Changes()
+        self._kv.merge(changes)
+        self._wake.set()
+
+    def _kv_message(self) -> pb.KvCacheChanges | None:
+        kv, self._kv = self._kv, None
+        if not kv:
+            return None
+        return pb.KvCacheChanges(
+            reset=kv.cleared, stored_block_keys=list(kv.stored), removed_block_keys=list(kv.removed)
+        )
+
     async def frames(self) -> AsyncIterator[pb.WorkerFrame]:
         """One frame per engine step (and per pacing tick).
 
@@ -317,13 +336,14 @@ class Session:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(0)
-            if self._outbox:
+            kv = self._kv_message()
+            if self._outbox or kv is not None:
                 events, self._outbox = self._outbox, []
                 # Deltas still held stay open to the next steps; those in this frame are closed.
                 self._unsent_deltas = {rid: ev.delta for rid, ev in self._held.items()}
                 self._seq += 1
                 self.counters.frames_sent_total += 1
-                yield pb.WorkerFrame(events=events, seq=self._seq)
+                yield pb.WorkerFrame(events=events, seq=self._seq, kv_cache=kv)
             elif self._reader_done and not self.tasks:
                 return
 

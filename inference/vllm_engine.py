@@ -11,12 +11,16 @@ must be guarded by ``if __name__ == "__main__"`` (``inference.server`` is).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 
 from igw_common.config import ConfigError, VllmConfig
+from igw_common.kv_blocks import EngineBlocks, EventFeed
 from igw_common.tool_calls import ToolSpec, template_knows_tools
 from inference.engine import Engine, InvalidRequest, Prompt, SamplingSpec, Step, ToolCallParser, find_fim_tokens
 from inference.tool_parsing import VllmToolCalls, parser_class
@@ -56,6 +60,8 @@ class VllmEngine(Engine):
         self._tokenizer = None
         self._refusals: tuple[type[Exception], ...] = (ValueError,)
         self._tool_parser = None  # vLLM's parser class, worker.vllm.tool_parser
+        self._kv_folder = ""
+        self._kv_task: asyncio.Task | None = None
 
     def engine_args(self):
         _prepare_environment(self._cfg)
@@ -82,8 +88,30 @@ class VllmEngine(Engine):
             # backend: guidance (llguidance), which compiles the widest range of JSON schemas and regexes and
             # says clearly what it cannot compile.
             args["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)
+        if self._cfg.report_kv_cache and "kv_events_config" not in self._cfg.engine_args:
+            from vllm.config.kv_events import KVEventsConfig
+
+            # Our own socket, read only by this process (the ipc path is private to its temporary folder).
+            self._kv_folder = tempfile.mkdtemp(prefix="igw-kv-")
+            args["kv_events_config"] = KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=f"ipc://{self._kv_folder}/events", topic="kv"
+            )
         args.update(self._cfg.engine_args)
         return AsyncEngineArgs(**args)
+
+    def _kv_endpoint(self, args) -> tuple[str, str] | None:
+        """Where the engine publishes its KV events (endpoint, topic), if it does and we can read it."""
+        kv = args.kv_events_config
+        if kv is None or not self._cfg.report_kv_cache:
+            return None
+        if isinstance(kv, dict):
+            from vllm.config.kv_events import KVEventsConfig
+
+            kv = KVEventsConfig(**kv)
+        if not kv.enable_kv_cache_events or kv.publisher != "zmq":
+            return None
+        # A wildcard bind (tcp://*:5557) is read on loopback.
+        return kv.endpoint.replace("*", "127.0.0.1"), kv.topic
 
     async def start(self) -> None:
         from vllm.exceptions import VLLMClientError
@@ -95,17 +123,35 @@ class VllmEngine(Engine):
             self._tool_parser = parser_class(self._cfg.tool_parser)
         except ValueError as err:
             raise ConfigError(f"config error: {err}") from None
-        self._llm = AsyncLLM.from_engine_args(self.engine_args())
+        args = self.engine_args()
+        kv = self._kv_endpoint(args)
+        if kv is not None:
+            # Subscribed before the engine starts, so no event is published before we listen.
+            self.kv_blocks = EngineBlocks()
+            feed = EventFeed(*kv, self._kv_changed, self.kv_blocks)
+            self._kv_task = asyncio.create_task(feed.run(), name="kv events")
+        self._llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer_path = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.json")) else ""
         self._tokenizer = self._llm.get_tokenizer()
         self.renders_tools = template_knows_tools(getattr(self._tokenizer, "chat_template", None))
         self.fim_tokens = find_fim_tokens(self._tokenizer.get_vocab())
         # The engine may have settled on a smaller window than asked for.
         self.max_context_tokens = int(self._llm.model_config.max_model_len)
         cache = self._llm.vllm_config.cache_config
+        if self.kv_blocks is not None and not self.kv_blocks.block_size:
+            self.kv_blocks.block_size = int(cache.block_size)  # what gateways split prompts by
         if cache.num_gpu_blocks:  # set by the engine core once it has sized the KV cache
             self.max_batch_tokens = int(cache.num_gpu_blocks) * int(cache.block_size)
 
+    def _kv_changed(self, changes) -> None:
+        if self.on_kv_changes is not None:
+            self.on_kv_changes(changes)
+
     async def close(self) -> None:
+        if self._kv_task is not None:
+            self._kv_task.cancel()
+        if self._kv_folder:
+            shutil.rmtree(self._kv_folder, ignore_errors=True)
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
@@ -182,4 +228,10 @@ def _step(out) -> Step:
     reason = None
     if out.finished:
         reason = "length" if o.finish_reason == "length" else "stop"
-    return Step(text=o.text, tokens=len(o.token_ids), finish_reason=reason, token_ids=tuple(o.token_ids))
+    return Step(
+        text=o.text,
+        tokens=len(o.token_ids),
+        finish_reason=reason,
+        token_ids=tuple(o.token_ids),
+        cached_tokens=out.num_cached_tokens or 0,
+    )

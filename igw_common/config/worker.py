@@ -22,6 +22,11 @@ class VllmConfig(Section):
         "llama3_json, mistral, pythonic, ...); checked at start. The fallback prompt for templates without tools "
         "writes calls in hermes' format",
     )
+    report_kv_cache: bool = Field(
+        True,
+        description="report the prefix-cache blocks vLLM stores and evicts (its KV-cache events, on a ZMQ ipc "
+        "socket in a temporary folder) to gateways, which place requests by cached prefix",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="passed through to vllm.AsyncEngineArgs (dtype, tensor_parallel_size, gpu_memory_utilization, ...)",
