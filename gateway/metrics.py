@@ -121,6 +121,13 @@ class GatewayMetrics:
             "Requests continued on another worker from the tokens already sent, after theirs was lost mid-answer.",
             registry=r,
         )
+        self.placements = Counter(
+            "igw_placements",
+            "Requests placed on a worker, by how the worker was chosen (kv_cache: by cached prefix against "
+            "load; affinity: session or prefix history, else least loaded; least_loaded).",
+            ["strategy"],
+            registry=r,
+        )
         self.retries = Counter(
             "igw_retries", "Requests placed again after their worker failed before the first token.", registry=r
         )
@@ -209,8 +216,15 @@ class PoolCollector:
             "Prompt + max_tokens of this gateway's requests on the worker.",
             labels=["worker"],
         )
+        cached = GaugeMetricFamily(
+            "igw_worker_cached_blocks",
+            "Prefix-cache blocks the gateway knows the worker's engine holds (from its KV events; "
+            "gateway.placement), 0 for a worker that reports none.",
+            labels=["worker"],
+        )
         for w in list(self.workers.workers):
             up.add_metric([w.address, w.pool], 1.0 if w.ready and not w.draining else 0.0)
             in_flight.add_metric([w.address], w.in_flight)
             outstanding.add_metric([w.address], w.outstanding_tokens)
-        yield from (up, in_flight, outstanding)
+            cached.add_metric([w.address], len(w.kv))
+        yield from (up, in_flight, outstanding, cached)

@@ -61,7 +61,7 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> RequestCo
     the request core over them (the servicer tests build theirs here too)."""
     metrics = GatewayMetrics()
     workers = WorkerSet(cfg, metrics)
-    placement = Placement(workers, cfg.queue.affinity_entries)
+    placement = Placement(workers, cfg.queue.affinity_entries, cfg.placement)
     quotas = Quotas(cfg.quota, on_store_failure=metrics.quota_store_failures.inc)
     scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, placement, cfg.queue.max_bypass_ms / 1000)
     # Whenever a worker frees room or (re)joins, the queue moves.

@@ -39,6 +39,7 @@ class Done:
     total_ms: int
     cost_micros: int = 0  # micro-units of gateway.pricing.currency
     cache_hit: bool = False
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache held
 
 
 Event = Started | Delta | Done

@@ -4,27 +4,43 @@
    of the tenant or session over the pools' weights, so one user stays on
    one pool until the weights change (``choose_pool``).
 2. Among the workers of that pool serving the model, taking requests and
-   with room for the request's tokens:
+   with room for the request's tokens (``gateway.placement.strategy``):
+   - **kv_cache** (the default), where every candidate reports its prefix
+     cache (``gateway.workers.kv_cache``) and the gateway has the model's
+     tokenizer: the least *cost*, ``kv_prefill_weight`` x the prompt tokens
+     the worker would have to compute (those past its longest cached prefix
+     of the prompt) + ``kv_load_weight`` x its outstanding tokens (prompt +
+     max_tokens of the requests in flight there). It sees what the engines
+     really hold: a shared system prompt or repository context cached on
+     any worker, a restarted worker that holds nothing, an eviction.
+     Otherwise, affinity:
    - **affinity**: the worker that last served the same session
      (``session_id``) or the same prompt prefix, so vLLM's prefix cache is
-     reused (an LRU of ``gateway.queue.affinity_entries``);
-   - otherwise the **least loaded** by outstanding tokens (prompt +
-     max_tokens of the requests in flight there).
+     likely reused (an LRU of ``gateway.queue.affinity_entries``);
+     otherwise the least loaded;
+   - **least_loaded**: by outstanding tokens alone.
 Placing a request claims the room on the worker at once (``Connection.claim``),
-so the next placement already sees it taken.
+so the next placement already sees it taken. Which workers are candidates
+(health, drain, pools, priorities, fairness) is the scheduler's and the
+worker set's business, the same for every strategy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.core.scheduler import Ticket
 from gateway.workers.membership import WorkerSet
+from gateway.workers.tokenization import TOKENIZE_POOL, TemplateError, encode_job, tool_spec
+from igw_common.config import PlacementConfig
+from igw_common.kv_blocks import prompt_block_keys
 
 log = logging.getLogger("gateway.core.placement")
 
@@ -51,6 +67,15 @@ def affinity_key(tenant: str, session_id: str, messages) -> str:
     return hashlib.blake2b(json.dumps(head).encode(), digest_size=12).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class PromptBlocks:
+    """A prompt as the engines' prefix caches see it: its length and its full blocks' keys."""
+
+    tokens: int
+    block_size: int
+    keys: tuple[bytes, ...]
+
+
 class Router:
     """Affinity first, then least outstanding tokens."""
 
@@ -67,21 +92,38 @@ class Router:
             chosen = next((c for c in candidates if c.address == addr), None)
         if chosen is None:
             chosen = min(candidates, key=lambda c: c.outstanding_tokens)
+        self.remember(key, chosen)
+        return chosen
+
+    def remember(self, key: str, chosen: Candidate) -> None:
         if key:
             self._last[key] = chosen.address
             self._last.move_to_end(key)
             if len(self._last) > self.max_entries:
                 self._last.popitem(last=False)
-        return chosen
+
+
+def by_cached_prefix(prompt: PromptBlocks, candidates: Sequence, cfg: PlacementConfig):
+    """The candidate with the least cost: prefill of what its cache lacks against its load (module doc).
+    Ties go to the least loaded."""
+
+    def cost(c) -> tuple[float, int]:
+        cached = min(prompt.tokens, c.kv.prefix_blocks(prompt.keys) * prompt.block_size)
+        prefill = prompt.tokens - cached
+        return cfg.kv_prefill_weight * prefill + cfg.kv_load_weight * c.active_tokens, c.active_tokens
+
+    return min(candidates, key=cost)
 
 
 class Placement:
     """The scheduler's placer over a worker set."""
 
-    def __init__(self, workers: WorkerSet, affinity_entries: int):
+    def __init__(self, workers: WorkerSet, affinity_entries: int, cfg: PlacementConfig | None = None):
         self.workers = workers
         self.router = Router(affinity_entries)
+        self.cfg = cfg or PlacementConfig()
         self.weights = {spec.name: spec.weight for spec in workers.specs}
+        self.metrics = workers.metrics
 
     def set_weights(self, weights: dict[str, int]) -> None:
         """New traffic weights (config reload). Streams in flight are untouched; new requests follow."""
@@ -118,7 +160,47 @@ class Placement:
         ]
 
     def place(self, ticket: Ticket, held: set):
-        """Claim room for the ticket on a worker (affinity first, then least loaded), or None."""
+        """Claim room for the ticket on a worker (by the configured strategy, module doc), or None."""
         candidates = [w for w in self.wanted(ticket) if w not in held and w.has_room(ticket.cost_tokens)]
-        chosen = self.router.choose(ticket.affinity, candidates)
-        return chosen.claim(ticket.cost_tokens) if chosen is not None else None
+        if not candidates:
+            return None
+        strategy, prompt = self.cfg.strategy, ticket.prompt
+        if strategy == "least_loaded":
+            chosen = min(candidates, key=lambda c: c.outstanding_tokens)
+        elif (
+            strategy == "kv_cache"
+            and prompt is not None
+            and all(c.kv.block_size == prompt.block_size for c in candidates)
+            # Nothing of it cached anywhere (a short prompt, a new conversation): history is all there is.
+            and any(c.kv.prefix_blocks(prompt.keys[:1]) for c in candidates)
+        ):
+            chosen = by_cached_prefix(prompt, candidates, self.cfg)
+            self.router.remember(ticket.affinity, chosen)  # so a fallback later keeps the same worker
+        else:
+            strategy = "affinity"
+            chosen = self.router.choose(ticket.affinity, candidates)
+        if self.metrics is not None:
+            self.metrics.placements.labels(strategy).inc()
+        return chosen.claim(ticket.cost_tokens, prompt.tokens if prompt is not None else ticket.prompt_tokens)
+
+    async def prompt_blocks(self, model: str, job) -> tuple[PromptBlocks | None, list[int]]:
+        """The prompt's blocks (and its token ids), for placement by cached prefix: with the tokenizer of a
+        worker of ``model`` that reports its cache, rendered as the worker renders it, off the event loop.
+        None when no such worker exists or the template refuses the prompt (the worker will say why)."""
+        if self.cfg.strategy != "kv_cache":
+            return None, []
+        reporting = [w for w in self.workers.workers if w.model == model and w.kv.reporting]
+        source = next((w for w in reporting if w.tokenizer is not None), None)
+        if source is None or len(reporting) < 2:  # nothing to choose between
+            return None, []
+        tok, block_size = source.tokenizer, source.kv.block_size
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                TOKENIZE_POOL, encode_job, tok, job, tool_spec(job.tools)
+            )
+        except TemplateError:
+            return None, []  # the worker's own rendering will refuse it, with the reason
+        except Exception as err:  # a prompt the gateway cannot render costs it its placement, nothing more
+            log.warning("placement by cached prefix skipped a prompt it could not render: %s", type(err).__name__)
+            return None, []
+        return PromptBlocks(len(ids), block_size, tuple(prompt_block_keys(ids, block_size))), ids

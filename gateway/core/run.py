@@ -280,6 +280,7 @@ class Run:
             tenant=tenant,
             priority=self.priority,
             cost_tokens=estimate,
+            prompt_tokens=valid.estimated_prompt_tokens,
             affinity=affinity_key(tenant, valid.affinity_id or valid.session_id, texts),
             pool=core.placement.choose_pool(self.model, sticky),
         )
@@ -295,6 +296,10 @@ class Run:
             tools=valid.tools,
             report_token_ids=self.stream.resumes_left > 0,
         )
+        prompt, ids = await core.placement.prompt_blocks(self.model, self.job)
+        if prompt is not None:
+            self.ticket.prompt = prompt
+            self.job = dataclasses.replace(self.job, prompt_token_ids=tuple(ids))
 
     @property
     def interval_ms(self) -> int:
@@ -454,6 +459,7 @@ class Run:
             stream.ms_since_created(stream.first_token_at),
             stream.ms_since_created(None),
             self.core.pricing.cost(self.model, stream.prompt_tokens, stream.completion_tokens),
+            cached_prompt_tokens=stream.cached_prompt_tokens,
         )
 
     def _delta(self, update: Update) -> Delta:

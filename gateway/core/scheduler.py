@@ -46,9 +46,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.vocabulary import PRIORITIES
+
+if TYPE_CHECKING:
+    from gateway.core.placement import PromptBlocks
 
 log = logging.getLogger("gateway.core.scheduler")
 
@@ -75,9 +78,11 @@ class Ticket:
     tenant: str
     priority: str
     cost_tokens: int
+    prompt_tokens: int = 0  # of cost_tokens, the prompt's (an estimate)
     affinity: str = ""  # session or prompt-prefix hash: prefer the worker that served it before
     exclude: frozenset = frozenset()  # workers that already failed this request
     pool: str = ""  # the worker pool it must go to ("" = any)
+    prompt: "PromptBlocks | None" = None  # its prompt's prefix blocks, for placement by cached prefix
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_at: float = field(default_factory=time.monotonic)
     seq: int = 0

@@ -13,12 +13,16 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
+from gateway.errors import clip
 from gateway.metrics import GatewayMetrics
 from gateway.request import ToolUse
+from gateway.workers.kv_cache import CachedBlocks
 from gateway.workers.streaming import RequestStream
+from gateway.workers.tokenization import ModelTokenizer
 from igw_common.config import GatewayConfig
 from igw_worker_api.v1 import worker_pb2 as wpb
 
@@ -61,24 +65,29 @@ class Job:
     constraint: wpb.Constraint | None = None  # structured output, enforced by the engine
     tools: ToolUse | None = None  # functions the model may call
     report_token_ids: bool = False  # the worker sends each token's id (so the request can be resumed)
+    prompt_token_ids: tuple[int, ...] = ()  # the rendered prompt, when placement already tokenized it
     resume_token_ids: tuple[int, ...] = ()  # continue after these tokens another worker generated
 
 
 class Claim:
     """Room on one worker held for one request: a slot and its tokens, from grant to end."""
 
-    __slots__ = ("conn", "cost_tokens", "_held")
+    __slots__ = ("conn", "cost_tokens", "prompt_tokens", "_held")
 
-    def __init__(self, conn: "Connection", cost_tokens: int):
-        self.conn, self.cost_tokens, self._held = conn, cost_tokens, True
+    def __init__(self, conn: "Connection", cost_tokens: int, prompt_tokens: int = 0):
+        self.conn, self.cost_tokens, self.prompt_tokens, self._held = conn, cost_tokens, prompt_tokens, True
         conn.in_flight += 1
         conn.outstanding_tokens += cost_tokens
+        conn.prompt_tokens += prompt_tokens
 
-    def resize(self, cost_tokens: int) -> None:
+    def resize(self, cost_tokens: int, prompt_tokens: int | None = None) -> None:
         """The real prompt is known: hold prompt + max_tokens from now on."""
         if self._held:
             self.conn.outstanding_tokens += cost_tokens - self.cost_tokens
             self.cost_tokens = cost_tokens
+            if prompt_tokens is not None:
+                self.conn.prompt_tokens += prompt_tokens - self.prompt_tokens
+                self.prompt_tokens = prompt_tokens
             self.conn.on_change()
 
     def release(self) -> None:
@@ -86,6 +95,7 @@ class Claim:
             self._held = False
             self.conn.in_flight -= 1
             self.conn.outstanding_tokens -= self.cost_tokens
+            self.conn.prompt_tokens -= self.prompt_tokens
             self.conn.on_change()
 
 
@@ -115,9 +125,20 @@ class Connection:
     # if not, the request core's Pacer does it on the way to the client.
     paces_deltas = False
 
-    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
+    def __init__(
+        self,
+        address: str,
+        cfg: GatewayConfig,
+        metrics: GatewayMetrics | None = None,
+        pool: str = "default",
+        tokenizer="",
+    ):
         self.address = address
         self.pool = pool
+        self.tokenizer_path = tokenizer  # the model folder on this host (config), else what the worker reports
+        self.tokenizer: ModelTokenizer | None = None
+        # Its engine's prefix cache, where it reports it (placement by cached prefix).
+        self.kv = CachedBlocks(cfg.placement.kv_max_blocks_per_worker)
         self.cfg = cfg
         self.metrics = metrics
         self.facts: WorkerFacts | None = None
@@ -127,6 +148,7 @@ class Connection:
         self.last_error = "not connected yet"
         self.in_flight = 0  # claims held (requests granted to this worker and not ended)
         self.outstanding_tokens = 0  # their prompt + max_tokens
+        self.prompt_tokens = 0  # their prompts alone
         self.streams: dict[str, RequestStream] = {}  # wire id -> stream
         self.on_change = lambda: None  # capacity or readiness changed (the scheduler pumps)
         self._task: asyncio.Task[None] | None = None
@@ -171,8 +193,14 @@ class Connection:
         # An idle worker takes any request that fits its context, however large.
         return not cap or not self.in_flight or self.outstanding_tokens + cost_tokens <= cap
 
-    def claim(self, cost_tokens: int) -> Claim:
-        return Claim(self, cost_tokens)
+    def claim(self, cost_tokens: int, prompt_tokens: int = 0) -> Claim:
+        return Claim(self, cost_tokens, prompt_tokens)
+
+    @property
+    def active_tokens(self) -> int:
+        """Tokens its requests hold in the engine now (prompts + what they generated so far): the load that
+        placement by cached prefix weighs, not max_tokens, which an agent sets far above what it uses."""
+        return self.prompt_tokens + sum(s.completion_tokens for s in self.streams.values())
 
     def open(self, stream: RequestStream, claim: Claim, job: Job) -> None:
         """Send the request, on the room ``claim`` holds here. Errors end ``stream`` alone."""
@@ -238,8 +266,25 @@ class Connection:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
+    async def _load_tokenizer(self, reported: str) -> None:
+        """The model's tokenizer from a folder on this host, if there is one (a worker that reports its cache
+        is then placed by cached prefix): the configured one, else the one the worker reports."""
+        if self.tokenizer is not None:
+            return
+        for folder in (self.tokenizer_path, reported):
+            if folder and (Path(folder) / "tokenizer.json").is_file():
+                self.tokenizer = await asyncio.to_thread(ModelTokenizer, folder)
+                return
+        log.warning(
+            "worker %s reports its prefix cache but its tokenizer is not on this host (%s); it is placed by "
+            "affinity. Set gateway.workers[].tokenizer to the model folder",
+            self.address,
+            clip(reported, 200) or "no path reported",
+        )
+
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready
+        self.kv.clear()  # a new session reports the whole cache again; a lost worker's is gone
         if ready:
             self.draining = False
             self._ready_event.set()

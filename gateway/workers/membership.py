@@ -64,8 +64,9 @@ class WorkerSet:
                 pool=pool,
                 tokenizer=endpoint.tokenizer,
                 max_concurrent_requests=endpoint.max_concurrent_requests,
+                kv_events=(endpoint.kv_events_endpoint, endpoint.kv_events_topic),
             )
-        return WorkerConnection(endpoint.address, self.cfg, self.metrics, pool=pool)
+        return WorkerConnection(endpoint.address, self.cfg, self.metrics, pool=pool, tokenizer=endpoint.tokenizer)
 
     def set_on_change(self, callback) -> None:
         """``callback`` runs whenever a worker's room or readiness changes (the scheduler pumps)."""

@@ -25,11 +25,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import clip
-from gateway.metrics import GatewayMetrics
 from gateway.vocabulary import FINISH_FROM_WORKER, STOP, TOOL_CHOICE_TO_WORKER
 from gateway.workers.connection import DEFAULT_MAX_MESSAGE_BYTES, Claim, Connection, Job, WorkerFacts, channel_options
 from gateway.workers.streaming import RequestStream
-from igw_common.config import GatewayConfig
 from igw_worker_api.v1 import worker_pb2 as wpb
 from igw_worker_api.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -44,8 +42,8 @@ class WorkerConnection(Connection):
     protocol = "igw"
     paces_deltas = True
 
-    def __init__(self, address: str, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, pool: str = "default"):
-        super().__init__(address, cfg, metrics, pool)
+    def __init__(self, *args, **kwargs):  # Connection's
+        super().__init__(*args, **kwargs)
         self._info: wpb.WorkerInfo | None = None
         self._cancelled_at: dict[str, float] = {}  # wire id -> when we sent its cancel
         self._submits: list[tuple[str, wpb.Submit, int]] = []  # (wire id, submit, size) waiting for the writer
@@ -91,6 +89,9 @@ class WorkerConnection(Connection):
         async with grpc.aio.insecure_channel(self.address, options=channel_options(self.cfg)) as channel:
             stub = wpb_grpc.WorkerStub(channel)
             self.info = await stub.Info(wpb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+            self.kv.block_size = self.info.kv_block_size
+            if self.kv.reporting and self.cfg.placement.strategy == "kv_cache":
+                await self._load_tokenizer(self.info.tokenizer_path)
             call = stub.Session()
             writer = asyncio.create_task(self._write(call))
             health = asyncio.create_task(self._watch_health(channel))
@@ -195,6 +196,9 @@ class WorkerConnection(Connection):
         self._wake.set()
 
     def _on_frame(self, frame: wpb.WorkerFrame) -> None:
+        if frame.HasField("kv_cache"):
+            kv = frame.kv_cache
+            self.kv.apply(kv.reset, kv.stored_block_keys, kv.removed_block_keys)
         for ev in frame.events:
             try:
                 self._on_event(ev)
@@ -225,7 +229,8 @@ class WorkerConnection(Connection):
                 self.metrics.abort_latency.observe(time.monotonic() - at)
             return
         if kind == "finished":
-            stream.on_finished(FINISH_FROM_WORKER.get(ev.finished.finish_reason, STOP), ev.finished.prompt_tokens)
+            f = ev.finished
+            stream.on_finished(FINISH_FROM_WORKER.get(f.finish_reason, STOP), f.prompt_tokens, f.cached_prompt_tokens)
         elif kind == "failed":
             stream.on_error(_grpc_code(ev.failed.code), clip(ev.failed.message, 300), ev.failed.field[:64])
         elif kind == "aborted":

@@ -110,6 +110,7 @@ class RequestStream:
         self.last_token_at = 0.0
         self._itl = itl_observer  # histogram child: inter-token latency observed as tokens arrive
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0  # of them, found in the engine's prefix cache (its own count)
         self.completion_tokens = 0  # tokens received from the worker
         self._accepted: int | None = None
         self._text: list[str] = []
@@ -125,7 +126,7 @@ class RequestStream:
         self.prompt_tokens = prompt_tokens
         self.cost_tokens = prompt_tokens + self.max_tokens
         if self.claim is not None:
-            self.claim.resize(self.cost_tokens)
+            self.claim.resize(self.cost_tokens, prompt_tokens)
         self._accepted = prompt_tokens
         self._wake.set()
 
@@ -178,8 +179,9 @@ class RequestStream:
         self._tokens += tokens
         self._wake.set()
 
-    def on_finished(self, finish_reason: str, prompt_tokens: int) -> None:
+    def on_finished(self, finish_reason: str, prompt_tokens: int, cached_prompt_tokens: int = 0) -> None:
         self.prompt_tokens = prompt_tokens
+        self.cached_prompt_tokens = cached_prompt_tokens
         self._finish(Update(finish_reason=finish_reason))
 
     def on_error(self, code: grpc.StatusCode, message: str, field: str = "") -> None:

@@ -10,6 +10,7 @@ cut the text at stop strings the engine cannot apply to ids.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from igw_common.tool_calls import template_knows_tools
+from igw_common.tool_calls import ToolSpec, conversation, template_knows_tools
+
+# Prompts are rendered and tokenized in the gateway off the event loop that carries every stream's tokens.
+TOKENIZE_POOL = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tokenize")
 
 # Fill-in-the-middle token triples, as the worker's engines know them (inference/engine.py FIM_FORMATS).
 FIM_FORMATS = (
@@ -93,6 +97,19 @@ class ModelTokenizer:
 
     def decoder(self) -> "IncrementalDecoder":
         return IncrementalDecoder(self.tokenizer)
+
+
+def tool_spec(tools) -> ToolSpec | None:
+    """A request's ``ToolUse`` as the shared tool-call code takes it (schemas were checked: JSON)."""
+    return None if tools is None else ToolSpec.of(tools.tools, tools.choice, tools.name, tools.parallel)
+
+
+def encode_job(tok: ModelTokenizer, job, spec: ToolSpec | None) -> list[int]:
+    """A request's prompt as the worker renders it: its messages (and tools) through the chat template, or
+    its raw prompt (and suffix)."""
+    if job.prompt or job.suffix:
+        return tok.encode_raw(job.prompt, job.suffix)
+    return tok.encode_chat(*conversation(job.messages, spec, tok.renders_tools))
 
 
 class IncrementalDecoder:

@@ -18,7 +18,6 @@ unchanged. What our worker does on its side is done here:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import io
 import logging
@@ -35,14 +34,20 @@ from gateway.errors import clip
 from gateway.vocabulary import LENGTH, STOP, TOOL_CALLS
 from gateway.workers.connection import Claim, Connection, Job, WorkerFacts, channel_options
 from gateway.workers.streaming import RequestStream
-from gateway.workers.tokenization import ModelTokenizer, StopStrings, TemplateError
-from igw_common.tool_calls import HermesParser, ToolSpec, conversation, forced_grammar
+from gateway.workers.tokenization import (
+    TOKENIZE_POOL,
+    ModelTokenizer,
+    StopStrings,
+    TemplateError,
+    encode_job,
+    tool_spec,
+)
+from igw_common.kv_blocks import Changes, EventFeed
+from igw_common.tool_calls import HermesParser, ToolSpec, forced_grammar
 from igw_worker_api.v1 import worker_pb2 as wpb
 
 log = logging.getLogger("gateway.workers.vllm_grpc")
 
-# Prompts are rendered and tokenized here, off the event loop that carries every stream's tokens.
-_tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tokenize")
 _HEALTH_INTERVAL_S = 1.0
 
 
@@ -50,12 +55,18 @@ class VllmGrpcConnection(Connection):
     protocol = "vllm-grpc"
 
     def __init__(
-        self, address, cfg, metrics=None, pool: str = "default", tokenizer: str = "", max_concurrent_requests: int = 0
+        self,
+        address,
+        cfg,
+        metrics=None,
+        pool: str = "default",
+        tokenizer: str = "",
+        max_concurrent_requests: int = 0,
+        kv_events: tuple[str, str] = ("", ""),
     ):
-        super().__init__(address, cfg, metrics, pool)
-        self.tokenizer_path = tokenizer
+        super().__init__(address, cfg, metrics, pool, tokenizer)
+        self.kv_events = kv_events  # the server's KV-event publisher (endpoint, topic), if configured
         self.configured_concurrency = max_concurrent_requests
-        self.tokenizer: ModelTokenizer | None = None
         self.running_requests = 0  # the server's own count (GetLoads), for operators and tests
         self._stub: vpb_grpc.VllmEngineStub | None = None
         self._calls: dict[str, asyncio.Task] = {}
@@ -69,7 +80,7 @@ class VllmGrpcConnection(Connection):
             info = await stub.GetModelInfo(vpb.GetModelInfoRequest(), timeout=timeout, wait_for_ready=True)
             server = await stub.GetServerInfo(vpb.GetServerInfoRequest(), timeout=timeout)
             if self.tokenizer is None:
-                self.tokenizer = await self._load_tokenizer(stub, info)
+                self.tokenizer = await self._server_tokenizer(stub, info)
             loads = await self._loads(stub)
             model = info.served_model_name or Path(info.model_path).name
             self.facts = WorkerFacts(
@@ -84,6 +95,7 @@ class VllmGrpcConnection(Connection):
             self._stub = stub
             self._established = True
             self._set_ready(True)
+            feed = self._follow_kv_events()
             log.info(
                 "vLLM gRPC server %s ready: model %s, %d-token context, %d at once",
                 self.address,
@@ -102,8 +114,24 @@ class VllmGrpcConnection(Connection):
                         self.running_requests = loads.num_running_reqs + loads.num_waiting_reqs
                     await asyncio.sleep(_HEALTH_INTERVAL_S)
             finally:
+                if feed is not None:
+                    feed.cancel()
                 self._stub = None
                 self._set_ready(False)
+
+    def _follow_kv_events(self) -> asyncio.Task | None:
+        """Read the server's KV events (vLLM's ZMQ publisher) into ``kv`` while the session lasts. The
+        publisher keeps no snapshot: blocks stored before this subscription are learned when stored again."""
+        endpoint, topic = self.kv_events
+        if not endpoint or self.cfg.placement.strategy != "kv_cache":
+            return None
+
+        def changed(changes: Changes) -> None:
+            self.kv.block_size = feed.blocks.block_size
+            self.kv.apply(changes.cleared, changes.stored, changes.removed)
+
+        feed = EventFeed(endpoint, topic, changed)
+        return asyncio.create_task(feed.run(), name=f"kv events {self.address}")
 
     async def _loads(self, stub) -> vpb.SchedulerLoad | None:
         """The server's load report (rank 0), where its version has GetLoads."""
@@ -115,7 +143,7 @@ class VllmGrpcConnection(Connection):
             raise
         return resp.loads[0] if resp.loads else None
 
-    async def _load_tokenizer(self, stub, info: vpb.GetModelInfoResponse) -> ModelTokenizer:
+    async def _server_tokenizer(self, stub, info: vpb.GetModelInfoResponse) -> ModelTokenizer:
         for candidate in (self.tokenizer_path, info.tokenizer_path, info.model_path):
             if candidate and (Path(candidate) / "tokenizer.json").is_file():
                 return await asyncio.to_thread(ModelTokenizer, candidate)
@@ -171,11 +199,14 @@ class VllmGrpcConnection(Connection):
         loop = asyncio.get_running_loop()
         tok = self.tokenizer
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        spec = _tool_spec(job)
+        spec = tool_spec(job.tools)
         parser = HermesParser() if spec is not None and spec.parses else None
         try:
             try:
-                ids = await loop.run_in_executor(_tokenize_pool, _encode, tok, job, spec)
+                # Placement may have tokenized it already (with this model's tokenizer).
+                ids = list(job.prompt_token_ids) or await loop.run_in_executor(
+                    TOKENIZE_POOL, encode_job, tok, job, spec
+                )
             except TemplateError as err:
                 if self._take(wire_id, stream):
                     stream.on_error(invalid, clip(str(err), 300), "suffix" if job.suffix else "messages")
@@ -201,7 +232,7 @@ class VllmGrpcConnection(Connection):
             decoder, stops = tok.decoder(), StopStrings(job.sampling.stop)
             if job.resume_token_ids:
                 decoder.feed(job.resume_token_ids)  # its text went out from the first worker
-            accepted = False
+            accepted, cached = False, 0
             async for resp in call:
                 if not self._mine(wire_id, stream):
                     call.cancel()
@@ -210,6 +241,7 @@ class VllmGrpcConnection(Connection):
                     accepted = True
                     stream.on_accepted(prompt_tokens)
                 if resp.HasField("chunk"):
+                    cached = max(cached, resp.chunk.cached_tokens)
                     new_ids = resp.chunk.token_ids
                     text = stops.feed(decoder.feed(new_ids))
                     text, calls = parser.feed(text) if parser is not None else (text, ())
@@ -218,10 +250,12 @@ class VllmGrpcConnection(Connection):
                     if stops.stopped:  # the server stops there too; this saves its last step
                         call.cancel()
                         self._abort(wire_id)
-                        self._complete(wire_id, stream, STOP, "", len(ids), parser)
+                        self._complete(wire_id, stream, STOP, "", (len(ids), cached), parser)
                         return
                 elif resp.HasField("complete"):
-                    self._complete(wire_id, stream, resp.complete.finish_reason, stops.flush(), len(ids), parser)
+                    done = resp.complete
+                    usage = (len(ids), max(cached, done.cached_tokens))
+                    self._complete(wire_id, stream, done.finish_reason, stops.flush(), usage, parser)
                     return
             if self._take(wire_id, stream):
                 stream.on_error(grpc.StatusCode.UNAVAILABLE, "the vLLM server ended the stream without finishing it")
@@ -236,7 +270,10 @@ class VllmGrpcConnection(Connection):
         finally:
             self._calls.pop(wire_id, None)
 
-    def _complete(self, wire_id, stream: RequestStream, reason: str, tail: str, prompt_tokens: int, parser) -> None:
+    def _complete(
+        self, wire_id, stream: RequestStream, reason: str, tail: str, prompt: tuple[int, int], parser
+    ) -> None:
+        """The end: ``prompt`` is (its tokens, of them found in the server's prefix cache)."""
         calls = ()
         if parser is not None:
             tail, calls = parser.feed(tail)
@@ -250,9 +287,9 @@ class VllmGrpcConnection(Connection):
             code = grpc.StatusCode.ABORTED if reason == "abort" else grpc.StatusCode.UNAVAILABLE
             stream.on_error(code, f"the vLLM server ended the request ({reason}); retrying is safe")
         elif reason == LENGTH:
-            stream.on_finished(LENGTH, prompt_tokens)
+            stream.on_finished(LENGTH, *prompt)
         else:
-            stream.on_finished(TOOL_CALLS if parser is not None and parser.called else STOP, prompt_tokens)
+            stream.on_finished(TOOL_CALLS if parser is not None and parser.called else STOP, *prompt)
 
     def _failed(self, wire_id: str, stream: RequestStream, err: grpc.aio.AioRpcError, job: Job) -> None:
         if not self._mine(wire_id, stream):
@@ -278,17 +315,6 @@ class VllmGrpcConnection(Connection):
         for task in self._calls.values():
             task.cancel()
         self._calls.clear()
-
-
-def _tool_spec(job: Job) -> ToolSpec | None:
-    t = job.tools
-    return None if t is None else ToolSpec.of(t.tools, t.choice, t.name, t.parallel)  # schemas checked: JSON
-
-
-def _encode(tok: ModelTokenizer, job: Job, spec: ToolSpec | None) -> list[int]:
-    if job.prompt or job.suffix:
-        return tok.encode_raw(job.prompt, job.suffix)
-    return tok.encode_chat(*conversation(job.messages, spec, tok.renders_tools))
 
 
 def _request(wire_id: str, ids: list[int], job: Job, spec: ToolSpec | None, max_tokens: int) -> vpb.GenerateRequest:

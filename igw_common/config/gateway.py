@@ -18,9 +18,17 @@ class WorkerEndpoint(Section):
     )
     tokenizer: str = Field(
         "",
-        description="vllm-grpc: the model folder (tokenizer.json, chat template) on the gateway host; empty = the "
-        "path the server reports if present here, else the server's own tokenizer bundle",
+        description="the model folder (tokenizer.json, chat template) on the gateway host; empty = the path the "
+        "worker reports if present here, else (vllm-grpc) the server's own tokenizer bundle. vllm-grpc members "
+        "need it to serve; our workers only for placement by cached prefix (gateway.placement)",
     )
+    kv_events_endpoint: str = Field(
+        "",
+        description="vllm-grpc: the server's KV-event publisher (vLLM's --kv-events-config endpoint, e.g. "
+        "tcp://host:5557; topic kv_events_topic), read for placement by cached prefix; empty = none (our "
+        "workers report theirs on their own stream)",
+    )
+    kv_events_topic: str = Field("", description="vllm-grpc: the topic of kv_events_endpoint (vLLM's default: empty)")
     max_concurrent_requests: int = Field(
         0, ge=0, description="vllm-grpc: requests sent at once; 0 = the server's scheduler window (max_num_seqs)"
     )
@@ -370,6 +378,26 @@ class QueueConfig(Section):
     )
 
 
+class PlacementConfig(Section):
+    """Which worker gets a request; docs/design.md ("Placement") explains the choice and the weights."""
+
+    strategy: Literal["kv_cache", "affinity", "least_loaded"] = Field(
+        "kv_cache",
+        description="kv_cache: the worker with the least cost, prefill of the prompt's uncached tokens against "
+        "load, where every candidate reports its prefix cache (else affinity); affinity: the worker that last "
+        "served the session or prompt prefix, else the least loaded; least_loaded: by outstanding tokens only",
+    )
+    kv_prefill_weight: float = Field(
+        1.0, ge=0, description="kv_cache: cost of one prompt token the worker must compute (not in its cache)"
+    )
+    kv_load_weight: float = Field(
+        1.0, ge=0, description="kv_cache: cost of one outstanding token (prompt + max_tokens in flight) on the worker"
+    )
+    kv_max_blocks_per_worker: int = Field(
+        1_000_000, gt=0, description="kv_cache: cached blocks remembered per worker (oldest forgotten first)"
+    )
+
+
 def replica_addresses(listen: str, count: int) -> list[str]:
     """host:port of each of ``count`` processes: ``listen``'s port, then the next ones."""
     if not listen:
@@ -462,6 +490,7 @@ class GatewayConfig(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)

@@ -13,7 +13,7 @@ class FakeClaim:
     def __init__(self):
         self.cost, self.released = None, 0
 
-    def resize(self, cost):
+    def resize(self, cost, prompt_tokens=None):
         self.cost = cost
 
     def release(self):
