@@ -73,6 +73,7 @@ class RequestRecord:
         if stream is not None:
             fields.update(
                 prompt_tokens=stream.prompt_tokens,
+                cached_prompt_tokens=stream.cached_prompt_tokens,
                 completion_tokens=stream.completion_tokens,
                 queue_ms=stream.ms_since_created(stream.dispatched_at) if stream.dispatched_at else None,
                 ttft_ms=stream.ms_since_created(stream.first_token_at) if stream.first_token_at else None,

@@ -731,6 +731,12 @@ class Processes:
         for proc in list(self.procs.values()):
             kill_group(proc)
 
+    def stop_process(self, name: str) -> int:
+        """Stop one process (e.g. a worker, to restart it), with its whole process group."""
+        code = stop(self.procs[name], self.grace(name))
+        del self.procs[name]
+        return code
+
     def stop(self, report=lambda name, code: None) -> None:
         """Stop Envoy first and workers last, each with its whole process group.
 

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.helpers import RedisServer, build_stack, make_config, running_stack
@@ -33,9 +35,13 @@ def synthetic_stack(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stock_vllm_grpc(tmp_path_factory):
-    s = build_stack(tmp_path_factory.mktemp("vllm-grpc-stock"), make_config("vllm"))
+    """A stock vLLM gRPC server, publishing its KV-cache events (``kv_events_endpoint``, an ipc socket)."""
+    folder = tmp_path_factory.mktemp("vllm-grpc-stock")
+    s = build_stack(folder, make_config("vllm"))
+    s.kv_events_endpoint = f"ipc://{folder}/kv-events"
+    kv = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": s.kv_events_endpoint, "topic": "kv"}
     try:
-        s.start_vllm_grpc(engine="vllm")
+        s.start_vllm_grpc(engine="vllm", extra_args=["--kv-events-config", json.dumps(kv)])
         yield s
     finally:
         s.stop()

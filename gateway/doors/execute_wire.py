@@ -79,7 +79,11 @@ def _constraint(c: gpb.OutputConstraint) -> Constraint:
 def done(ev: Done) -> gpb.Done:
     return gpb.Done(
         finish_reason=FINISH_TO_PUBLIC.get(ev.finish_reason, gpb.FINISH_REASON_UNSPECIFIED),
-        usage=gpb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+        usage=gpb.Usage(
+            prompt_tokens=ev.prompt_tokens,
+            completion_tokens=ev.completion_tokens,
+            cached_prompt_tokens=ev.cached_prompt_tokens,
+        ),
         timings=gpb.Timings(queue_ms=ev.queue_ms, ttft_ms=ev.ttft_ms, total_ms=ev.total_ms),
         cost_micros=ev.cost_micros,
         cache_hit=ev.cache_hit,

@@ -201,7 +201,8 @@ def job_to_proto(job_id: str, h: dict) -> gpb.Job:
     )
     if job.state == gpb.JOB_STATE_SUCCEEDED and h.get("res"):
         r = json.loads(h["res"])
-        done = execute_wire.done(Done(**{f.name: r[f.name] for f in dataclasses.fields(Done)}))
+        # A result stored before a field existed leaves it at its default.
+        done = execute_wire.done(Done(**{f.name: r[f.name] for f in dataclasses.fields(Done) if f.name in r}))
         job.result.CopyFrom(gpb.JobResult(text=r["text"], model=r["model"], done=done))
     elif job.state == gpb.JOB_STATE_FAILED:
         job.error.CopyFrom(gpb.JobError(code=int(h.get("ecode") or 0), message=text(h.get("emsg"))))

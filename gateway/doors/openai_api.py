@@ -403,6 +403,7 @@ class Answer:
     def __init__(self, shape: Shape, started: Started):
         self.chat = shape.kind == "chat"
         self.include_usage = shape.include_usage
+        self.cached_tokens = 0  # of the prompt, in the prefix cache (from Done)
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + started.request_id
         self.created = int(time.time())
         self.model = shape.model
@@ -440,7 +441,7 @@ class Answer:
     def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> list[dict]:
         chunks = [self._chunk([self._choice(None, finish_reason)])]
         if self.include_usage:
-            chunks.append(self._chunk([], usage(prompt_tokens, completion_tokens)))
+            chunks.append(self._chunk([], usage(prompt_tokens, completion_tokens, self.cached_tokens)))
         return chunks
 
     # --- what the HTTP door calls (the same in every API module) ---
@@ -452,6 +453,7 @@ class Answer:
             return [sse(chunk)] if chunk is not None else []
         if isinstance(ev, Delta):
             return [sse(self.delta(ev.text, ev.tool_calls))] if ev.text or ev.tool_calls else []
+        self.cached_tokens = ev.cached_prompt_tokens
         return [*(sse(c) for c in self.done(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)), DONE]
 
     def keepalive(self) -> bytes:
@@ -472,6 +474,7 @@ class Answer:
 
     def result(self, ev: Done) -> dict:
         """A whole answer's body, at its end."""
+        self.cached_tokens = ev.cached_prompt_tokens
         return self.whole("".join(self._text), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, self._calls)
 
     def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, calls=None) -> dict:
@@ -494,7 +497,7 @@ class Answer:
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, self.cached_tokens),
         }
 
 
@@ -540,11 +543,13 @@ def calls_json(calls) -> list[dict]:
     return [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in calls]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # Of prompt_tokens, those the engine found in its prefix cache (vLLM's count).
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

@@ -499,7 +499,7 @@ class Answer:
 def _usage(ev: Done) -> dict:
     return {
         "input_tokens": ev.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": ev.cached_prompt_tokens},
         "output_tokens": ev.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": ev.prompt_tokens + ev.completion_tokens,

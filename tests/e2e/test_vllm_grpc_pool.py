@@ -15,8 +15,10 @@ import pytest
 from smg_grpc_proto import vllm_engine_pb2 as vpb
 from smg_grpc_proto import vllm_engine_pb2_grpc as vpb_grpc
 
+from bench import kv_placement
 from gateway.v1 import gateway_pb2 as gpb
 from tests.helpers import TcpProxy, build_stack, make_config
+from tests.integration.test_observability import scrape, value
 
 pytestmark = pytest.mark.vllm
 
@@ -42,7 +44,13 @@ def pool(vllm_stack, stock_vllm_grpc, tmp_path_factory):
     relay = TcpProxy(stock_vllm_grpc.worker)
     relay.start()
     cfg = make_config("vllm")
-    cfg["gateway"]["workers"] = [{"address": relay.address, "protocol": "vllm-grpc"}, {"address": vllm_stack.worker}]
+    stock = {
+        "address": relay.address,
+        "protocol": "vllm-grpc",
+        "kv_events_endpoint": stock_vllm_grpc.kv_events_endpoint,
+        "kv_events_topic": "kv",
+    }
+    cfg["gateway"]["workers"] = [stock, {"address": vllm_stack.worker}]
     s = build_stack(tmp_path_factory.mktemp("mixed-pool"), cfg)
     try:
         s.start_gateway()
@@ -87,6 +95,37 @@ def test_execute_is_served_from_both_kinds_with_exact_counts(pool):
         assert out[0].started.prompt_tokens == len(hf.encode(prompt, add_special_tokens=False))
         workers.add(out[0].started.worker)
     assert workers == {relay.address, ours.worker}
+
+
+def test_both_kinds_report_their_prefix_cache_and_a_shared_prefix_follows_it(pool):
+    """The stock server's own KV-event publisher (read by the gateway) and our worker's stream both fill
+    the gateway's index; a prompt whose prefix one of them holds goes there, and vLLM reuses it."""
+    s, stub, relay, ours = pool
+    metrics = s.config["gateway"]["metrics_listen"]
+    system = gpb.ChatMessage(role="system", content=kv_placement.system_prompt("mixed-pool", 400))
+
+    def ask(q: str) -> gpb.ExecuteRequest:
+        msgs = [system, gpb.ChatMessage(role="user", content=q)]
+        return gpb.ExecuteRequest(messages=msgs, sampling=gpb.SamplingParams(max_tokens=2))
+
+    def run_one(req):
+        out = run(stub, req)
+        return out[0].started.worker, out[-1].done.usage
+
+    # Two at once, nothing cached yet: one on each kind (least load); both now hold the prefix.
+    with ThreadPoolExecutor(2) as ex:
+        firsts = list(ex.map(run_one, [ask("First question?"), ask("Second question?")]))
+    assert {w for w, _ in firsts} == {relay.address, ours.worker}
+    blocks = firsts[0][1].prompt_tokens // 128
+    wait_for(
+        lambda: all(value(scrape(metrics), "igw_worker_cached_blocks", worker=w) >= blocks for w, _ in firsts),
+        10,
+        "the gateway never learned the blocks of both engines",
+    )
+    # A third sharing the prefix: wherever it goes, that engine holds the prefix and reuses it.
+    _, usage = run_one(ask("Third question?"))
+    assert usage.cached_prompt_tokens >= blocks * 128
+    assert value(scrape(metrics), "igw_placements_total", strategy="kv_cache") >= 1
 
 
 def test_cancel_and_deadline_reach_both_engines(pool):
