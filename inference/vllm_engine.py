@@ -130,6 +130,7 @@ class VllmEngine(Engine):
             self.kv_blocks = EngineBlocks()
             feed = EventFeed(*kv, self._kv_changed, self.kv_blocks)
             self._kv_task = asyncio.create_task(feed.run(), name="kv events")
+            self._kv_task.add_done_callback(_report_feed_end)
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer_path = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.json")) else ""
         self._tokenizer = self._llm.get_tokenizer()
@@ -220,6 +221,11 @@ class VllmEngine(Engine):
             # If our consumer stopped early, closing vLLM's generator makes it
             # call AsyncLLM.abort (its GeneratorExit/CancelledError path).
             await stream.aclose()
+
+
+def _report_feed_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reading the engine's KV events failed; gateways no longer learn its cache: %r", task.exception())
 
 
 def _step(out) -> Step:

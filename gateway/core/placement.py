@@ -8,9 +8,9 @@
    - **kv_cache** (the default), where every candidate reports its prefix
      cache (``gateway.workers.kv_cache``) and the gateway has the model's
      tokenizer: the least *cost*, ``kv_prefill_weight`` x the prompt tokens
-     the worker would have to compute (those past its longest cached prefix
-     of the prompt) + ``kv_load_weight`` x its outstanding tokens (prompt +
-     max_tokens of the requests in flight there). It sees what the engines
+     to compute there (this prompt's past the longest prefix the worker's
+     engine holds, plus those of its requests still before their first
+     token) + ``kv_load_weight`` x the tokens its running requests hold. It sees what the engines
      really hold: a shared system prompt or repository context cached on
      any worker, a restarted worker that holds nothing, an eviction.
      Otherwise, affinity:
@@ -103,13 +103,17 @@ class Router:
                 self._last.popitem(last=False)
 
 
+def uncached_tokens(prompt: PromptBlocks, c) -> int:
+    """The prompt's tokens past the longest prefix ``c``'s engine holds: what it would compute."""
+    return prompt.tokens - min(prompt.tokens, c.kv.prefix_blocks(prompt.keys) * prompt.block_size)
+
+
 def by_cached_prefix(prompt: PromptBlocks, candidates: Sequence, cfg: PlacementConfig):
-    """The candidate with the least cost: prefill of what its cache lacks against its load (module doc).
-    Ties go to the least loaded."""
+    """The candidate with the least cost (module doc): the prefill it would do for this prompt plus the
+    prefill already waiting there, against the tokens its running requests hold. Ties: least loaded."""
 
     def cost(c) -> tuple[float, int]:
-        cached = min(prompt.tokens, c.kv.prefix_blocks(prompt.keys) * prompt.block_size)
-        prefill = prompt.tokens - cached
+        prefill = uncached_tokens(prompt, c) + c.prefill_tokens
         return cfg.kv_prefill_weight * prefill + cfg.kv_load_weight * c.active_tokens, c.active_tokens
 
     return min(candidates, key=cost)
@@ -181,7 +185,9 @@ class Placement:
             chosen = self.router.choose(ticket.affinity, candidates)
         if self.metrics is not None:
             self.metrics.placements.labels(strategy).inc()
-        return chosen.claim(ticket.cost_tokens, prompt.tokens if prompt is not None else ticket.prompt_tokens)
+        if prompt is not None:
+            return chosen.claim(ticket.cost_tokens, prompt.tokens, uncached_tokens(prompt, chosen))
+        return chosen.claim(ticket.cost_tokens, ticket.prompt_tokens)
 
     async def prompt_blocks(self, model: str, job) -> tuple[PromptBlocks | None, list[int]]:
         """The prompt's blocks (and its token ids), for placement by cached prefix: with the tokenizer of a

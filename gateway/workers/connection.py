@@ -72,13 +72,21 @@ class Job:
 class Claim:
     """Room on one worker held for one request: a slot and its tokens, from grant to end."""
 
-    __slots__ = ("conn", "cost_tokens", "prompt_tokens", "_held")
+    __slots__ = ("conn", "cost_tokens", "prompt_tokens", "prefill_tokens", "_held")
 
-    def __init__(self, conn: "Connection", cost_tokens: int, prompt_tokens: int = 0):
+    def __init__(self, conn: "Connection", cost_tokens: int, prompt_tokens: int = 0, prefill_tokens: int = 0):
         self.conn, self.cost_tokens, self.prompt_tokens, self._held = conn, cost_tokens, prompt_tokens, True
+        self.prefill_tokens = prefill_tokens
         conn.in_flight += 1
         conn.outstanding_tokens += cost_tokens
         conn.prompt_tokens += prompt_tokens
+        conn.prefill_tokens += prefill_tokens
+
+    def prefilled(self) -> None:
+        """Its first token came: the prompt is no longer work waiting on the worker."""
+        if self.prefill_tokens:
+            self.conn.prefill_tokens -= self.prefill_tokens
+            self.prefill_tokens = 0
 
     def resize(self, cost_tokens: int, prompt_tokens: int | None = None) -> None:
         """The real prompt is known: hold prompt + max_tokens from now on."""
@@ -96,6 +104,7 @@ class Claim:
             self.conn.in_flight -= 1
             self.conn.outstanding_tokens -= self.cost_tokens
             self.conn.prompt_tokens -= self.prompt_tokens
+            self.prefilled()
             self.conn.on_change()
 
 
@@ -149,6 +158,7 @@ class Connection:
         self.in_flight = 0  # claims held (requests granted to this worker and not ended)
         self.outstanding_tokens = 0  # their prompt + max_tokens
         self.prompt_tokens = 0  # their prompts alone
+        self.prefill_tokens = 0  # of those, the ones still to compute (before each one's first token)
         self.streams: dict[str, RequestStream] = {}  # wire id -> stream
         self.on_change = lambda: None  # capacity or readiness changed (the scheduler pumps)
         self._task: asyncio.Task[None] | None = None
@@ -193,8 +203,10 @@ class Connection:
         # An idle worker takes any request that fits its context, however large.
         return not cap or not self.in_flight or self.outstanding_tokens + cost_tokens <= cap
 
-    def claim(self, cost_tokens: int, prompt_tokens: int = 0) -> Claim:
-        return Claim(self, cost_tokens, prompt_tokens)
+    def claim(self, cost_tokens: int, prompt_tokens: int = 0, prefill_tokens: int | None = None) -> Claim:
+        """Room for a request; ``prefill_tokens``: what of its prompt this worker must compute (default:
+        all of it)."""
+        return Claim(self, cost_tokens, prompt_tokens, prompt_tokens if prefill_tokens is None else prefill_tokens)
 
     @property
     def active_tokens(self) -> int:

@@ -157,6 +157,8 @@ class RequestStream:
     def on_delta(self, text: str, tokens: int, calls=(), token_ids=()) -> None:
         if tokens:
             now = time.monotonic()
+            if self.claim is not None:
+                self.claim.prefilled()  # (on this worker: a resumed stream prefills again on the next)
             if self.first_token_at is None:
                 self.first_token_at = now
             elif self._itl is not None:

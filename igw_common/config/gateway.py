@@ -388,10 +388,16 @@ class PlacementConfig(Section):
         "served the session or prompt prefix, else the least loaded; least_loaded: by outstanding tokens only",
     )
     kv_prefill_weight: float = Field(
-        1.0, ge=0, description="kv_cache: cost of one prompt token the worker must compute (not in its cache)"
+        1.0,
+        ge=0,
+        description="kv_cache: cost of one prompt token the worker must compute: this prompt's past its cached "
+        "prefix, and those of its requests still before their first token",
     )
     kv_load_weight: float = Field(
-        1.0, ge=0, description="kv_cache: cost of one outstanding token (prompt + max_tokens in flight) on the worker"
+        0.1,
+        ge=0,
+        description="kv_cache: cost of one token held by the worker's running requests (their prompts and output "
+        "so far, not max_tokens)",
     )
     kv_max_blocks_per_worker: int = Field(
         1_000_000, gt=0, description="kv_cache: cached blocks remembered per worker (oldest forgotten first)"

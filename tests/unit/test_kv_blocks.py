@@ -89,8 +89,8 @@ def test_the_index_counts_a_cached_prefix_only_and_is_bounded():
 
 
 class W:
-    def __init__(self, address, active, cached_keys=()):
-        self.address, self.active_tokens = address, active
+    def __init__(self, address, active, cached_keys=(), prefill=0):
+        self.address, self.active_tokens, self.prefill_tokens = address, active, prefill
         self.kv = CachedBlocks(100)
         self.kv.block_size = BS
         self.kv.apply(True, cached_keys, [])
@@ -99,12 +99,15 @@ class W:
 def test_placement_weighs_the_uncached_prefill_against_load():
     ids = list(range(400))
     prompt = PromptBlocks(len(ids), BS, tuple(prompt_block_keys(ids, BS)))
-    cold, warm = W("cold", 0), W("warm", 100, prompt.keys[:90])  # 360 of 400 tokens cached
-    cfg = PlacementConfig()
+    cold, warm = W("cold", 0), W("warm", 1000, prompt.keys[:90])  # 360 of 400 tokens cached
+    cfg = PlacementConfig()  # a prefill token weighs 1, a running token 0.1
     assert by_cached_prefix(prompt, [cold, warm], cfg) is warm  # 40 + 100 < 400 + 0
-    warm.active_tokens = 500
-    assert by_cached_prefix(prompt, [cold, warm], cfg) is cold  # 40 + 500 > 400: too busy for its cache
-    assert by_cached_prefix(prompt, [cold, warm], PlacementConfig(kv_load_weight=0.5)) is warm
+    warm.prefill_tokens = 300  # a prompt waiting there for its prefill
+    assert by_cached_prefix(prompt, [cold, warm], cfg) is cold  # 40 + 300 + 100 > 400
+    warm.prefill_tokens = 0
+    warm.active_tokens = 4000
+    assert by_cached_prefix(prompt, [cold, warm], cfg) is cold  # 40 + 400 > 400: too busy for its cache
+    assert by_cached_prefix(prompt, [cold, warm], PlacementConfig(kv_load_weight=0.05)) is warm
     assert by_cached_prefix(prompt, [W("a", 7), W("b", 3)], cfg).address == "b"  # nothing cached: least load
 
 
@@ -119,8 +122,8 @@ class Conn(W):
     def has_room(self, cost):
         return True
 
-    def claim(self, cost, prompt_tokens):
-        self.claimed.append(prompt_tokens)
+    def claim(self, cost, prompt_tokens, prefill_tokens=None):
+        self.claimed.append((prompt_tokens, prefill_tokens))
         return self
 
 
@@ -161,7 +164,7 @@ def test_placement_falls_back_to_affinity_unless_the_cache_can_decide():
     a, b = Conn("a", 0), Conn("b", 50, prompt.keys[:50])
     placement = Placement(Pool([a, b]), 100, PlacementConfig())
     assert placement.place(_ticket(prompt), set()) is b  # b holds 200 of 400 tokens
-    assert b.claimed == [400]  # its claim counts the real prompt as load
+    assert b.claimed == [(400, 200)]  # its claim: the real prompt, and the half b must compute
     # Nothing of the prompt cached anywhere: affinity (which remembered b for s1), not least load.
     other = PromptBlocks(400, BS, tuple(prompt_block_keys(list(range(1000, 1400)), BS)))
     assert placement.place(_ticket(other), set()) is b

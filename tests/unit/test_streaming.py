@@ -19,6 +19,9 @@ class FakeClaim:
     def release(self):
         self.released += 1
 
+    def prefilled(self):
+        pass
+
 
 async def test_acceptance_then_merged_text_then_the_end():
     s = RequestStream(max_tokens=50, cost_tokens=500)
