@@ -298,7 +298,9 @@ class Run:
         )
         prompt, ids = await core.placement.prompt_blocks(self.model, self.job)
         if prompt is not None:
-            self.ticket.prompt = prompt
+            # Counted, not estimated: the worker's room is claimed for what the prompt really takes.
+            self.ticket.prompt, self.ticket.cost_tokens = prompt, prompt.tokens + max_tokens
+            self.stream.cost_tokens = self.ticket.cost_tokens
             self.job = dataclasses.replace(self.job, prompt_token_ids=tuple(ids))
 
     @property

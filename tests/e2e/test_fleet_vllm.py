@@ -73,7 +73,7 @@ def test_a_shared_prefix_goes_to_the_worker_whose_engine_holds_it(two_workers):
     s, _ = two_workers
     stub, metrics = s.gateway_stub("gateway"), s.config["gateway"]["metrics_listen"]
     before = scrape(metrics)
-    system = gpb.ChatMessage(role="system", content=kv_placement.system_prompt("fleet-test", 800))
+    system = gpb.ChatMessage(role="system", content=kv_placement.system_prompt("fleet-test", 1100))
 
     def ask(q):
         return [system, gpb.ChatMessage(role="user", content=q)]
