@@ -273,3 +273,16 @@ class TcpProxy:
                 s.close()
             except OSError:
                 pass
+
+
+def wait_ready_workers(stub, n, timeout=10, key=None):
+    """Until the gateway behind ``stub`` has ``n`` workers ready for its first model (a gateway reports
+    SERVING before it has reached its workers)."""
+    deadline = time.monotonic() + timeout
+    md = [("authorization", f"Bearer {key}")] if key else None
+    while True:
+        models = stub.ListModels(gpb.ListModelsRequest(), metadata=md, timeout=5).models
+        if models and models[0].ready_workers == n:
+            return
+        assert time.monotonic() < deadline, f"ready workers never reached {n}"
+        time.sleep(0.05)

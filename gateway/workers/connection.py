@@ -164,6 +164,7 @@ class Connection:
         self._task: asyncio.Task[None] | None = None
         self._ready_event = asyncio.Event()
         self._established = False
+        self._tokenizer_task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -239,6 +240,8 @@ class Connection:
         self._task = asyncio.create_task(self._run(), name=f"worker {self.address}")
 
     async def close(self) -> None:
+        if self._tokenizer_task:
+            self._tokenizer_task.cancel()
         if self._task:
             self._task.cancel()
             try:
@@ -278,14 +281,23 @@ class Connection:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
+    def _load_tokenizer_soon(self, reported: str) -> None:
+        """Load the model's tokenizer in the background, for placement by cached prefix. Readiness does not
+        wait for it: a gateway that has just started takes requests at once, placed by affinity until the
+        tokenizer is loaded."""
+        if self.tokenizer is None and (self._tokenizer_task is None or self._tokenizer_task.done()):
+            self._tokenizer_task = asyncio.create_task(self._load_tokenizer(reported))
+
     async def _load_tokenizer(self, reported: str) -> None:
-        """The model's tokenizer from a folder on this host, if there is one (a worker that reports its cache
-        is then placed by cached prefix): the configured one, else the one the worker reports."""
-        if self.tokenizer is not None:
-            return
+        """The model's tokenizer from a folder on this host, if there is one: the configured one, else the
+        one the worker reports."""
         for folder in (self.tokenizer_path, reported):
             if folder and (Path(folder) / "tokenizer.json").is_file():
-                self.tokenizer = await asyncio.to_thread(ModelTokenizer, folder)
+                try:
+                    self.tokenizer = await asyncio.to_thread(ModelTokenizer, folder)
+                except Exception as err:  # a broken folder costs placement its cache, not the connection
+                    log.warning("worker %s: cannot load the tokenizer in %s: %s", self.address, folder, err)
+                    continue
                 return
         log.warning(
             "worker %s reports its prefix cache but its tokenizer is not on this host (%s); it is placed by "

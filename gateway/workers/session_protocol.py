@@ -91,7 +91,7 @@ class WorkerConnection(Connection):
             self.info = await stub.Info(wpb.InfoRequest(), timeout=timeout, wait_for_ready=True)
             self.kv.block_size = self.info.kv_block_size
             if self.kv.reporting and self.cfg.placement.strategy == "kv_cache":
-                await self._load_tokenizer(self.info.tokenizer_path)
+                self._load_tokenizer_soon(self.info.tokenizer_path)
             call = stub.Session()
             writer = asyncio.create_task(self._write(call))
             health = asyncio.create_task(self._watch_health(channel))

@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from tests.helpers import wait_ready_workers
 
 pytestmark = pytest.mark.vllm
 
@@ -340,6 +341,7 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
     try:
         gateway.start_gateway()
         stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["listen"]))
+        wait_ready_workers(stub, 1, timeout=30)
         # Long enough to hold the one slot for the whole test even when vLLM decodes fast (a CI
         # run once saw 200 tokens finish before the queued pair arrived); it is cancelled below.
         long = gpb.ExecuteRequest(

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from gateway.v1 import gateway_pb2 as gpb
-from tests.helpers import build_stack, free_port, igw_keys, make_config
+from tests.helpers import build_stack, free_port, igw_keys, make_config, wait_ready_workers
 from tests.integration.test_observability import delta, scrape
 
 
@@ -55,17 +55,6 @@ def gateway_over(tmp_path, workers=1, key=None, **kw):
         yield s, stub, addrs
     finally:
         s.stop()
-
-
-def wait_ready_workers(stub, n, timeout=10, key=None):
-    deadline = time.monotonic() + timeout
-    md = [("authorization", f"Bearer {key}")] if key else None
-    while True:
-        models = stub.ListModels(gpb.ListModelsRequest(), metadata=md, timeout=5).models
-        if models and models[0].ready_workers == n:
-            return
-        assert time.monotonic() < deadline, f"ready workers never reached {n}"
-        time.sleep(0.05)
 
 
 def test_overload_queue_full_is_immediate_and_admitted_complete(tmp_path):
