@@ -128,6 +128,14 @@ class GatewayMetrics:
             ["strategy"],
             registry=r,
         )
+        self.overflows = Counter(
+            "igw_overflow",
+            "Requests placed on an overflow pool (gateway.pools[].overflow), by pool and why (queue_time: the other "
+            "pools could not take it within gateway.overflow.after_queue_ms; no_primary: none of their workers was "
+            "up).",
+            ["pool", "reason"],
+            registry=r,
+        )
         self.retries = Counter(
             "igw_retries", "Requests placed again after their worker failed before the first token.", registry=r
         )

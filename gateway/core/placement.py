@@ -19,6 +19,11 @@
      likely reused (an LRU of ``gateway.queue.affinity_entries``);
      otherwise the least loaded;
    - **least_loaded**: by outstanding tokens alone.
+3. **Overflow** (``gateway.pools[].overflow``, e.g. a cloud endpoint): its
+   workers are candidates only for tenants and models that may burst
+   (``gateway.overflow``), once the request has waited
+   ``gateway.overflow.after_queue_ms`` or when no other pool's worker is up,
+   and only when no other candidate has room.
 Placing a request claims the room on the worker at once (``Connection.claim``),
 so the next placement already sees it taken. Which workers are candidates
 (health, drain, pools, priorities, fairness) is the scheduler's and the
@@ -31,6 +36,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,11 +146,12 @@ class Placement:
     def choose_pool(self, model: str, key: str) -> str:
         """The pool for a request: a stable hash of ``key`` (tenant or session) over the weights, so one
         user stays on one pool until the weights change, and a change moves only the users in the
-        shifted range. "" (any pool) when the chosen pool cannot serve the model right now."""
-        specs = self.workers.specs
+        shifted range. "" (any pool) when the chosen pool cannot serve the model right now. Overflow pools
+        are not chosen here (``overflow_reason``)."""
+        specs = [spec for spec in self.workers.specs if not spec.overflow]
         pools = [spec.name for spec in specs if self.weights.get(spec.name, 0) > 0]
         total = sum(self.weights[p] for p in pools)
-        if len(specs) == 1 or not total:
+        if len(specs) <= 1 or not total:
             return ""
         serving = {w.pool for w in self.workers.models().get(model, [])}
         point = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 1_000_000
@@ -156,18 +163,40 @@ class Placement:
         return ""
 
     def wanted(self, ticket: Ticket) -> list:
-        """Workers that could take the ticket once they have room."""
-        return [
-            w
-            for w in self.workers.models().get(ticket.model, [])
-            if w not in ticket.exclude and (not ticket.pool or w.pool == ticket.pool)
-        ]
+        """Workers that could take the ticket once they have room: its pool's (any pool's when it has
+        none), and an overflow pool's once ``overflow_reason`` says so."""
+        serving = [w for w in self.workers.models().get(ticket.model, []) if w not in ticket.exclude]
+        out = [w for w in serving if not w.overflow and (not ticket.pool or w.pool == ticket.pool)]
+        if ticket.overflow_after_s is not None and len(out) < len(serving):
+            if self.overflow_reason(ticket, bool(out)) is not None:
+                out += [w for w in serving if w.overflow]
+        return out
+
+    @staticmethod
+    def overflow_reason(ticket: Ticket, primary_up: bool) -> str | None:
+        """Why a ticket that may burst may now go to an overflow pool (the ``igw_overflow_total`` reason):
+        none of the other pools' workers is up, or it waited ``gateway.overflow.after_queue_ms``."""
+        if ticket.overflow_after_s is None:
+            return None
+        if not primary_up:
+            return "no_primary"
+        if time.monotonic() - ticket.enqueued_at >= ticket.overflow_after_s:
+            return "queue_time"
+        return None
 
     def place(self, ticket: Ticket, held: set):
         """Claim room for the ticket on a worker (by the configured strategy, module doc), or None."""
-        candidates = [w for w in self.wanted(ticket) if w not in held and w.has_room(ticket.cost_tokens)]
+        wanted = self.wanted(ticket)
+        candidates = [w for w in wanted if w not in held and w.has_room(ticket.cost_tokens)]
         if not candidates:
             return None
+        # An overflow pool costs more and leaves the premises: only when no other pool's worker has room.
+        primaries = [c for c in candidates if not c.overflow]
+        overflow = None
+        if primaries:
+            candidates = primaries
+        else:
+            overflow = self.overflow_reason(ticket, any(not w.overflow for w in wanted)) or "queue_time"
         strategy, prompt = self.cfg.strategy, ticket.prompt
         if strategy == "least_loaded":
             chosen = min(candidates, key=lambda c: c.outstanding_tokens)
@@ -185,6 +214,8 @@ class Placement:
             chosen = self.router.choose(ticket.affinity, candidates)
         if self.metrics is not None:
             self.metrics.placements.labels(strategy).inc()
+            if overflow is not None:
+                self.metrics.overflows.labels(chosen.pool, overflow).inc()
         if prompt is not None:
             return chosen.claim(ticket.cost_tokens, prompt.tokens, uncached_tokens(prompt, chosen))
         return chosen.claim(ticket.cost_tokens, ticket.prompt_tokens)

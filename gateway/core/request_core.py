@@ -59,7 +59,7 @@ class RequestCore:
         self.tracer = tracer
         self.supersession = Supersession(scheduler)
         self.pacer = Pacer()
-        self.pricing = pricing or Pricing(cfg.pricing)
+        self.pricing = pricing or Pricing(cfg.pricing, cfg.pools)
         self.cache = cache  # None: gateway.cache.enabled is off
         self.sessions = sessions  # None: gateway.sessions.enabled is off
 

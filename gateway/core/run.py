@@ -257,7 +257,10 @@ class Run:
         self.trace.begin("igw.queue")
         max_tokens, texts = valid.sampling.max_tokens, valid.prompt_texts()
         bound = prompt_token_bound(texts, valid.tools_bytes())
-        cost = core.pricing.cost(self.model, bound, max_tokens)
+        # It may burst to an overflow pool: reserve at the dearest price of the pools it may reach.
+        bursts = any(p.overflow for p in core.cfg.pools) and core.cfg.overflow.allows(self.principal.tenant, self.model)
+        priced = [p.name for p in core.cfg.pools if p.price is not None and (bursts or not p.overflow)]
+        cost = core.pricing.most(self.model, bound, max_tokens, priced)
         self.reservation = await admission.reserve(core.quotas, core.budgets(self.principal), bound + max_tokens, cost)
         estimate = valid.estimated_prompt_tokens + max_tokens
         # A constraint's or tools' decoding state cannot be carried to another worker: those are not resumed.
@@ -283,6 +286,7 @@ class Run:
             prompt_tokens=valid.estimated_prompt_tokens,
             affinity=affinity_key(tenant, valid.affinity_id or valid.session_id, texts),
             pool=core.placement.choose_pool(self.model, sticky),
+            overflow_after_s=core.cfg.overflow.after_queue_ms / 1000 if bursts else None,
         )
         self.job = Job(
             model=self.model,
@@ -314,7 +318,7 @@ class Run:
         self._check_superseded()
         if self.holder is not None:
             self.holder.ticket = ticket
-        if not core.workers.can_serve(ticket.model, ticket.exclude):
+        if not core.workers.can_serve(ticket.model, ticket.exclude, overflow=ticket.overflow_after_s is not None):
             raise core.workers.no_worker_error(ticket.model)
         timeout = self.deadline - self.loop.time() if self.deadline is not None else None
         try:
@@ -375,9 +379,8 @@ class Run:
         core, max_tokens = self.core, self.valid.sampling.max_tokens
         if self.valid.sampling.fit_context:  # the worker lowered the ceiling to what the context leaves
             max_tokens = max(1, min(max_tokens, core.workers.max_context_tokens(self.model) - prompt_tokens))
-        core.quotas.trim(
-            self.reservation, prompt_tokens + max_tokens, core.pricing.cost(self.model, prompt_tokens, max_tokens)
-        )
+        cost = core.pricing.cost(self.model, prompt_tokens, max_tokens, self.rec.pool)
+        core.quotas.trim(self.reservation, prompt_tokens + max_tokens, cost)
         if self.started_sent:
             return None
         self.started_sent = True
@@ -419,7 +422,8 @@ class Run:
         token ids (greedy output is unchanged), for the tokens still to make; usage stays one request's."""
         stream, job, core = self.stream, self.job, self.core
         sent = stream.completion_tokens
-        if not core.workers.can_serve(self.model, self.ticket.exclude | {failed}):
+        bursts = self.ticket.overflow_after_s is not None
+        if not core.workers.can_serve(self.model, self.ticket.exclude | {failed}, overflow=bursts):
             raise self._worker_error(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the worker serving this request became unavailable and no other can continue it; the stream "
@@ -460,7 +464,7 @@ class Run:
             stream.ms_since_created(stream.dispatched_at),
             stream.ms_since_created(stream.first_token_at),
             stream.ms_since_created(None),
-            self.core.pricing.cost(self.model, stream.prompt_tokens, stream.completion_tokens),
+            self.core.pricing.cost(self.model, stream.prompt_tokens, stream.completion_tokens, self.rec.pool),
             cached_prompt_tokens=stream.cached_prompt_tokens,
         )
 
@@ -533,7 +537,7 @@ class Run:
         else:
             used = stream.prompt_tokens + stream.completion_tokens if stream is not None else 0
             if stream is not None:
-                rec.cost_micros = core.pricing.cost(rec.model, stream.prompt_tokens, stream.completion_tokens)
+                rec.cost_micros = core.pricing.cost(rec.model, stream.prompt_tokens, stream.completion_tokens, rec.pool)
         if self.reservation is not None:
             core.quotas.settle(self.reservation, used, rec.cost_micros)
         core.metrics.active_streams.dec()

@@ -83,6 +83,7 @@ class Ticket:
     exclude: frozenset = frozenset()  # workers that already failed this request
     pool: str = ""  # the worker pool it must go to ("" = any)
     prompt: "PromptBlocks | None" = None  # its prompt's prefix blocks, for placement by cached prefix
+    overflow_after_s: float | None = None  # queue time after which an overflow pool may take it; None = never
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_at: float = field(default_factory=time.monotonic)
     seq: int = 0
@@ -207,6 +208,11 @@ class Scheduler:
         t.seq = next(self._seq)
         self.classes[t.priority].push(t)
         self.pump()
+        if t.overflow_after_s is not None and not t.granted.done():
+            # Its wait makes it eligible for an overflow pool then, with no other change to pump for. A timer
+            # may fire a clock tick early: 10 ms late rather than a tick too soon, when it is not eligible yet.
+            due = t.overflow_after_s - (time.monotonic() - t.enqueued_at) + 0.01
+            asyncio.get_running_loop().call_later(max(0.0, due), self.pump)
 
     def cancel(self, t: Ticket) -> None:
         """Remove a ticket that gave up (cancel or deadline); no-op once granted.

@@ -144,6 +144,7 @@ class Connection:
     ):
         self.address = address
         self.pool = pool
+        self.overflow = False  # of an overflow pool (gateway.pools[].overflow): only for requests others cannot take
         self.tokenizer_path = tokenizer  # the model folder on this host (config), else what the worker reports
         self.tokenizer: ModelTokenizer | None = None
         # Its engine's prefix cache, where it reports it (placement by cached prefix).
@@ -346,3 +347,39 @@ class Connection:
 
     def _forget_pending(self) -> None:
         """Drop protocol state of requests that are gone (what was queued to send, cancels in flight)."""
+
+
+class CallPerRequest(Connection):
+    """A protocol with one call of its own per request (stock vLLM gRPC, OpenAI HTTP): ``open`` starts it
+    as a task in ``_calls``, ``cancel`` cancels that task."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._calls: dict[str, asyncio.Task] = {}
+
+    def cancel(self, stream: RequestStream, reason: str = "cancelled") -> None:
+        if self.streams.pop(stream.wire_id, None) is None:
+            return
+        stream.detach()
+        if self.metrics:
+            self.metrics.aborts.labels(reason).inc()
+        task = self._calls.pop(stream.wire_id, None)
+        if task is not None:
+            task.cancel()
+        self._cancelled(stream.wire_id)
+
+    def _cancelled(self, wire_id: str) -> None:
+        """What the protocol does beyond cancelling the call (e.g. an explicit abort on the server)."""
+
+    def _mine(self, wire_id: str, stream: RequestStream) -> bool:
+        """The stream is still this call's to end (not cancelled, not failed with the connection)."""
+        return self.streams.get(wire_id) is stream
+
+    def _take(self, wire_id: str, stream: RequestStream) -> bool:
+        """Take the stream off this worker to end it; False if something else ended it already."""
+        return self.streams.pop(wire_id, None) is stream
+
+    def _forget_pending(self) -> None:
+        for task in self._calls.values():
+            task.cancel()
+        self._calls.clear()

@@ -35,6 +35,7 @@ class PoolSpec:
     weight: int
     endpoints: list[WorkerEndpoint]
     dns: list[str]
+    overflow: bool = False  # out of the weighted choice: only for requests the others cannot take in time
 
 
 class WorkerSet:
@@ -43,9 +44,9 @@ class WorkerSet:
     def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        self.specs = [PoolSpec(p.name, p.weight, list(p.workers), list(p.worker_dns)) for p in cfg.pools] or [
-            PoolSpec("default", 100, list(cfg.workers), list(cfg.worker_dns))
-        ]
+        self.specs = [
+            PoolSpec(p.name, p.weight, list(p.workers), list(p.worker_dns), p.overflow) for p in cfg.pools
+        ] or [PoolSpec("default", 100, list(cfg.workers), list(cfg.worker_dns))]
         # With DNS names configured, a pool's static list is only a starting point.
         self.workers = [self._connect(e, spec.name) for spec in self.specs if not spec.dns for e in spec.endpoints]
         self._on_change = lambda: None
@@ -54,6 +55,15 @@ class WorkerSet:
         self._last_no_worker_log = 0.0
 
     def _connect(self, endpoint: WorkerEndpoint, pool: str) -> Connection:
+        conn = self._connection(endpoint, pool)
+        conn.overflow = any(spec.overflow for spec in self.specs if spec.name == pool)
+        return conn
+
+    def _connection(self, endpoint: WorkerEndpoint, pool: str) -> Connection:
+        if endpoint.protocol == "openai-http":
+            from gateway.workers.openai_http import OpenAIHttpConnection
+
+            return OpenAIHttpConnection(endpoint, self.cfg, self.metrics, pool=pool)
         if endpoint.protocol == "vllm-grpc":
             from gateway.workers.vllm_grpc import VllmGrpcConnection
 
@@ -167,9 +177,10 @@ class WorkerSet:
         """Every worker has been reached once (so the catalog is complete)."""
         return all(w.model is not None for w in self.workers)
 
-    def can_serve(self, model: str, exclude=()) -> bool:
-        """Some worker serving the model takes new requests (it may be busy)."""
-        return any(w not in exclude for w in self.models().get(model, []))
+    def can_serve(self, model: str, exclude=(), overflow: bool = True) -> bool:
+        """Some worker serving the model takes new requests (it may be busy); ``overflow`` False: not counting
+        the overflow pools'."""
+        return any(w not in exclude and (overflow or not w.overflow) for w in self.models().get(model, []))
 
     def no_worker_error(self, model: str) -> RpcError:
         """UNAVAILABLE for the client (no internal addresses or exception text); the details go to the log."""

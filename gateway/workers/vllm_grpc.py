@@ -32,7 +32,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from gateway.errors import clip
 from gateway.vocabulary import LENGTH, STOP, TOOL_CALLS
-from gateway.workers.connection import Claim, Connection, Job, WorkerFacts, channel_options
+from gateway.workers.connection import CallPerRequest, Claim, Job, WorkerFacts, channel_options
 from gateway.workers.streaming import RequestStream
 from gateway.workers.tokenization import (
     TOKENIZE_POOL,
@@ -51,7 +51,7 @@ log = logging.getLogger("gateway.workers.vllm_grpc")
 _HEALTH_INTERVAL_S = 1.0
 
 
-class VllmGrpcConnection(Connection):
+class VllmGrpcConnection(CallPerRequest):
     protocol = "vllm-grpc"
 
     def __init__(
@@ -69,7 +69,6 @@ class VllmGrpcConnection(Connection):
         self.configured_concurrency = max_concurrent_requests
         self.running_requests = 0  # the server's own count (GetLoads), for operators and tests
         self._stub: vpb_grpc.VllmEngineStub | None = None
-        self._calls: dict[str, asyncio.Task] = {}
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -166,16 +165,8 @@ class VllmGrpcConnection(Connection):
         wire_id = self._register(stream, claim)
         self._calls[wire_id] = asyncio.create_task(self._generate(wire_id, stream, job), name=f"generate {wire_id}")
 
-    def cancel(self, stream: RequestStream, reason: str = "cancelled") -> None:
-        if self.streams.pop(stream.wire_id, None) is None:
-            return
-        stream.detach()
-        if self.metrics:
-            self.metrics.aborts.labels(reason).inc()
-        task = self._calls.pop(stream.wire_id, None)
-        if task is not None:
-            task.cancel()  # cancels the Generate call: the servicer's generator closes, vLLM aborts
-        self._abort(stream.wire_id)
+    def _cancelled(self, wire_id: str) -> None:
+        self._abort(wire_id)  # cancelling the Generate call closes the servicer's generator; this tells vLLM too
 
     def _abort(self, wire_id: str) -> None:
         """Abort on the server too, in case the call's cancel does not reach it (best effort, in the background)."""
@@ -190,10 +181,6 @@ class VllmGrpcConnection(Connection):
                 log.debug("abort of %s on %s failed: %s", wire_id, self.address, err.code().name)
 
         asyncio.get_running_loop().create_task(send())
-
-    def _mine(self, wire_id: str, stream: RequestStream) -> bool:
-        """The stream is still this call's to end (not cancelled, not failed with the connection)."""
-        return self.streams.get(wire_id) is stream
 
     async def _generate(self, wire_id: str, stream: RequestStream, job: Job) -> None:
         loop = asyncio.get_running_loop()
@@ -306,15 +293,6 @@ class VllmGrpcConnection(Connection):
         else:  # the server or the connection failed: placed again if nothing was sent yet
             self.streams.pop(wire_id, None)
             self._fail(stream)
-
-    def _take(self, wire_id: str, stream: RequestStream) -> bool:
-        """Take the stream off this worker to end it; False if something else ended it already."""
-        return self.streams.pop(wire_id, None) is stream
-
-    def _forget_pending(self) -> None:
-        for task in self._calls.values():
-            task.cancel()
-        self._calls.clear()
 
 
 def _request(wire_id: str, ids: list[int], job: Job, spec: ToolSpec | None, max_tokens: int) -> vpb.GenerateRequest:

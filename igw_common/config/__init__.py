@@ -32,6 +32,7 @@ from igw_common.config.gateway import (
     JobsConfig,
     Limits,
     ModelPrice,
+    OverflowConfig,
     PlacementConfig,
     PoolConfig,
     PricingConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "Limits",
     "NO_LIMITS",
     "ModelPrice",
+    "OverflowConfig",
     "PoolConfig",
     "PricingConfig",
     "PlacementConfig",
@@ -193,6 +195,10 @@ def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tu
         item = next(iter(getattr(ann, "__args__", ())), None)
         if isinstance(item, type) and issubclass(item, BaseModel):
             default = f.get_default(call_default_factory=True)
+            if default is None:  # an optional section (`X | None`)
+                rows.append((key, "null", f.description or ""))
+                rows.extend(reference_rows(item, key + "."))
+                continue
             rows.append((key, json.dumps([d.model_dump() for d in default]), f.description or ""))
             rows.extend(reference_rows(item, key + "[]."))
             continue

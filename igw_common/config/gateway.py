@@ -10,17 +10,22 @@ from igw_common.config.base import Section, TracingConfig, check_hostport
 
 
 class WorkerEndpoint(Section):
-    address: str = Field(description="host:port of the worker's gRPC server")
-    protocol: Literal["igw", "vllm-grpc"] = Field(
+    protocol: Literal["igw", "vllm-grpc", "openai-http"] = Field(
         "igw",
-        description='"igw" (our worker, inference.v1) or "vllm-grpc" (a stock vLLM gRPC server, vllm_engine.proto; '
-        "the gateway tokenizes and detokenizes)",
+        description='"igw" (our worker, inference.v1), "vllm-grpc" (a stock vLLM gRPC server, vllm_engine.proto; '
+        'the gateway tokenizes and detokenizes) or "openai-http" (any server of the OpenAI chat and completions '
+        "API with SSE streaming: vllm serve, SGLang, llama.cpp, Ollama, a cloud provider)",
+    )
+    address: str = Field(
+        description="host:port of the worker's gRPC server; for openai-http the server's base URL, "
+        "http(s)://host[:port][/path], where /v1/chat/completions lives (e.g. http://10.0.0.5:8000/v1)"
     )
     tokenizer: str = Field(
         "",
         description="the model folder (tokenizer.json, chat template) on the gateway host; empty = the path the "
         "worker reports if present here, else (vllm-grpc) the server's own tokenizer bundle. vllm-grpc members "
-        "need it to serve; our workers only for placement by cached prefix (gateway.placement)",
+        "need it to serve; our workers only for placement by cached prefix (gateway.placement); openai-http "
+        "members to count a prompt's tokens before a server that does not report them mid-stream answers",
     )
     kv_events_endpoint: str = Field(
         "",
@@ -30,10 +35,63 @@ class WorkerEndpoint(Section):
     )
     kv_events_topic: str = Field("", description="vllm-grpc: the topic of kv_events_endpoint (vLLM's default: empty)")
     max_concurrent_requests: int = Field(
-        0, ge=0, description="vllm-grpc: requests sent at once; 0 = the server's scheduler window (max_num_seqs)"
+        0,
+        ge=0,
+        description="vllm-grpc: requests sent at once; 0 = the server's scheduler window (max_num_seqs). "
+        "openai-http: streams open at once (the member's connection pool holds no more); 0 = 64",
+    )
+    model: str = Field(
+        "",
+        description="openai-http: the model name clients use for this member; empty = served_model. Lets a cloud "
+        "member of an overflow pool stand in for an on-prem model",
+    )
+    served_model: str = Field(
+        "", description="openai-http: the model name sent to the server; empty = the first id of its GET /models"
+    )
+    max_context_tokens: int = Field(
+        0,
+        ge=0,
+        description="openai-http: the model's context window; 0 = the server's own (vLLM's max_model_len in "
+        "GET /models), else 8,192",
+    )
+    api_key_file: str = Field(
+        "", description="openai-http: a file holding the bearer token sent to the server (never logged)"
+    )
+    api_key_env: str = Field(
+        "", description="openai-http: an environment variable holding that token (used when api_key_file is empty)"
+    )
+    stall_timeout_ms: int = Field(
+        60_000,
+        gt=0,
+        description="openai-http: longest wait for the server's next streamed chunk (and its first); a member "
+        "silent longer ends the request with UNAVAILABLE (retried elsewhere if nothing was sent yet)",
     )
 
-    _addr = field_validator("address")(lambda cls, v: check_hostport(v))
+    @field_validator("address")
+    @classmethod
+    def _address_for_protocol(cls, v, info):
+        return check_base_url(v) if info.data.get("protocol") == "openai-http" else check_hostport(v)
+
+    @model_validator(mode="after")
+    def _http_only_keys(self):
+        if self.protocol != "openai-http":
+            for name in ("model", "served_model", "api_key_file", "api_key_env"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is for openai-http members only")
+        if self.api_key_file and self.api_key_env:
+            raise ValueError("set api_key_file or api_key_env, not both")
+        return self
+
+
+def check_base_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.username or parts.password:
+        raise ValueError("the URL must not hold credentials (they would reach logs): use api_key_file or api_key_env")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"expected a base URL http(s)://host[:port][/path], got {value!r}")
+    return value
 
 
 class Limits(Section):
@@ -345,6 +403,41 @@ class PoolConfig(Section):
     weight: int = Field(100, ge=0, description="share of traffic relative to the other pools; reloaded on SIGHUP")
     workers: list[WorkerEndpoint] = Field(default_factory=list, description="static workers of the pool")
     worker_dns: list[str] = Field(default_factory=list, description="host:port names re-resolved periodically")
+    overflow: bool = Field(
+        False,
+        description="an overflow pool (e.g. a cloud provider's endpoint): out of the weighted choice; a request goes "
+        "there only when the other pools cannot take it within gateway.overflow.after_queue_ms (or none of their "
+        "workers is up), and never for on-prem-only tenants or models (gateway.overflow)",
+    )
+    price: ModelPrice | None = Field(
+        None,
+        description="what tokens served by this pool cost (its `model` is ignored); none = gateway.pricing. "
+        "Budgets count it",
+    )
+
+
+class OverflowConfig(Section):
+    """Who may burst to overflow pools (``gateway.pools[].overflow``), and when."""
+
+    after_queue_ms: int = Field(
+        2_000,
+        ge=0,
+        description="how long a request waits in the queue for the other pools before an overflow pool may take it",
+    )
+    tenants: list[str] = Field(
+        default_factory=lambda: ["*"], description='tenants that may burst ("*" = every tenant not on-prem only)'
+    )
+    on_prem_only_tenants: list[str] = Field(
+        default_factory=list, description="tenants whose requests never leave the non-overflow pools"
+    )
+    on_prem_only_models: list[str] = Field(
+        default_factory=list, description="models whose requests never leave the non-overflow pools"
+    )
+
+    def allows(self, tenant: str, model: str) -> bool:
+        if tenant in self.on_prem_only_tenants or model in self.on_prem_only_models:
+            return False
+        return "*" in self.tenants or tenant in self.tenants
 
 
 class QueueConfig(Section):
@@ -497,6 +590,7 @@ class GatewayConfig(Section):
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    overflow: OverflowConfig = Field(default_factory=OverflowConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)

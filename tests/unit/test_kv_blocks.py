@@ -118,6 +118,7 @@ class Conn(W):
         super().__init__(address, active, cached_keys)
         self.kv.block_size = block_size
         self.outstanding_tokens, self.claimed = active, []
+        self.overflow, self.pool = False, "default"
 
     def has_room(self, cost):
         return True

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import calendar
 import datetime
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from igw_common.config import PricingConfig
+from igw_common.config import ModelPrice, PoolConfig, PricingConfig
 
 MICROS = 1_000_000
 
@@ -30,21 +31,31 @@ def format_micros(micros: int, currency: str) -> str:
     return f"{micros / MICROS:.6f}".rstrip("0").rstrip(".") + f" {currency}"
 
 
+def _micros(price: ModelPrice) -> tuple[int, int]:
+    return to_micros(price.input_per_million), to_micros(price.output_per_million)
+
+
 class Pricing:
-    def __init__(self, cfg: PricingConfig):
+    def __init__(self, cfg: PricingConfig, pools: Sequence[PoolConfig] = ()):
         self.currency = cfg.currency
         # Micro-units per 1M tokens: integers, so costs are exact.
-        self._prices = {p.model: (to_micros(p.input_per_million), to_micros(p.output_per_million)) for p in cfg.models}
-        self._default = (to_micros(cfg.default.input_per_million), to_micros(cfg.default.output_per_million))
+        self._prices = {p.model: _micros(p) for p in cfg.models}
+        self._default = _micros(cfg.default)
+        # A pool with its own price (a cloud provider's) charges it for every model it serves.
+        self._pools = {p.name: _micros(p.price) for p in pools if p.price is not None}
 
-    def prices(self, model: str) -> tuple[int, int]:
-        return self._prices.get(model, self._default)
+    def prices(self, model: str, pool: str = "") -> tuple[int, int]:
+        return self._pools.get(pool) or self._prices.get(model, self._default)
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
-        """Micro-units, rounded up."""
-        p_in, p_out = self.prices(model)
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, pool: str = "") -> int:
+        """Micro-units, rounded up, for tokens served by ``pool`` ("" = not served by a pool yet: the model's)."""
+        p_in, p_out = self.prices(model, pool)
         total = max(0, prompt_tokens) * p_in + max(0, completion_tokens) * p_out
         return -(-total // MICROS)
+
+    def most(self, model: str, prompt_tokens: int, completion_tokens: int, pools: Iterable[str]) -> int:
+        """The highest cost among the model's price and ``pools``': what to reserve before the pool is known."""
+        return max(self.cost(model, prompt_tokens, completion_tokens, p) for p in ("", *pools))
 
 
 @dataclass(frozen=True)
