@@ -353,8 +353,8 @@ class OpenAIHttpConnection(CallPerRequest):
                 return
             if usage is not None and (reported := _int(usage, "completion_tokens")) > counted:
                 stream.on_delta("", reported - counted)  # tokens that carried no text (e.g. the stop token)
-            elif usage is not None:
-                stream.completion_tokens = reported
+            # A server reporting fewer than the chunks it sent keeps the count the client was sent: usage
+            # always equals the deltas' tokens.
             prompt = _int(usage, "prompt_tokens") or stream.prompt_tokens or prompt_tokens
             cached = _int((usage or {}).get("prompt_tokens_details"), "cached_tokens")
             reason = _FINISH.get(finish, STOP)
