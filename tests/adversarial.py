@@ -226,3 +226,32 @@ def leases_in_use(stub, md, timeout_s: float = 5.0) -> dict[str, int]:
         if all(v == 0 for v in in_use.values()) or time.monotonic() > deadline:
             return in_use
         time.sleep(0.1)
+
+
+def hostile_keys(keys) -> str:
+    """The hostile tenant (64 streams) and its key (16 streams) in the key file ``keys``."""
+    from tests.helpers import igw_keys
+
+    igw_keys("tenant", "--file", str(keys), "hostile", "--concurrent", "64")
+    return igw_keys("issue", "--file", str(keys), "--tenant", "hostile", "--concurrent", "16")
+
+
+def hostile_case(state: dict, request, cred: str, timeout) -> None:
+    """One hostile call, checked (``check_call``) and counted in ``state``."""
+    code = check_call(state["stub"], request, metadata_for(cred, state["key"]), timeout)
+    state["calls"] += 1
+    state["codes"][code.name] = state["codes"].get(code.name, 0) + 1
+
+
+def after_the_storm(state: dict) -> list:
+    """The canary's streams were all exact and no quota lease is left; returns the key's metadata."""
+    canary = state["canary"]
+    assert state["calls"] >= EXAMPLES, state["calls"]
+    canary.stop()
+    assert not canary.failures, canary.failures[:5]
+    assert canary.completed >= 3, "the canary hardly ran"
+    print(f"\n{state['calls']} hostile calls: {state['codes']}; {canary.completed} canary streams, all exact")
+    md = [("authorization", f"Bearer {state['key']}")]
+    in_use = leases_in_use(state["stub"], md)
+    assert in_use == {"key": 0, "tenant": 0}, in_use
+    return md

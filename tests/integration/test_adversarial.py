@@ -33,14 +33,15 @@ from tests.adversarial import (
     MODEL,
     SETTINGS,
     CanaryLoop,
-    check_call,
+    after_the_storm,
     credentials,
-    leases_in_use,
+    hostile_case,
+    hostile_keys,
     metadata_for,
     requests,
     timeouts,
 )
-from tests.helpers import build_stack, igw_keys, make_config
+from tests.helpers import build_stack, make_config
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,7 @@ def hostile(tmp_path_factory):
             "queue": {"max_queued": 64},
         },
     )
-    igw_keys("tenant", "--file", str(keys), "hostile", "--concurrent", "64")
-    key = igw_keys("issue", "--file", str(keys), "--tenant", "hostile", "--concurrent", "16")
+    key = hostile_keys(keys)
     s = build_stack(tmp, cfg)
     s.start_worker()
     s.start_gateway()
@@ -77,9 +77,7 @@ def hostile(tmp_path_factory):
 @settings(**SETTINGS)
 @given(request=requests(), cred=credentials, timeout=timeouts)
 def test_hostile_requests_hurt_nobody(hostile, request, cred, timeout):
-    code = check_call(hostile["stub"], request, metadata_for(cred, hostile["key"]), timeout)
-    hostile["calls"] += 1
-    hostile["codes"][code.name] = hostile["codes"].get(code.name, 0) + 1
+    hostile_case(hostile, request, cred, timeout)
 
 
 @settings(**{**SETTINGS, "max_examples": max(50, EXAMPLES // 10)})
@@ -111,15 +109,8 @@ def test_undecodable_and_mutated_bodies(hostile, body):
 
 
 def test_after_the_storm_nothing_leaked(hostile):
-    s, stub, key, canary = hostile["stack"], hostile["stub"], hostile["key"], hostile["canary"]
-    assert hostile["calls"] >= EXAMPLES, hostile["calls"]
-    canary.stop()
-    assert not canary.failures, canary.failures[:5]
-    assert canary.completed >= 3, "the canary hardly ran"
-    print(f"\n{hostile['calls']} hostile calls: {hostile['codes']}; {canary.completed} canary streams, all exact")
-    md = [("authorization", f"Bearer {key}")]
-    in_use = leases_in_use(stub, md)
-    assert in_use == {"key": 0, "tenant": 0}, in_use
+    s, stub = hostile["stack"], hostile["stub"]
+    md = after_the_storm(hostile)
     load, _ = s.wait_worker_idle(5)
     assert load.active_requests == 0 and load.engine_unfinished_requests == 0
     assert s.exited() is None, f"{s.exited()} died"
