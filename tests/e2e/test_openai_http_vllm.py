@@ -6,6 +6,7 @@ requests only when the first is full, and only for tenants allowed to burst."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -140,6 +141,22 @@ def test_text_usage_tools_and_cancel_through_the_gateway(fleet):
     names, args, finish = call(gw)
     assert names == ["get_weather"] and "Paris" in args
     assert (names, args, finish) == call(client(f"http://{onprem}/v1", "unused"))
+
+    # Structured output: response_format reaches vLLM's structured outputs through the member.
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    out = gw.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name a city in Italy as JSON."}],
+        max_tokens=30,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    assert json.loads(out.choices[0].message.content)["city"] in ("Paris", "Rome")
 
     # A client that goes away: vLLM's own running count drops to 0.
     stream = gw.chat.completions.create(
