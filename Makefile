@@ -88,6 +88,7 @@ bench: system-deps install protos model
 	$(BIN)/python -m bench.slow_readers --streams 1000 --json bench/results/slow_readers.json
 	$(BIN)/python -m bench.resume --json bench/results/resume.json
 	$(BIN)/python -m bench.kv_placement --json bench/results/kv_placement.json
+	$(BIN)/python -m bench.openai_http --json bench/results/openai_http.json
 
 # Minutes of mixed, partly hostile load with a worker restart; reports RSS over time and anything leaked.
 SOAK_MINUTES ?= 10
