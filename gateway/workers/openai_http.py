@@ -180,14 +180,17 @@ class OpenAIHttpConnection(CallPerRequest):
         return isinstance(version, dict) and isinstance(version.get("version"), str)
 
     async def _vllm_running(self, http: aiohttp.ClientSession) -> int:
-        async with http.get(f"{self.root}/metrics") as r:
+        timeout = aiohttp.ClientTimeout(total=self.cfg.worker_connect_timeout_ms / 1000)
+        async with http.get(f"{self.root}/metrics", timeout=timeout) as r:
             text = (await r.content.read(8 * MAX_BODY_BYTES)).decode(errors="replace")
+        # Only the two gauges are parsed: vLLM's whole page (histograms per model) would hold the event loop,
+        # every stream's, for milliseconds every poll.
+        wanted = "\n".join(line for line in text.splitlines() if line.startswith(_VLLM_RUNNING))
         try:
-            families = list(text_string_to_metric_families(text))
+            samples = [s for f in text_string_to_metric_families(wanted) for s in f.samples]
         except ValueError:
             raise Garbage("GET /metrics is not Prometheus text") from None
-        # prometheus-client reads vLLM's "vllm:num_requests_running" with its colon intact.
-        return int(sum(s.value for f in families if f.name in _VLLM_RUNNING for s in f.samples))
+        return int(sum(s.value for s in samples if s.name in _VLLM_RUNNING))
 
     def _facts(self, entry: dict) -> WorkerFacts:
         window = self.endpoint.max_context_tokens
