@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 # Debian packages the tests need (real servers, started by the test fixtures).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all install protos model run test test-fast lint docs bench soak system-deps clean distclean
+.PHONY: all install protos model native run test test-fast lint docs bench soak system-deps clean distclean
 
 all: install protos
 
@@ -53,10 +53,20 @@ protos: $(GEN)
 model: install
 	$(BIN)/python -m inference.embedded_model
 
-# redis-server for the quota tests, promtool (package prometheus) for the alert rules.
+# The native relay (native/relay, the experiment of issue #25): built from Debian's gRPC C++ packages.
+native: system-deps install
+	$(MAKE) -C native/relay -j2 PYTHON=$(abspath $(BIN)/python)
+
+# redis-server for the quota tests, promtool (package prometheus) for the alert rules; a C++
+# compiler and gRPC's C++ library and code generators for the native relay.
 system-deps:
 	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	command -v grpc_cpp_plugin >/dev/null || missing="$$missing protobuf-compiler-grpc"; \
+	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	pkg-config --exists grpc++ 2>/dev/null || missing="$$missing libgrpc++-dev libprotobuf-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
@@ -66,11 +76,11 @@ system-deps:
 run: install protos model
 	$(BIN)/igw-stack --config $(CONFIG)
 
-test: system-deps install protos model lint
+test: system-deps install protos model native lint
 	$(BIN)/python -m pytest -v -rfEs $(PYTEST_ARGS)
 
 # Everything but the tests that start a real vLLM worker.
-test-fast: system-deps install protos model lint
+test-fast: system-deps install protos model native lint
 	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
 
 # ruff: lint rules and formatting (configured in pyproject.toml); `make test` runs it first.
@@ -89,6 +99,8 @@ bench: system-deps install protos model
 	$(BIN)/python -m bench.resume --json bench/results/resume.json
 	$(BIN)/python -m bench.kv_placement --json bench/results/kv_placement.json
 	$(BIN)/python -m bench.openai_http --json bench/results/openai_http.json
+	$(MAKE) native
+	$(BIN)/python -m bench.native_path --json bench/results/native_path.json
 
 # Minutes of mixed, partly hostile load with a worker restart; reports RSS over time and anything leaked.
 SOAK_MINUTES ?= 10
@@ -97,7 +109,7 @@ soak: system-deps install protos
 
 clean:
 	rm -f $(GEN) gateway/v1/*_pb2*.pyi igw_worker_api/v1/*_pb2*.pyi
-	rm -rf .pytest_cache build *.egg-info
+	rm -rf .pytest_cache build *.egg-info native/relay/build
 
 distclean: clean
 	rm -rf $(VENV)

@@ -1,0 +1,563 @@
+// A native token path (an experiment, issue #25): this process carries the messages, the Python core
+// keeps every decision.
+//
+//   clients --Execute--> relay --Session--> worker
+//                          |
+//                    Control stream (one, batched)
+//                          |
+//                     Python core: auth, validation, quotas, queue, placement, cache, sessions,
+//                     metrics, logs; it submits on the worker through the relay
+//
+// Per client call the relay sends the core the raw request once and gets back its replies (Started,
+// Done, or an error status). Per token the relay alone works: a worker delta is written to its client
+// call here; the core sees a request's first delta (for its timings) and the rest merged into one,
+// just before the request's end (for usage, the cache and sessions).
+//
+// Prototype limits: one worker; the worker or core link breaking ends the process; a slow client's
+// queue is bounded only by its request's max_tokens; Execute is the only method it serves.
+//
+//   native_relay --listen 127.0.0.1:P --worker 127.0.0.1:W (--core 127.0.0.1:C | --core-socket PATH)
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/support/client_callback.h>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <thread>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "control.grpc.pb.h"
+#include "gateway/v1/gateway.pb.h"
+#include "igw_worker_api/v1/worker.grpc.pb.h"
+
+namespace ctl = igw::native_relay::v0;
+namespace wpb = inference::v1;
+namespace gpb = gateway::v1;
+
+static const char kExecute[] = "/gateway.v1.Gateway/Execute";
+
+static grpc::ByteBuffer Buffer(const std::string& bytes) {
+  grpc::Slice slice(bytes);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+static bool Printable(const std::string& s) {
+  for (unsigned char c : s) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+class Relay;
+
+// One client's Execute call.
+class Call : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(Relay* relay, grpc::GenericCallbackServerContext* ctx, uint64_t id) : relay_(relay), ctx_(ctx), id_(id) {
+    StartRead(&request_);
+  }
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+  // All below: with the relay's lock held.
+  void Write(grpc::ByteBuffer buf, bool from_core);
+  void End(const grpc::Status& status);
+
+ private:
+  friend class Relay;
+  void Pump();
+
+  Relay* relay_;
+  grpc::GenericCallbackServerContext* ctx_;
+  uint64_t id_;
+  grpc::ByteBuffer request_;
+  std::deque<grpc::ByteBuffer> out_;
+  std::vector<grpc::ByteBuffer> held_;  // the worker's deltas that came before the core's Started
+  bool started_ = false;
+  bool writing_ = false;
+  bool ending_ = false;
+  bool finished_ = false;
+  grpc::Status status_;
+};
+
+// The worker's Session stream.
+class Upstream : public grpc::ClientBidiReactor<wpb::GatewayMessage, wpb::WorkerFrame> {
+ public:
+  Upstream(Relay* relay, wpb::Worker::Stub* stub) : relay_(relay) {
+    stub->async()->Session(&ctx_, this);
+    StartRead(&frame_);
+    StartCall();
+  }
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnDone(const grpc::Status& s) override {
+    std::fprintf(stderr, "native relay: the worker's session ended: %s\n", s.error_message().c_str());
+    std::_Exit(3);
+  }
+  void Send(const wpb::GatewayMessage& msg);  // with the relay's lock held
+
+ private:
+  void Pump();
+  Relay* relay_;
+  grpc::ClientContext ctx_;
+  wpb::WorkerFrame frame_;
+  wpb::GatewayMessage writing_msg_, next_;
+  bool writing_ = false, has_next_ = false;
+};
+
+// The link to the Python core: what the relay sends it is gathered in next() and sent by Flush(), both
+// with the relay's lock held; what comes back goes to Relay::FromCore.
+class CoreLink {
+ public:
+  virtual ~CoreLink() = default;
+  virtual ctl::RelayUp& next() = 0;
+  virtual void Flush() = 0;
+};
+
+// The control stream to the Python core, over gRPC.
+class Control : public CoreLink, public grpc::ClientBidiReactor<ctl::RelayUp, ctl::RelayDown> {
+ public:
+  Control(Relay* relay, ctl::Relay::Stub* stub) : relay_(relay) {
+    ctx_.set_wait_for_ready(true);
+    stub->async()->Control(&ctx_, this);
+    StartRead(&down_);
+    StartCall();
+  }
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnDone(const grpc::Status& s) override {
+    std::fprintf(stderr, "native relay: the core's control stream ended: %s\n", s.error_message().c_str());
+    std::_Exit(4);
+  }
+  ctl::RelayUp& next() override { has_next_ = true; return next_; }
+  void Flush() override;
+
+ private:
+  Relay* relay_;
+  grpc::ClientContext ctx_;
+  ctl::RelayDown down_;
+  ctl::RelayUp writing_msg_, next_;
+  bool writing_ = false, has_next_ = false;
+};
+
+// The same messages over a Unix socket, each a 4-byte little-endian length and the message: no gRPC
+// call on the core's side, only asyncio's stream reader and writer.
+class SocketLink : public CoreLink {
+ public:
+  SocketLink(Relay* relay, const std::string& path);
+  ctl::RelayUp& next() override { has_next_ = true; return next_; }
+  void Flush() override {
+    if (has_next_) cv_.notify_one();
+  }
+
+ private:
+  void ReadLoop();
+  void WriteLoop();
+  Relay* relay_;
+  int fd_ = -1;
+  ctl::RelayUp next_;
+  bool has_next_ = false;
+  std::condition_variable_any cv_;
+};
+
+// What the relay keeps of a request the core submitted for a client call.
+struct Bound {
+  uint64_t call_id = 0;
+  bool first_sent = false;  // the first delta went to the core as is
+  wpb::TokenDelta merged;   // the deltas after it, merged, for the core at the end
+};
+
+class Relay : public grpc::CallbackGenericService {
+ public:
+  std::recursive_mutex mu;  // recursive: gRPC may run a reaction inline, under a Start* we called
+  std::unordered_map<uint64_t, Call*> calls;
+  std::unordered_map<std::string, Bound> bound;
+  std::unique_ptr<Upstream> upstream;
+  std::unique_ptr<CoreLink> control;
+  uint64_t next_id = 1;
+
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    if (ctx->method() != kExecute) {
+      class Unimplemented : public grpc::ServerGenericBidiReactor {
+       public:
+        Unimplemented() { Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "the native relay serves Execute only")); }
+        void OnDone() override { delete this; }
+      };
+      return new Unimplemented();
+    }
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    auto* call = new Call(this, ctx, next_id++);
+    calls[call->id_] = call;
+    return call;
+  }
+
+  // A client call's request arrived: hand it to the core.
+  void Opened(Call* call) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    auto* opened = control->next().add_opened();
+    opened->set_call_id(call->id_);
+    grpc::Slice slice;
+    if (call->request_.DumpToSingleSlice(&slice).ok()) {
+      opened->set_request(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+    for (const auto& [k, v] : call->ctx_->client_metadata()) {
+      std::string key(k.data(), k.size()), value(v.data(), v.size());
+      // Only printable ASCII reaches the core as a proto string (binary "-bin" values are not text).
+      if (!Printable(key) || !Printable(value)) continue;
+      (*opened->mutable_metadata())[key] = value;
+    }
+    auto deadline = call->ctx_->deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::system_clock::now());
+      opened->set_timeout_ms(std::max<int64_t>(1, left.count()));
+    }
+    control->Flush();
+  }
+
+  void Closed(uint64_t id) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    control->next().add_closed()->set_call_id(id);
+    control->Flush();
+  }
+
+  void Forget(uint64_t id) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    calls.erase(id);
+  }
+
+  // The core's message: binds, then the worker's part, then replies to clients.
+  void FromCore(const ctl::RelayDown& down) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    for (const auto& b : down.binds()) bound[b.wire_id()].call_id = b.call_id();
+    if (down.has_worker() && (down.worker().submits_size() || down.worker().cancels_size())) {
+      upstream->Send(down.worker());
+    }
+    for (const auto& r : down.replies()) {
+      auto it = calls.find(r.call_id());
+      if (it == calls.end()) continue;  // the client is gone
+      Call* call = it->second;
+      if (!r.response().empty()) call->Write(Buffer(r.response()), true);
+      if (r.end()) {
+        for (const auto& t : r.trailers()) {
+          if (Printable(t.key()) && Printable(t.value())) call->ctx_->AddTrailingMetadata(t.key(), t.value());
+        }
+        call->End(grpc::Status(static_cast<grpc::StatusCode>(r.status_code()), r.status_message(),
+                               r.status_details()));
+      }
+    }
+  }
+
+  // The worker's frame: deltas to their clients; the rest (and the deltas, reduced) to the core.
+  void FromWorker(const wpb::WorkerFrame& frame) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    wpb::WorkerFrame* reduced = control->next().mutable_frame();
+    if (frame.has_kv_cache()) reduced->mutable_kv_cache()->MergeFrom(frame.kv_cache());
+    for (const auto& ev : frame.events()) {
+      auto it = bound.find(ev.request_id());
+      if (it == bound.end()) {  // not ours to write (e.g. cancelled): the core accounts for it
+        *reduced->add_events() = ev;
+        continue;
+      }
+      Bound& b = it->second;
+      if (ev.has_delta()) {
+        const auto& d = ev.delta();
+        auto c = calls.find(b.call_id);
+        if (c != calls.end()) {
+          gpb::ExecuteResponse resp;
+          auto* delta = resp.mutable_delta();
+          delta->set_text(d.text());
+          delta->set_tokens(d.tokens());
+          for (const auto& t : d.tool_calls()) {  // the same fields on both protocols
+            auto* out = delta->add_tool_calls();
+            out->set_index(t.index());
+            out->set_id(t.id());
+            out->set_name(t.name());
+            out->set_arguments(t.arguments());
+          }
+          c->second->Write(Buffer(resp.SerializeAsString()), false);
+        }
+        if (!b.first_sent) {
+          b.first_sent = true;
+          *reduced->add_events() = ev;
+        } else {
+          b.merged.mutable_text()->append(d.text());
+          b.merged.set_tokens(b.merged.tokens() + d.tokens());
+          b.merged.mutable_token_ids()->MergeFrom(d.token_ids());
+          b.merged.mutable_tool_calls()->MergeFrom(d.tool_calls());
+        }
+        continue;
+      }
+      if (ev.has_accepted()) {
+        *reduced->add_events() = ev;
+        continue;
+      }
+      if (b.merged.tokens() || !b.merged.text().empty()) {  // the request ends: its merged deltas first
+        auto* merged = reduced->add_events();
+        merged->set_request_id(ev.request_id());
+        *merged->mutable_delta() = std::move(b.merged);
+      }
+      *reduced->add_events() = ev;
+      bound.erase(it);
+    }
+    if (reduced->events_size() == 0 && !reduced->has_kv_cache()) {
+      control->next().clear_frame();
+    }
+    control->Flush();
+  }
+};
+
+// --- Call ------------------------------------------------------------------------------------------
+
+void Call::OnReadDone(bool ok) {
+  if (!ok) {
+    std::lock_guard<std::recursive_mutex> lock(relay_->mu);
+    End(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request message"));
+    return;
+  }
+  relay_->Opened(this);
+}
+
+void Call::Write(grpc::ByteBuffer buf, bool from_core) {
+  if (ending_) return;
+  if (!from_core && !started_) {
+    held_.push_back(std::move(buf));
+    return;
+  }
+  out_.push_back(std::move(buf));
+  if (from_core && !started_) {
+    started_ = true;
+    for (auto& h : held_) out_.push_back(std::move(h));
+    held_.clear();
+  }
+  Pump();
+}
+
+void Call::End(const grpc::Status& status) {
+  if (ending_) return;
+  ending_ = true;
+  status_ = status;
+  Pump();
+}
+
+void Call::Pump() {
+  if (writing_ || finished_) return;
+  if (!out_.empty()) {
+    writing_ = true;
+    StartWrite(&out_.front());
+    return;
+  }
+  if (ending_) {
+    finished_ = true;
+    Finish(status_);
+  }
+}
+
+void Call::OnWriteDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(relay_->mu);
+  writing_ = false;
+  out_.pop_front();
+  if (!ok) {  // the client is gone; OnCancel tells the core
+    out_.clear();
+    if (!finished_) {
+      finished_ = true;
+      Finish(grpc::Status::CANCELLED);
+    }
+    return;
+  }
+  Pump();
+}
+
+void Call::OnCancel() {
+  std::lock_guard<std::recursive_mutex> lock(relay_->mu);
+  if (!ending_) relay_->Closed(id_);
+}
+
+void Call::OnDone() {
+  relay_->Forget(id_);
+  delete this;
+}
+
+// --- Upstream --------------------------------------------------------------------------------------
+
+void Upstream::Send(const wpb::GatewayMessage& msg) {
+  next_.MergeFrom(msg);  // batched behind a write in flight
+  has_next_ = true;
+  Pump();
+}
+
+void Upstream::Pump() {
+  if (writing_ || !has_next_) return;
+  writing_msg_.Swap(&next_);
+  next_.Clear();
+  has_next_ = false;
+  writing_ = true;
+  StartWrite(&writing_msg_);
+}
+
+void Upstream::OnWriteDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(relay_->mu);
+  writing_ = false;
+  if (ok) Pump();
+}
+
+void Upstream::OnReadDone(bool ok) {
+  if (!ok) return;  // OnDone follows
+  relay_->FromWorker(frame_);
+  frame_.Clear();
+  StartRead(&frame_);
+}
+
+// --- Control ---------------------------------------------------------------------------------------
+
+void Control::Flush() {
+  if (writing_ || !has_next_) return;
+  writing_msg_.Swap(&next_);
+  next_.Clear();
+  has_next_ = false;
+  writing_ = true;
+  StartWrite(&writing_msg_);
+}
+
+void Control::OnWriteDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(relay_->mu);
+  writing_ = false;
+  if (ok) Flush();
+}
+
+void Control::OnReadDone(bool ok) {
+  if (!ok) return;  // OnDone follows
+  relay_->FromCore(down_);
+  down_.Clear();
+  StartRead(&down_);
+}
+
+// --- SocketLink ------------------------------------------------------------------------------------
+
+SocketLink::SocketLink(Relay* relay, const std::string& path) : relay_(relay) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
+  for (int i = 0;; ++i) {
+    fd_ = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) break;
+    close(fd_);
+    if (i > 600) {
+      std::fprintf(stderr, "native relay: cannot connect to the core at %s\n", path.c_str());
+      std::_Exit(5);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  std::thread([this] { ReadLoop(); }).detach();
+  std::thread([this] { WriteLoop(); }).detach();
+}
+
+static bool ReadFull(int fd, char* buf, size_t n) {
+  while (n) {
+    ssize_t got = read(fd, buf, n);
+    if (got <= 0) return false;
+    buf += got;
+    n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+void SocketLink::ReadLoop() {
+  std::string buf;
+  ctl::RelayDown down;
+  for (;;) {
+    uint32_t len;
+    if (!ReadFull(fd_, reinterpret_cast<char*>(&len), 4)) break;
+    buf.resize(len);
+    if (!ReadFull(fd_, buf.data(), len) || !down.ParseFromString(buf)) break;
+    relay_->FromCore(down);
+    down.Clear();
+  }
+  std::fprintf(stderr, "native relay: the core's socket closed\n");
+  std::_Exit(4);
+}
+
+void SocketLink::WriteLoop() {
+  std::string out;
+  ctl::RelayUp msg;
+  for (;;) {
+    {
+      std::unique_lock<std::recursive_mutex> lock(relay_->mu);
+      cv_.wait(lock, [this] { return has_next_; });
+      msg.Swap(&next_);
+      next_.Clear();
+      has_next_ = false;
+    }
+    uint32_t len = static_cast<uint32_t>(msg.ByteSizeLong());
+    out.assign(reinterpret_cast<const char*>(&len), 4);
+    msg.AppendToString(&out);
+    msg.Clear();
+    const char* p = out.data();
+    size_t n = out.size();
+    while (n) {
+      ssize_t put = write(fd_, p, n);
+      if (put <= 0) std::_Exit(4);
+      p += put;
+      n -= static_cast<size_t>(put);
+    }
+  }
+}
+
+// --- main ------------------------------------------------------------------------------------------
+
+int main(int argc, char** argv) {
+  std::string listen, worker, core, core_socket;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string k = argv[i];
+    if (k == "--listen") listen = argv[i + 1];
+    else if (k == "--worker") worker = argv[i + 1];
+    else if (k == "--core") core = argv[i + 1];
+    else if (k == "--core-socket") core_socket = argv[i + 1];
+  }
+  if (listen.empty() || worker.empty() || (core.empty() == core_socket.empty())) {
+    std::fprintf(stderr, "usage: native_relay --listen HOST:PORT --worker HOST:PORT (--core HOST:PORT | --core-socket PATH)\n");
+    return 2;
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
+  auto worker_channel = grpc::CreateCustomChannel(worker, grpc::InsecureChannelCredentials(), args);
+  auto core_channel = grpc::CreateCustomChannel(core.empty() ? "127.0.0.1:1" : core, grpc::InsecureChannelCredentials(), args);
+  auto worker_stub = wpb::Worker::NewStub(worker_channel);
+  auto core_stub = ctl::Relay::NewStub(core_channel);
+
+  Relay relay;
+  {
+    std::lock_guard<std::recursive_mutex> lock(relay.mu);
+    if (core_socket.empty()) {
+      relay.control = std::make_unique<Control>(&relay, core_stub.get());
+    } else {
+      relay.control = std::make_unique<SocketLink>(&relay, core_socket);
+    }
+    relay.upstream = std::make_unique<Upstream>(&relay, worker_stub.get());
+  }
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials());
+  builder.RegisterCallbackGenericService(&relay);
+  auto server = builder.BuildAndStart();
+  if (!server) {
+    std::fprintf(stderr, "native relay: cannot listen on %s\n", listen.c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "native relay: listening on %s, worker %s, core %s\n", listen.c_str(), worker.c_str(),
+               core.c_str());
+  server->Wait();
+  return 0;
+}
