@@ -52,7 +52,8 @@ class Link:
     def __init__(self):
         self.wake = asyncio.Event()
         self.attached = asyncio.Event()
-        self.conn: NativeConnection | None = None
+        self.conns: dict[str, NativeConnection] = {}  # by address, as the relay names the worker
+        self.connects: list[cpb.Connect] = []
         self.binds: list[cpb.Bind] = []
         self.replies: list[cpb.Reply] = []
         self.bound_calls: set[int] = set()
@@ -61,15 +62,28 @@ class Link:
         self.replies.append(cpb.Reply(call_id=call_id, **kw))
         self.wake.set()
 
+    def connect(self, conn: NativeConnection) -> asyncio.Future:
+        """Ask the relay for a Session stream to ``conn``'s worker; the future is set when it is lost."""
+        self.conns[conn.address] = conn
+        conn.lost = asyncio.get_running_loop().create_future()
+        self.connects.append(cpb.Connect(worker=conn.address))
+        self.wake.set()
+        return conn.lost
+
     def take(self) -> cpb.RelayDown | None:
-        msg = cpb.RelayDown(binds=self.binds, replies=self.replies)
-        self.binds, self.replies = [], []
-        conn = self.conn
-        if conn is not None and (conn._submits or conn._cancels):
-            msg.worker.CopyFrom(conn._next_message())
+        msg = cpb.RelayDown(connects=self.connects, binds=self.binds, replies=self.replies)
+        self.connects, self.binds, self.replies = [], [], []
+        for address, conn in self.conns.items():
             if conn._submits or conn._cancels:
-                self.wake.set()  # the rest next time
-        return msg if (msg.binds or msg.replies or msg.HasField("worker")) else None
+                msg.workers.add(worker=address).message.CopyFrom(conn._next_message())
+                if conn._submits or conn._cancels:
+                    self.wake.set()  # the rest next time
+        return msg if (msg.connects or msg.binds or msg.replies or msg.workers) else None
+
+    def on_lost(self, worker: str, error: str) -> None:
+        conn = self.conns.get(worker)
+        if conn is not None and conn.lost is not None and not conn.lost.done():
+            conn.lost.set_result(error)
 
 
 LINK: Link | None = None
@@ -81,20 +95,24 @@ class NativeConnection(WorkerConnection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._wake = LINK.wake  # a submit or cancel wakes the link's writer
+        self.lost: asyncio.Future | None = None
 
     async def _session(self) -> None:
+        """Info and health straight from the worker; the Session stream is the relay's. Returns when the
+        relay reports that stream lost, and the reconnect loop fails or resumes what was on it."""
         timeout = self.cfg.worker_connect_timeout_ms / 1000
         async with grpc.aio.insecure_channel(self.address, options=channel_options(self.cfg)) as channel:
             stub = wpb_grpc.WorkerStub(channel)
             self.info = await stub.Info(wpb.InfoRequest(), timeout=timeout, wait_for_ready=True)
             await LINK.attached.wait()
-            LINK.conn = self
+            lost = LINK.connect(self)
             health = asyncio.create_task(self._watch_health(channel))
             self._established = True
             self._set_ready(True)
-            log.warning("worker %s ready through the native relay", self.name)
+            log.info("worker %s ready through the native relay", self.name)
             try:
-                await asyncio.Event().wait()  # the relay exits when its session breaks
+                error = await lost
+                log.warning("worker %s: the relay's session ended: %s", self.name, error[:200])
             finally:
                 health.cancel()
                 self._set_ready(False)
@@ -159,8 +177,12 @@ class RelayService:
             task = self.tasks.pop(closed.call_id, None)
             if task is not None:
                 task.cancel()
-        if up.HasField("frame") and LINK.conn is not None:
-            LINK.conn._on_frame(up.frame)
+        for from_worker in up.frames:  # before `lost`: a lost worker's last tokens come first
+            conn = LINK.conns.get(from_worker.worker)
+            if conn is not None:
+                conn._on_frame(from_worker.frame)
+        for lost in up.lost:
+            LINK.on_lost(lost.worker, lost.error)
 
     async def _call(self, opened: cpb.CallOpened) -> None:
         call_id = opened.call_id
@@ -228,7 +250,8 @@ async def serve(cfg, socket_path: str | None) -> None:
     relay = RelayService(gw.core)
     add_relay(relay, gw.server)
     if socket_path:
-        await asyncio.start_unix_server(relay.on_socket, socket_path, limit=64 * 1024 * 1024)
+        # Held: a listening server nothing refers to is closed when it is collected.
+        relay.socket_server = await asyncio.start_unix_server(relay.on_socket, socket_path, limit=64 * 1024 * 1024)
     await gw.start()
     await asyncio.Event().wait()
 

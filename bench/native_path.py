@@ -192,7 +192,7 @@ def start_paths(log_level: str = "info"):
             "native-core", [py, "-m", "bench.native_core", "--config", str(path), "--listen", core], core, 60
         )
         procs.procs["native-relay"] = stack.start(
-            [str(RELAY_BIN), "--listen", relay, "--worker", worker, "--core", core], log_path=procs.log("native-relay")
+            [str(RELAY_BIN), "--listen", relay, "--core", core], log_path=procs.log("native-relay")
         )
         procs.start_process(
             "native-core-socket",
@@ -201,7 +201,7 @@ def start_paths(log_level: str = "info"):
             60,
         )
         procs.procs["native-relay-socket"] = stack.start(
-            [str(RELAY_BIN), "--listen", relay2, "--worker", worker, "--core-socket", sock],
+            [str(RELAY_BIN), "--listen", relay2, "--core-socket", sock],
             log_path=procs.log("native-relay-socket"),
         )
         wait_answering(relay, key)

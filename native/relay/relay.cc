@@ -13,10 +13,13 @@
 // call here; the core sees a request's first delta (for its timings) and the rest merged into one,
 // just before the request's end (for usage, the cache and sessions).
 //
-// Prototype limits: one worker; the worker or core link breaking ends the process; a slow client's
-// queue is bounded only by its request's max_tokens; Execute is the only method it serves.
+// Prototype limits: the core's link breaking ends the process; a slow client's queue is bounded only
+// by its request's max_tokens; Execute is the only method it serves.
 //
-//   native_relay --listen 127.0.0.1:P --worker 127.0.0.1:W (--core 127.0.0.1:C | --core-socket PATH)
+//   native_relay --listen 127.0.0.1:P (--core 127.0.0.1:C | --core-socket PATH)
+//
+// The core names the workers (Connect); the relay holds a Session stream to each, and reports one
+// that ends (SessionLost) after handing the core what its requests had streamed.
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
@@ -94,25 +97,22 @@ class Call : public grpc::ServerGenericBidiReactor {
   grpc::Status status_;
 };
 
-// The worker's Session stream.
+// One worker's Session stream. It ends for good when the stream does; the core reconnects.
 class Upstream : public grpc::ClientBidiReactor<wpb::GatewayMessage, wpb::WorkerFrame> {
  public:
-  Upstream(Relay* relay, wpb::Worker::Stub* stub) : relay_(relay) {
-    stub->async()->Session(&ctx_, this);
-    StartRead(&frame_);
-    StartCall();
-  }
+  Upstream(Relay* relay, const std::string& worker);
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
-  void OnDone(const grpc::Status& s) override {
-    std::fprintf(stderr, "native relay: the worker's session ended: %s\n", s.error_message().c_str());
-    std::_Exit(3);
-  }
+  void OnDone(const grpc::Status& s) override;
   void Send(const wpb::GatewayMessage& msg);  // with the relay's lock held
+  void Stop() { ctx_.TryCancel(); }
 
  private:
   void Pump();
   Relay* relay_;
+  std::string worker_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<wpb::Worker::Stub> stub_;
   grpc::ClientContext ctx_;
   wpb::WorkerFrame frame_;
   wpb::GatewayMessage writing_msg_, next_;
@@ -177,6 +177,7 @@ class SocketLink : public CoreLink {
 // What the relay keeps of a request the core submitted for a client call.
 struct Bound {
   uint64_t call_id = 0;
+  Upstream* upstream = nullptr;  // the session the request was sent on
   bool first_sent = false;  // the first delta went to the core as is
   wpb::TokenDelta merged;   // the deltas after it, merged, for the core at the end
 };
@@ -186,7 +187,7 @@ class Relay : public grpc::CallbackGenericService {
   std::recursive_mutex mu;  // recursive: gRPC may run a reaction inline, under a Start* we called
   std::unordered_map<uint64_t, Call*> calls;
   std::unordered_map<std::string, Bound> bound;
-  std::unique_ptr<Upstream> upstream;
+  std::unordered_map<std::string, Upstream*> upstreams;  // each deletes itself when its stream ends
   std::unique_ptr<CoreLink> control;
   uint64_t next_id = 1;
 
@@ -242,9 +243,22 @@ class Relay : public grpc::CallbackGenericService {
   // The core's message: binds, then the worker's part, then replies to clients.
   void FromCore(const ctl::RelayDown& down) {
     std::lock_guard<std::recursive_mutex> lock(mu);
+    for (const auto& c : down.connects()) {
+      auto it = upstreams.find(c.worker());
+      if (it != upstreams.end()) it->second->Stop();  // its OnDone reports it lost, as any end
+      upstreams[c.worker()] = new Upstream(this, c.worker());
+    }
     for (const auto& b : down.binds()) bound[b.wire_id()].call_id = b.call_id();
-    if (down.has_worker() && (down.worker().submits_size() || down.worker().cancels_size())) {
-      upstream->Send(down.worker());
+    for (const auto& w : down.workers()) {
+      auto it = upstreams.find(w.worker());
+      if (it == upstreams.end()) {  // lost already: the core hears it (SessionLost) and fails these
+        continue;
+      }
+      for (const auto& sub : w.message().submits()) {
+        auto b = bound.find(sub.request_id());
+        if (b != bound.end()) b->second.upstream = it->second;
+      }
+      it->second->Send(w.message());
     }
     for (const auto& r : down.replies()) {
       auto it = calls.find(r.call_id());
@@ -262,9 +276,11 @@ class Relay : public grpc::CallbackGenericService {
   }
 
   // The worker's frame: deltas to their clients; the rest (and the deltas, reduced) to the core.
-  void FromWorker(const wpb::WorkerFrame& frame) {
+  void FromWorker(const std::string& worker, const wpb::WorkerFrame& frame) {
     std::lock_guard<std::recursive_mutex> lock(mu);
-    wpb::WorkerFrame* reduced = control->next().mutable_frame();
+    auto* from = control->next().add_frames();
+    from->set_worker(worker);
+    wpb::WorkerFrame* reduced = from->mutable_frame();
     if (frame.has_kv_cache()) reduced->mutable_kv_cache()->MergeFrom(frame.kv_cache());
     for (const auto& ev : frame.events()) {
       auto it = bound.find(ev.request_id());
@@ -305,18 +321,48 @@ class Relay : public grpc::CallbackGenericService {
         *reduced->add_events() = ev;
         continue;
       }
-      if (b.merged.tokens() || !b.merged.text().empty()) {  // the request ends: its merged deltas first
-        auto* merged = reduced->add_events();
-        merged->set_request_id(ev.request_id());
-        *merged->mutable_delta() = std::move(b.merged);
-      }
+      FlushMerged(ev.request_id(), b, reduced);  // the request ends: its merged deltas first
       *reduced->add_events() = ev;
       bound.erase(it);
     }
     if (reduced->events_size() == 0 && !reduced->has_kv_cache()) {
-      control->next().clear_frame();
+      control->next().mutable_frames()->RemoveLast();
     }
     control->Flush();
+  }
+
+  // A worker's session ended: what its requests had streamed reaches the core before the news, so
+  // the core can resume them elsewhere from every token their clients got.
+  void Lost(Upstream* up, const std::string& worker, const std::string& error) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    auto* from = control->next().add_frames();
+    from->set_worker(worker);
+    for (auto it = bound.begin(); it != bound.end();) {
+      if (it->second.upstream == up) {
+        FlushMerged(it->first, it->second, from->mutable_frame());
+        it = bound.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (from->frame().events_size() == 0) control->next().mutable_frames()->RemoveLast();
+    auto found = upstreams.find(worker);
+    if (found != upstreams.end() && found->second == up) {
+      upstreams.erase(found);
+      auto* lost = control->next().add_lost();
+      lost->set_worker(worker);
+      lost->set_error(error);
+    }
+    control->Flush();
+  }
+
+  static void FlushMerged(const std::string& wire_id, Bound& b, wpb::WorkerFrame* into) {
+    if (b.merged.tokens() || !b.merged.text().empty() || b.merged.tool_calls_size()) {
+      auto* merged = into->add_events();
+      merged->set_request_id(wire_id);
+      *merged->mutable_delta() = std::move(b.merged);
+      b.merged.Clear();
+    }
   }
 };
 
@@ -393,6 +439,25 @@ void Call::OnDone() {
 
 // --- Upstream --------------------------------------------------------------------------------------
 
+Upstream::Upstream(Relay* relay, const std::string& worker) : relay_(relay), worker_(worker) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);  // a silently dead worker is noticed
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  channel_ = grpc::CreateCustomChannel(worker, grpc::InsecureChannelCredentials(), args);
+  stub_ = wpb::Worker::NewStub(channel_);
+  stub_->async()->Session(&ctx_, this);
+  StartRead(&frame_);
+  StartCall();
+}
+
+void Upstream::OnDone(const grpc::Status& s) {
+  relay_->Lost(this, worker_, s.error_message());
+  delete this;
+}
+
 void Upstream::Send(const wpb::GatewayMessage& msg) {
   next_.MergeFrom(msg);  // batched behind a write in flight
   has_next_ = true;
@@ -414,9 +479,10 @@ void Upstream::OnWriteDone(bool ok) {
   if (ok) Pump();
 }
 
+
 void Upstream::OnReadDone(bool ok) {
   if (!ok) return;  // OnDone follows
-  relay_->FromWorker(frame_);
+  relay_->FromWorker(worker_, frame_);
   frame_.Clear();
   StartRead(&frame_);
 }
@@ -519,23 +585,20 @@ void SocketLink::WriteLoop() {
 // --- main ------------------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
-  std::string listen, worker, core, core_socket;
+  std::string listen, core, core_socket;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i];
     if (k == "--listen") listen = argv[i + 1];
-    else if (k == "--worker") worker = argv[i + 1];
     else if (k == "--core") core = argv[i + 1];
     else if (k == "--core-socket") core_socket = argv[i + 1];
   }
-  if (listen.empty() || worker.empty() || (core.empty() == core_socket.empty())) {
-    std::fprintf(stderr, "usage: native_relay --listen HOST:PORT --worker HOST:PORT (--core HOST:PORT | --core-socket PATH)\n");
+  if (listen.empty() || (core.empty() == core_socket.empty())) {
+    std::fprintf(stderr, "usage: native_relay --listen HOST:PORT (--core HOST:PORT | --core-socket PATH)\n");
     return 2;
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
-  auto worker_channel = grpc::CreateCustomChannel(worker, grpc::InsecureChannelCredentials(), args);
   auto core_channel = grpc::CreateCustomChannel(core.empty() ? "127.0.0.1:1" : core, grpc::InsecureChannelCredentials(), args);
-  auto worker_stub = wpb::Worker::NewStub(worker_channel);
   auto core_stub = ctl::Relay::NewStub(core_channel);
 
   Relay relay;
@@ -546,7 +609,6 @@ int main(int argc, char** argv) {
     } else {
       relay.control = std::make_unique<SocketLink>(&relay, core_socket);
     }
-    relay.upstream = std::make_unique<Upstream>(&relay, worker_stub.get());
   }
   grpc::ServerBuilder builder;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials());
@@ -556,8 +618,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "native relay: cannot listen on %s\n", listen.c_str());
     return 1;
   }
-  std::fprintf(stderr, "native relay: listening on %s, worker %s, core %s\n", listen.c_str(), worker.c_str(),
-               core.c_str());
+  std::fprintf(stderr, "native relay: listening on %s, core %s\n", listen.c_str(),
+               core.empty() ? core_socket.c_str() : core.c_str());
   server->Wait();
   return 0;
 }
