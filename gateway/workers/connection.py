@@ -224,7 +224,9 @@ class Connection:
         """Abort ``stream``'s request on the worker (no-op once it ended)."""
         raise NotImplementedError
 
-    async def _session(self) -> None:
+    async def _session(self) -> str | None:
+        """One session with the worker, until it ends; returns why when that was no error (None: the
+        worker closed it)."""
         raise NotImplementedError
 
     def _register(self, stream: RequestStream, claim: Claim) -> str:
@@ -262,8 +264,8 @@ class Connection:
         while True:
             self._established = False
             try:
-                await self._session()
-                self.last_error = "the worker closed the session"
+                # A session that ends without an error may say why (None: the worker closed it).
+                self.last_error = await self._session() or "the worker closed the session"
             except asyncio.CancelledError:
                 self._fail_all()
                 raise

@@ -41,9 +41,11 @@ class PoolSpec:
 class WorkerSet:
     """All workers this gateway knows, in one or more weighted pools."""
 
-    def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None):
+    def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None, relay_link=None):
         self.cfg = cfg
         self.metrics = metrics
+        # gateway.native_relay: the relay's control link, which carries our workers' Session streams.
+        self.relay_link = relay_link
         self.specs = [
             PoolSpec(p.name, p.weight, list(p.workers), list(p.worker_dns), p.overflow) for p in cfg.pools
         ] or [PoolSpec("default", 100, list(cfg.workers), list(cfg.worker_dns))]
@@ -75,6 +77,12 @@ class WorkerSet:
                 tokenizer=endpoint.tokenizer,
                 max_concurrent_requests=endpoint.max_concurrent_requests,
                 kv_events=(endpoint.kv_events_endpoint, endpoint.kv_events_topic),
+            )
+        if self.relay_link is not None:
+            from gateway.workers.relayed_session import RelayedConnection
+
+            return RelayedConnection(
+                endpoint.address, self.cfg, self.metrics, pool=pool, tokenizer=endpoint.tokenizer, link=self.relay_link
             )
         return WorkerConnection(endpoint.address, self.cfg, self.metrics, pool=pool, tokenizer=endpoint.tokenizer)
 

@@ -82,7 +82,7 @@ class WorkerConnection(Connection):
                 log.info("worker %s %s", self.name, "is draining" if draining else "is serving again")
                 self.on_change()
 
-    async def _session(self) -> None:
+    async def _session(self) -> str | None:
         timeout = self.cfg.worker_connect_timeout_ms / 1000
         # A fresh channel per attempt: gRPC's own reconnect backoff grows to
         # minutes, ours is capped at 10 s.
@@ -92,27 +92,37 @@ class WorkerConnection(Connection):
             self.kv.block_size = self.info.kv_block_size
             if self.kv.reporting and self.cfg.placement.strategy == "kv_cache":
                 self._load_tokenizer_soon(self.info.tokenizer_path)
-            call = stub.Session()
-            writer = asyncio.create_task(self._write(call))
             health = asyncio.create_task(self._watch_health(channel))
-            self._established = True
-            self._set_ready(True)
-            log.info(
-                "worker %s ready: model %s, %d-token context, engine %s",
-                self.name,
-                self.info.model,
-                self.info.max_context_tokens,
-                self.info.engine,
-            )
             try:
-                async for frame in call:
-                    self._on_frame(frame)
-                # The worker ended the session cleanly (it is draining).
+                return await self._carry_session(stub)
             finally:
-                writer.cancel()
                 health.cancel()
-                call.cancel()
                 self._set_ready(False)
+
+    async def _carry_session(self, stub: wpb_grpc.WorkerStub) -> str | None:
+        """The Session stream, until it ends (the worker ended it cleanly when it returns: it is
+        draining). ``gateway.native_relay.connection`` has the native relay carry it instead."""
+        call = stub.Session()
+        writer = asyncio.create_task(self._write(call))
+        self._up()
+        try:
+            async for frame in call:
+                self._on_frame(frame)
+        finally:
+            writer.cancel()
+            call.cancel()
+
+    def _up(self, how: str = "") -> None:
+        self._established = True
+        self._set_ready(True)
+        log.info(
+            "worker %s ready%s: model %s, %d-token context, engine %s",
+            self.name,
+            how,
+            self.info.model,
+            self.info.max_context_tokens,
+            self.info.engine,
+        )
 
     async def _write(self, call) -> None:
         while True:

@@ -69,6 +69,12 @@ class EnvoyConfig(Section):
         default_factory=list,
         description="gateway replicas' HTTP API (host:port) that /v1/ routes to; empty = gateway.http_listen",
     )
+    native_upstreams: list[str] = Field(
+        default_factory=list,
+        description="with gateway.native_relay.enabled: the native relays Execute routes to (host:port), one per "
+        "entry of upstreams, in the same order (each relay's health is its gateway's); empty = "
+        "gateway.native_relay.listen of each process",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig)
     stream_idle_timeout_s: float = Field(
         300.0, gt=0, description="a stream with no bytes either way for this long is reset"
@@ -106,7 +112,7 @@ class EnvoyConfig(Section):
     def _addr(cls, v: str) -> str:
         return check_hostport(v)
 
-    @field_validator("upstreams", "http_upstreams")
+    @field_validator("upstreams", "http_upstreams", "native_upstreams")
     @classmethod
     def _ups(cls, v: list[str]) -> list[str]:
         return [check_hostport(x) for x in v]

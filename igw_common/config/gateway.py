@@ -505,6 +505,36 @@ def replica_addresses(listen: str, count: int) -> list[str]:
     return [f"{host}:{int(port) + i}" for i in range(count)]
 
 
+class NativeRelayConfig(Section):
+    """The native relay (native/relay, built by `make native`): a C++ process this gateway starts that carries
+    Execute calls' messages (the per-token writes to clients, the workers' streams) while this process keeps
+    every decision (docs/design.md, "The native relay")."""
+
+    enabled: bool = Field(
+        False,
+        description="start the relay beside this gateway process; Envoy then routes gateway.v1.Gateway/Execute to it "
+        "(every other RPC and the HTTP APIs stay on the gateway). About half the gateway's CPU per token and per "
+        "request (docs/performance.md). Requests placed on our workers (protocol igw) have the relay carry their "
+        "tokens; vllm-grpc and openai-http members work through it too, with the gateway writing their tokens",
+    )
+    listen: str = Field(
+        "127.0.0.1:50081",
+        description="where the relay takes Execute calls (process i of gateway.processes: this port + i); Envoy's "
+        "upstream for Execute",
+    )
+    binary: str = Field(
+        "", description="the relay executable; empty = native/relay/build/native_relay of this source tree"
+    )
+    restart_backoff_ms: int = Field(
+        500,
+        gt=0,
+        description="a relay that exits is started again after this (doubling up to 10 s while it keeps failing); "
+        "the calls it carried end UNAVAILABLE, new Execute calls go to other replicas (Envoy) meanwhile",
+    )
+
+    _addr = field_validator("listen")(lambda cls, v: check_hostport(v))
+
+
 class GatewayConfig(Section):
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address of the gateway")
     processes: int = Field(
@@ -596,6 +626,7 @@ class GatewayConfig(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    native_relay: NativeRelayConfig = Field(default_factory=NativeRelayConfig)
 
     _addr = field_validator("listen")(lambda cls, v: check_hostport(v))
     _http = field_validator("http_listen")(lambda cls, v: check_hostport(v) if v else v)

@@ -1,9 +1,9 @@
-// A native token path (an experiment, issue #25): this process carries the messages, the Python core
-// keeps every decision.
+// The native relay (gateway.native_relay): this process carries the messages of gateway.v1 Execute
+// calls, the gateway's Python core keeps every decision.
 //
 //   clients --Execute--> relay --Session--> worker
 //                          |
-//                    Control stream (one, batched)
+//                  control link (a Unix socket, batched)
 //                          |
 //                     Python core: auth, validation, quotas, queue, placement, cache, sessions,
 //                     metrics, logs; it submits on the worker through the relay
@@ -13,18 +13,21 @@
 // call here; the core sees a request's first delta (for its timings) and the rest merged into one,
 // just before the request's end (for usage, the cache and sessions).
 //
-// Prototype limits: the core's link breaking ends the process; a slow client's queue is bounded only
-// by its request's max_tokens; Execute is the only method it serves.
+// The gateway process starts this one and owns it:
 //
-//   native_relay --listen 127.0.0.1:P (--core 127.0.0.1:C | --core-socket PATH)
+//   native_relay --listen HOST:PORT --core-socket PATH
 //
 // The core names the workers (Connect); the relay holds a Session stream to each, and reports one
-// that ends (SessionLost) after handing the core what its requests had streamed.
+// that ends (SessionLost) after handing the core what its requests had streamed. A client slower than
+// its tokens costs one pending delta, merged (as the Python path merges), never a queue per token. When
+// the core's link breaks (the gateway exited or was killed), every call still open ends UNAVAILABLE and
+// the relay exits: its gateway starts a new one, Envoy moves new calls to another replica meanwhile.
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/support/client_callback.h>
 
+#include <csignal>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -41,11 +44,11 @@
 #include <unordered_map>
 #include <vector>
 
-#include "control.grpc.pb.h"
+#include "gateway/native_relay/v0/control.pb.h"
 #include "gateway/v1/gateway.pb.h"
 #include "igw_worker_api/v1/worker.grpc.pb.h"
 
-namespace ctl = igw::native_relay::v0;
+namespace ctl = native_relay::v0;
 namespace wpb = inference::v1;
 namespace gpb = gateway::v1;
 
@@ -77,19 +80,24 @@ class Call : public grpc::ServerGenericBidiReactor {
   void OnDone() override;
 
   // All below: with the relay's lock held.
-  void Write(grpc::ByteBuffer buf, bool from_core);
+  void Write(grpc::ByteBuffer buf);        // the core's reply
+  void AddDelta(const wpb::TokenDelta& d);  // the worker's
   void End(const grpc::Status& status);
 
  private:
   friend class Relay;
   void Pump();
+  void TakePending();
 
   Relay* relay_;
   grpc::GenericCallbackServerContext* ctx_;
   uint64_t id_;
   grpc::ByteBuffer request_;
-  std::deque<grpc::ByteBuffer> out_;
-  std::vector<grpc::ByteBuffer> held_;  // the worker's deltas that came before the core's Started
+  std::deque<grpc::ByteBuffer> out_;  // the core's replies: a few per call
+  // The worker's deltas not yet written (before the core's Started, or behind a write in flight), merged
+  // into one: a slow client costs one string, bounded by its request's max_tokens.
+  gpb::ExecuteResponse pending_;
+  bool has_pending_ = false;
   bool started_ = false;
   bool writing_ = false;
   bool ending_ = false;
@@ -119,48 +127,16 @@ class Upstream : public grpc::ClientBidiReactor<wpb::GatewayMessage, wpb::Worker
   bool writing_ = false, has_next_ = false;
 };
 
-// The link to the Python core: what the relay sends it is gathered in next() and sent by Flush(), both
-// with the relay's lock held; what comes back goes to Relay::FromCore.
+// The link to the Python core: a Unix socket, each message a 4-byte little-endian length and the
+// message (no gRPC call on the core's side, only asyncio's stream reader and writer). What the relay
+// sends is gathered in next() and handed to the writer thread by Flush(), both with the relay's lock
+// held; what comes back goes to Relay::FromCore.
 class CoreLink {
  public:
-  virtual ~CoreLink() = default;
-  virtual ctl::RelayUp& next() = 0;
-  virtual void Flush() = 0;
-};
-
-// The control stream to the Python core, over gRPC.
-class Control : public CoreLink, public grpc::ClientBidiReactor<ctl::RelayUp, ctl::RelayDown> {
- public:
-  Control(Relay* relay, ctl::Relay::Stub* stub) : relay_(relay) {
-    ctx_.set_wait_for_ready(true);
-    stub->async()->Control(&ctx_, this);
-    StartRead(&down_);
-    StartCall();
-  }
-  void OnReadDone(bool ok) override;
-  void OnWriteDone(bool ok) override;
-  void OnDone(const grpc::Status& s) override {
-    std::fprintf(stderr, "native relay: the core's control stream ended: %s\n", s.error_message().c_str());
-    std::_Exit(4);
-  }
-  ctl::RelayUp& next() override { has_next_ = true; return next_; }
-  void Flush() override;
-
- private:
-  Relay* relay_;
-  grpc::ClientContext ctx_;
-  ctl::RelayDown down_;
-  ctl::RelayUp writing_msg_, next_;
-  bool writing_ = false, has_next_ = false;
-};
-
-// The same messages over a Unix socket, each a 4-byte little-endian length and the message: no gRPC
-// call on the core's side, only asyncio's stream reader and writer.
-class SocketLink : public CoreLink {
- public:
-  SocketLink(Relay* relay, const std::string& path);
-  ctl::RelayUp& next() override { has_next_ = true; return next_; }
-  void Flush() override {
+  CoreLink(Relay* relay, const std::string& path);  // connects
+  void Start();  // the reader and writer threads
+  ctl::RelayUp& next() { has_next_ = true; return next_; }
+  void Flush() {
     if (has_next_) cv_.notify_one();
   }
 
@@ -177,6 +153,7 @@ class SocketLink : public CoreLink {
 // What the relay keeps of a request the core submitted for a client call.
 struct Bound {
   uint64_t call_id = 0;
+  std::string worker;            // as the core named it
   Upstream* upstream = nullptr;  // the session the request was sent on
   bool first_sent = false;  // the first delta went to the core as is
   wpb::TokenDelta merged;   // the deltas after it, merged, for the core at the end
@@ -189,6 +166,7 @@ class Relay : public grpc::CallbackGenericService {
   std::unordered_map<std::string, Bound> bound;
   std::unordered_map<std::string, Upstream*> upstreams;  // each deletes itself when its stream ends
   std::unique_ptr<CoreLink> control;
+  grpc::Server* server = nullptr;
   uint64_t next_id = 1;
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
@@ -247,11 +225,21 @@ class Relay : public grpc::CallbackGenericService {
       auto it = upstreams.find(c.worker());
       if (it != upstreams.end()) it->second->Stop();  // its OnDone reports it lost, as any end
       upstreams[c.worker()] = new Upstream(this, c.worker());
+      // A new session: what was bound for the worker's old one (submits the core dropped when it
+      // learnt that session was lost) will never end there.
+      for (auto b = bound.begin(); b != bound.end();) {
+        b = b->second.worker == c.worker() ? bound.erase(b) : std::next(b);
+      }
     }
-    for (const auto& b : down.binds()) bound[b.wire_id()].call_id = b.call_id();
+    for (const auto& b : down.binds()) {
+      Bound& entry = bound[b.wire_id()];
+      entry.call_id = b.call_id();
+      entry.worker = b.worker();
+    }
     for (const auto& w : down.workers()) {
       auto it = upstreams.find(w.worker());
       if (it == upstreams.end()) {  // lost already: the core hears it (SessionLost) and fails these
+        for (const auto& sub : w.message().submits()) bound.erase(sub.request_id());
         continue;
       }
       for (const auto& sub : w.message().submits()) {
@@ -264,7 +252,7 @@ class Relay : public grpc::CallbackGenericService {
       auto it = calls.find(r.call_id());
       if (it == calls.end()) continue;  // the client is gone
       Call* call = it->second;
-      if (!r.response().empty()) call->Write(Buffer(r.response()), true);
+      if (!r.response().empty()) call->Write(Buffer(r.response()));
       if (r.end()) {
         for (const auto& t : r.trailers()) {
           if (Printable(t.key()) && Printable(t.value())) call->ctx_->AddTrailingMetadata(t.key(), t.value());
@@ -292,20 +280,7 @@ class Relay : public grpc::CallbackGenericService {
       if (ev.has_delta()) {
         const auto& d = ev.delta();
         auto c = calls.find(b.call_id);
-        if (c != calls.end()) {
-          gpb::ExecuteResponse resp;
-          auto* delta = resp.mutable_delta();
-          delta->set_text(d.text());
-          delta->set_tokens(d.tokens());
-          for (const auto& t : d.tool_calls()) {  // the same fields on both protocols
-            auto* out = delta->add_tool_calls();
-            out->set_index(t.index());
-            out->set_id(t.id());
-            out->set_name(t.name());
-            out->set_arguments(t.arguments());
-          }
-          c->second->Write(Buffer(resp.SerializeAsString()), false);
-        }
+        if (c != calls.end()) c->second->AddDelta(d);
         if (!b.first_sent) {
           b.first_sent = true;
           *reduced->add_events() = ev;
@@ -356,6 +331,25 @@ class Relay : public grpc::CallbackGenericService {
     control->Flush();
   }
 
+  // The core's link broke: without it no call can go on. Each open call ends UNAVAILABLE (Envoy retries
+  // one that had not started on another replica), the workers' streams end (so they abort what they
+  // generate for these calls), and the process exits; the gateway, if alive, starts a new relay.
+  void CoreGone(const char* why) {
+    static std::once_flag once;
+    std::call_once(once, [&] {
+      std::fprintf(stderr, "native relay: the core's link is gone (%s): ending %zu calls\n", why, calls.size());
+      {
+        std::lock_guard<std::recursive_mutex> lock(mu);
+        for (auto& [id, call] : calls) {
+          call->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the gateway process serving this call is gone; retry"));
+        }
+        for (auto& [worker, up] : upstreams) up->Stop();
+      }
+      if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      std::_Exit(4);
+    });
+  }
+
   static void FlushMerged(const std::string& wire_id, Bound& b, wpb::WorkerFrame* into) {
     if (b.merged.tokens() || !b.merged.text().empty() || b.merged.tool_calls_size()) {
       auto* merged = into->add_events();
@@ -377,19 +371,41 @@ void Call::OnReadDone(bool ok) {
   relay_->Opened(this);
 }
 
-void Call::Write(grpc::ByteBuffer buf, bool from_core) {
+void Call::Write(grpc::ByteBuffer buf) {
   if (ending_) return;
-  if (!from_core && !started_) {
-    held_.push_back(std::move(buf));
-    return;
-  }
+  if (started_) TakePending();  // the deltas came first
   out_.push_back(std::move(buf));
-  if (from_core && !started_) {
-    started_ = true;
-    for (auto& h : held_) out_.push_back(std::move(h));
-    held_.clear();
-  }
+  started_ = true;  // the core's first reply (Started): the deltas held for it follow
   Pump();
+}
+
+void Call::AddDelta(const wpb::TokenDelta& d) {
+  if (ending_) return;
+  auto* delta = pending_.mutable_delta();
+  delta->mutable_text()->append(d.text());
+  delta->set_tokens(delta->tokens() + d.tokens());
+  for (const auto& t : d.tool_calls()) {  // the same fields on both protocols
+    int n = delta->tool_calls_size();
+    if (n && delta->tool_calls(n - 1).index() == t.index() && t.id().empty() && t.name().empty()) {
+      // The same call's arguments go on (gateway.workers.streaming.merge_pieces, the same rule).
+      delta->mutable_tool_calls(n - 1)->mutable_arguments()->append(t.arguments());
+      continue;
+    }
+    auto* out = delta->add_tool_calls();
+    out->set_index(t.index());
+    out->set_id(t.id());
+    out->set_name(t.name());
+    out->set_arguments(t.arguments());
+  }
+  has_pending_ = true;
+  Pump();
+}
+
+void Call::TakePending() {
+  if (!has_pending_) return;
+  out_.push_back(Buffer(pending_.SerializeAsString()));
+  pending_.Clear();
+  has_pending_ = false;
 }
 
 void Call::End(const grpc::Status& status) {
@@ -401,6 +417,7 @@ void Call::End(const grpc::Status& status) {
 
 void Call::Pump() {
   if (writing_ || finished_) return;
+  if (out_.empty() && started_) TakePending();
   if (!out_.empty()) {
     writing_ = true;
     StartWrite(&out_.front());
@@ -487,33 +504,9 @@ void Upstream::OnReadDone(bool ok) {
   StartRead(&frame_);
 }
 
-// --- Control ---------------------------------------------------------------------------------------
+// --- CoreLink --------------------------------------------------------------------------------------
 
-void Control::Flush() {
-  if (writing_ || !has_next_) return;
-  writing_msg_.Swap(&next_);
-  next_.Clear();
-  has_next_ = false;
-  writing_ = true;
-  StartWrite(&writing_msg_);
-}
-
-void Control::OnWriteDone(bool ok) {
-  std::lock_guard<std::recursive_mutex> lock(relay_->mu);
-  writing_ = false;
-  if (ok) Flush();
-}
-
-void Control::OnReadDone(bool ok) {
-  if (!ok) return;  // OnDone follows
-  relay_->FromCore(down_);
-  down_.Clear();
-  StartRead(&down_);
-}
-
-// --- SocketLink ------------------------------------------------------------------------------------
-
-SocketLink::SocketLink(Relay* relay, const std::string& path) : relay_(relay) {
+CoreLink::CoreLink(Relay* relay, const std::string& path) : relay_(relay) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
@@ -527,6 +520,9 @@ SocketLink::SocketLink(Relay* relay, const std::string& path) : relay_(relay) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
+}
+
+void CoreLink::Start() {
   std::thread([this] { ReadLoop(); }).detach();
   std::thread([this] { WriteLoop(); }).detach();
 }
@@ -541,7 +537,7 @@ static bool ReadFull(int fd, char* buf, size_t n) {
   return true;
 }
 
-void SocketLink::ReadLoop() {
+void CoreLink::ReadLoop() {
   std::string buf;
   ctl::RelayDown down;
   for (;;) {
@@ -552,11 +548,10 @@ void SocketLink::ReadLoop() {
     relay_->FromCore(down);
     down.Clear();
   }
-  std::fprintf(stderr, "native relay: the core's socket closed\n");
-  std::_Exit(4);
+  relay_->CoreGone("the socket closed");
 }
 
-void SocketLink::WriteLoop() {
+void CoreLink::WriteLoop() {
   std::string out;
   ctl::RelayUp msg;
   for (;;) {
@@ -575,7 +570,7 @@ void SocketLink::WriteLoop() {
     size_t n = out.size();
     while (n) {
       ssize_t put = write(fd_, p, n);
-      if (put <= 0) std::_Exit(4);
+      if (put <= 0) relay_->CoreGone("a write failed");
       p += put;
       n -= static_cast<size_t>(put);
     }
@@ -585,41 +580,41 @@ void SocketLink::WriteLoop() {
 // --- main ------------------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
-  std::string listen, core, core_socket;
+  std::string listen, core_socket;
+  long max_request_bytes = 4 * 1024 * 1024;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i];
     if (k == "--listen") listen = argv[i + 1];
-    else if (k == "--core") core = argv[i + 1];
     else if (k == "--core-socket") core_socket = argv[i + 1];
+    else if (k == "--max-request-bytes") max_request_bytes = std::atol(argv[i + 1]);
   }
-  if (listen.empty() || (core.empty() == core_socket.empty())) {
-    std::fprintf(stderr, "usage: native_relay --listen HOST:PORT (--core HOST:PORT | --core-socket PATH)\n");
+  if (listen.empty() || core_socket.empty() || max_request_bytes <= 0) {
+    std::fprintf(stderr, "usage: native_relay --listen HOST:PORT --core-socket PATH [--max-request-bytes N]\n");
     return 2;
   }
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
-  auto core_channel = grpc::CreateCustomChannel(core.empty() ? "127.0.0.1:1" : core, grpc::InsecureChannelCredentials(), args);
-  auto core_stub = ctl::Relay::NewStub(core_channel);
+  // Its life is its core link's: a signal to the gateway's process group (Ctrl-C, a drain's SIGTERM)
+  // is the gateway's to act on; the gateway closes the link when its streams are done, and the relay
+  // follows. A write to a closed link is an error to handle, not a signal.
+  std::signal(SIGINT, SIG_IGN);
+  std::signal(SIGTERM, SIG_IGN);
+  std::signal(SIGPIPE, SIG_IGN);
 
   Relay relay;
-  {
-    std::lock_guard<std::recursive_mutex> lock(relay.mu);
-    if (core_socket.empty()) {
-      relay.control = std::make_unique<Control>(&relay, core_stub.get());
-    } else {
-      relay.control = std::make_unique<SocketLink>(&relay, core_socket);
-    }
-  }
+  relay.control = std::make_unique<CoreLink>(&relay, core_socket);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials());
   builder.RegisterCallbackGenericService(&relay);
+  // The gateway's request size budget (gateway.limits.max_request_bytes): larger calls get
+  // RESOURCE_EXHAUSTED from gRPC before any work, as on the gateway's own server.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<long>(max_request_bytes, 1L << 30)));
   auto server = builder.BuildAndStart();
   if (!server) {
     std::fprintf(stderr, "native relay: cannot listen on %s\n", listen.c_str());
     return 1;
   }
-  std::fprintf(stderr, "native relay: listening on %s, core %s\n", listen.c_str(),
-               core.empty() ? core_socket.c_str() : core.c_str());
+  relay.server = server.get();
+  relay.control->Start();
+  std::fprintf(stderr, "native relay: listening on %s, core %s\n", listen.c_str(), core_socket.c_str());
   server->Wait();
   return 0;
 }

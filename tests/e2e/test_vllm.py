@@ -379,3 +379,43 @@ def test_queueing_in_front_of_vllm(vllm_stack, tmp_path):
         assert all(q > 0 for _, q in order)  # both really waited in the gateway's queue
     finally:
         gateway.stop()
+
+
+def test_the_native_relay_serves_vllm_as_the_gateway_does(vllm_stack, tmp_path):
+    """gateway.native_relay on, a second gateway on the same vLLM worker: a greedy answer through its relay
+    is the first gateway's, token for token, with the same usage; a cancel through the relay stops vLLM."""
+    import yaml
+
+    from igw_stack import launcher as stack
+    from igw_stack.launcher import free_port
+
+    cfg = yaml.safe_load(vllm_stack.config_path.read_text())
+    relay = f"127.0.0.1:{free_port()}"
+    cfg["gateway"].update(listen=f"127.0.0.1:{free_port()}", metrics_listen="", http_listen="")
+    cfg["gateway"]["native_relay"] = {"enabled": True, "listen": relay}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    gateway = stack.Processes(path, log_dir=tmp_path)
+    try:
+        gateway.start_gateway()
+        wait_ready_workers(gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["listen"])), 1, timeout=30)
+        req = gpb.ExecuteRequest(
+            task="Write a Python function that reverses a string.",
+            sampling=gpb.SamplingParams(max_tokens=40, temperature=0),
+        )
+        through_relay = collect(gpb_grpc.GatewayStub(grpc.insecure_channel(relay)), req)
+        through_gateway = collect(vllm_stack.gateway_stub("envoy"), req)
+        assert through_relay[1] == through_gateway[1] and through_relay[1].strip()
+        assert through_relay[2].usage == through_gateway[2].usage
+        assert [k for _, k, _ in through_relay[0]][0] == "started"
+
+        long = gpb.ExecuteRequest(task="Count from 1 to 1000.", sampling=gpb.SamplingParams(max_tokens=1000))
+        call = gpb_grpc.GatewayStub(grpc.insecure_channel(relay)).Execute(long, timeout=120)
+        for r in call:
+            if r.HasField("delta"):
+                call.cancel()
+                break
+        load, _ = vllm_stack.wait_worker_idle(10)
+        assert load.engine_unfinished_requests == 0
+    finally:
+        gateway.stop()

@@ -1,10 +1,12 @@
-"""The native relay (the experiment of issue #25, ``native/relay``) behind the real gateway core
-(``bench.native_core``): the C++ process carries the messages, the core makes every decision.
+"""The native relay (``gateway.native_relay``, ``native/relay``) switched on: the gateway starts it, Envoy
+routes Execute to it and everything else to the gateway; the C++ process carries the messages, the
+gateway makes every decision.
 
-What its figures in docs/performance.md rest on: through the relay a client gets what it gets from
-the gateway (text, usage, event order), errors keep their status and rich details, a cancel or a
-deadline stops the worker, and the adversarial suite's hostile requests (tests/adversarial.py) hurt
-no canary stream running beside them, leave no quota lease held and no request on the worker.
+Through the relay a client gets what it gets from the gateway's own server (text, usage, event order),
+errors keep their status and rich details, a cancel or a deadline stops the worker, and the adversarial
+suite's hostile requests (tests/adversarial.py) hurt no canary stream running beside them, leave no quota
+lease held and no request on the worker. A relay that dies is started again; a gateway that dies takes its
+relay with it, and a draining gateway lets the relay's streams finish.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_status import rpc_status
 from hypothesis import given, settings
 
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from igw_stack import launcher as stack
 from tests.adversarial import (
     SETTINGS,
     CanaryLoop,
@@ -37,15 +38,17 @@ from tests.adversarial import (
 )
 from tests.helpers import build_stack, free_port, make_config, new_key, wait_ready_workers
 
-RELAY_BIN = Path(__file__).resolve().parents[2] / "native" / "relay" / "build" / "native_relay"
+
+def native_config(**gateway) -> dict:
+    cfg = make_config("synthetic", **({"gateway": gateway} if gateway else {}))
+    cfg["gateway"]["native_relay"] = {"enabled": True, "listen": f"127.0.0.1:{free_port()}"}
+    return cfg
 
 
-class Split:
-    """Execute through the relay; GetQuota (which the relay does not serve) from the core's own port."""
-
-    def __init__(self, relay: str, core: str):
-        self.Execute = gpb_grpc.GatewayStub(grpc.insecure_channel(relay)).Execute
-        self.GetQuota = gpb_grpc.GatewayStub(grpc.insecure_channel(core)).GetQuota
+def relay_of(s) -> psutil.Process:
+    """The relay process the stack's gateway started."""
+    (relay,) = psutil.Process(s.procs["gateway"].pid).children()
+    return relay
 
 
 def wait_answering(stub, key: str, timeout_s: float = 60) -> None:
@@ -53,7 +56,7 @@ def wait_answering(stub, key: str, timeout_s: float = 60) -> None:
     req = gpb.ExecuteRequest(task="hi", sampling=gpb.SamplingParams(max_tokens=2))
     while True:
         try:
-            list(stub.Execute(req, metadata=[("authorization", f"Bearer {key}")], timeout=5))
+            list(stub.Execute(req, metadata=_md(key) if key else None, timeout=5))
             return
         except grpc.RpcError:
             assert time.monotonic() < end, "the relay did not answer"
@@ -64,29 +67,23 @@ def wait_answering(stub, key: str, timeout_s: float = 60) -> None:
 def native(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native-relay")
     keys = tmp / "keys.yaml"
-    cfg = make_config(
-        "synthetic",
-        gateway={
-            "auth": {"mode": "api_key", "key_file": str(keys)},
-            "limits": {"default_max_tokens": 8},
-            "queue": {"max_queued": 64},
-        },
-        worker={"synthetic": {"tokens_per_s": 3000}},
+    cfg = native_config(
+        auth={"mode": "api_key", "key_file": str(keys)},
+        limits={"default_max_tokens": 8},
+        queue={"max_queued": 64},
     )
+    cfg["worker"]["synthetic"] = {"tokens_per_s": 3000}
     key = hostile_keys(keys)
     s = build_stack(tmp, cfg)
-    core, relay, sock = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", str(tmp / "core.sock")
     s.start_worker()
-    s.start_gateway()  # today's gateway, for comparison, on the same worker
-    core_cmd = [sys.executable, "-m", "bench.native_core", "--config", str(s.config_path), "--listen", core]
-    s.start_process("native-core", core_cmd + ["--socket", sock], core, 60)
-    relay_cmd = [str(RELAY_BIN), "--listen", relay, "--core-socket", sock]
-    s.procs["native-relay"] = stack.start(relay_cmd, log_path=s.log("native-relay"))
-    stub = Split(relay, core)
+    s.start_gateway()
+    s.start_envoy()
+    stub = s.gateway_stub("envoy")  # Execute reaches the relay, GetQuota the gateway
     wait_answering(stub, key)
     canary = CanaryLoop(stub, key)
     state = {"stack": s, "stub": stub, "key": key, "keys": keys, "canary": canary, "calls": 0, "codes": {}}
     state["gateway"] = s.gateway_stub("gateway")
+    state["relay"] = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["native_relay"]["listen"]))
     yield state
     canary.stop()
     s.stop()
@@ -94,6 +91,31 @@ def native(tmp_path_factory):
 
 def _md(key):
     return [("authorization", f"Bearer {key}")]
+
+
+def _upstreams_of(s, path: str, n: int) -> list[str]:
+    """The upstream hosts of Envoy's last ``n`` access-log lines for ``path`` (Envoy writes its log a
+    little later than it answers)."""
+    end = time.monotonic() + 10
+    while True:
+        lines = [json.loads(x) for x in (s.dir / "envoy-access.log").read_text().splitlines() if x.strip()]
+        hosts = [x["upstream_host"] for x in lines if x["path"] == path]
+        if len(hosts) >= n or time.monotonic() > end:
+            return hosts[-n:]
+        time.sleep(0.2)
+
+
+def test_envoy_routes_execute_to_the_relay_and_the_rest_to_the_gateway(native):
+    s, md = native["stack"], _md(native["key"])
+    list(native["stub"].Execute(gpb.ExecuteRequest(task="hi"), metadata=md, timeout=30))
+    assert native["stub"].GetQuota(gpb.GetQuotaRequest(), metadata=md, timeout=10).tenant
+    relay = s.config["gateway"]["native_relay"]["listen"]
+    assert _upstreams_of(s, "/gateway.v1.Gateway/Execute", 1) == [relay]
+    assert _upstreams_of(s, "/gateway.v1.Gateway/GetQuota", 1) == [s.config["gateway"]["listen"]]
+    # The relay serves Execute alone.
+    with pytest.raises(grpc.RpcError) as err:
+        native["relay"].GetQuota(gpb.GetQuotaRequest(), metadata=md, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_the_relay_answers_as_the_gateway_does(native):
@@ -130,7 +152,7 @@ def test_errors_keep_their_status_and_details(native):
     assert status is not None and status.details[0].Unpack(violation)
     assert violation.field_violations[0].field == "sampling.temperature"
     # A body protobuf cannot decode is the core's to explain, field by name, as on the gateway.
-    raw = grpc.insecure_channel(_relay_address(native))
+    raw = grpc.insecure_channel(native["stack"].envoy)
     call = raw.unary_stream("/gateway.v1.Gateway/Execute", request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as err:
         list(call(b"\x0a\x05\xff\xfe\xfd\xfc\xfb", metadata=md, timeout=30))  # task: 5 bytes, not UTF-8
@@ -152,11 +174,6 @@ def test_a_refusal_keeps_its_trailers(native):
         list(native["stub"].Execute(req, metadata=md, timeout=30))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert int(dict(err.value.trailing_metadata())["retry-after"]) >= 1
-
-
-def _relay_address(native) -> str:
-    args = native["stack"].procs["native-relay"].args
-    return args[args.index("--listen") + 1]
 
 
 def _worker_idle(s, timeout_s: float = 5.0) -> bool:
@@ -213,7 +230,7 @@ def test_the_bench_runs(tmp_path):
     subprocess.run(cmd + ["--json", str(out)], check=True, timeout=300, capture_output=True)
     figures = json.loads(out.read_text())
     for shape in ("4 streams, 64 tokens", "64 streams, 1-token requests"):
-        for path in ("gateway", "native", "native, socket", "bare relay"):
+        for path in ("gateway", "native", "bare relay"):
             f = figures[shape][path]
             assert f["tokens/s"] > 0 and f["errors"] == 0 and f["CPU ms per request"] > 0, (shape, path, f)
 
@@ -222,25 +239,17 @@ def test_kill9_of_a_worker_through_the_relay_loses_no_stream(tmp_path):
     """The relay holds a Session stream per worker. When one dies, the tokens its requests had streamed
     reach the core before the news, and the core resumes them on the other worker through the relay (or
     places again those with no token yet): every stream completes with the whole text and exact usage."""
-    cfg = make_config(
-        "synthetic",
-        worker={"synthetic": {"tokens_per_s": 20, "first_token_delay_ms": 1000}, "max_concurrent_requests": 16},
-    )
+    cfg = native_config()
+    cfg["worker"].update(synthetic={"tokens_per_s": 20, "first_token_delay_ms": 1000}, max_concurrent_requests=16)
     addrs = [cfg["worker"]["listen"], f"127.0.0.1:{free_port()}"]
     cfg["gateway"]["workers"] = [{"address": a} for a in addrs]
     s = build_stack(tmp_path, cfg)
-    core, relay, sock = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", str(tmp_path / "core.sock")
     try:
         for i, a in enumerate(addrs):
             s.start_worker(name=f"worker{i}", listen=a)
-        core_cmd = [sys.executable, "-m", "bench.native_core", "--config", str(s.config_path), "--listen", core]
-        s.start_process("native-core", core_cmd + ["--socket", sock], core, 60)
-        s.procs["native-relay"] = stack.start(
-            [str(RELAY_BIN), "--listen", relay, "--core-socket", sock], log_path=s.log("native-relay")
-        )
-        core_stub = gpb_grpc.GatewayStub(grpc.insecure_channel(core))
-        wait_ready_workers(core_stub, 2, timeout=30)
-        stub = gpb_grpc.GatewayStub(grpc.insecure_channel(relay))
+        s.start_gateway()
+        wait_ready_workers(s.gateway_stub("gateway"), 2, timeout=30)
+        stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["native_relay"]["listen"]))
         results = []
 
         def one(i):
@@ -266,9 +275,155 @@ def test_kill9_of_a_worker_through_the_relay_loses_no_stream(tmp_path):
         words = "lorem ipsum dolor sit amet".split()
         whole = "".join(words[i % 5] + " " for i in range(60))
         assert all(r[0] == "done" and r[1] == r[2] == 60 and r[3] == whole for r in results), results
-        log = s.log("native-core").read_text()
+        log = s.log("gateway").read_text()
         assert "resuming on another worker" in log, "no stream was resumed: the kill came too late to test it"
         assert s.exited() in (None, "worker0"), f"{s.exited()} died"
         s.procs.pop("worker0").wait()
     finally:
         s.stop()
+
+
+def _stream(stub, max_tokens: int, md=None, timeout: float = 60):
+    """(outcome, tokens, detail) of one Execute: ("done", n, text) or (code name, n, details)."""
+    got, text = 0, ""
+    try:
+        req = gpb.ExecuteRequest(task="t", sampling=gpb.SamplingParams(max_tokens=max_tokens))
+        for r in stub.Execute(req, metadata=md, timeout=timeout):
+            if r.HasField("delta"):
+                got, text = got + r.delta.tokens, text + r.delta.text
+            elif r.HasField("done"):
+                return ("done", got, text)
+    except grpc.RpcError as err:
+        return (err.code().name, got, err.details())
+    return ("no end", got, text)
+
+
+def test_a_relay_that_dies_is_started_again_and_a_gateway_that_dies_takes_its_relay(tmp_path):
+    """kill -9 of the relay: its streams end (UNAVAILABLE, said so), the worker stops generating for
+    them, the gateway starts a new relay that serves. kill -9 of the gateway: its relay ends its open
+    calls UNAVAILABLE and exits, leaving nothing behind."""
+    cfg = native_config()
+    cfg["worker"]["synthetic"] = {"tokens_per_s": 50}
+    s = build_stack(tmp_path, cfg)
+    relay_addr = cfg["gateway"]["native_relay"]["listen"]
+    try:
+        s.start_worker()
+        s.start_gateway()
+        stub = gpb_grpc.GatewayStub(grpc.insecure_channel(relay_addr))
+        wait_answering(stub, "")
+        first = relay_of(s)
+        with ThreadPoolExecutor(4) as ex:
+            fs = [ex.submit(_stream, stub, 500) for _ in range(4)]
+            time.sleep(1.5)
+            first.kill()
+            results = [f.result(timeout=30) for f in fs]
+        assert all(r[0] == "UNAVAILABLE" and r[1] > 0 for r in results), results
+        load, _ = s.wait_worker_idle(10)  # the relay's sessions ended: the worker aborted them
+        log = s.log("gateway").read_text()
+        assert "native relay exited" in log
+        end = time.monotonic() + 30
+        while True:  # the new relay
+            try:
+                second = relay_of(s)
+                if second.pid != first.pid:
+                    break
+            except ValueError:
+                pass
+            assert time.monotonic() < end, "no new relay"
+            time.sleep(0.2)
+        wait_answering(stub, "")
+        assert _stream(stub, 20)[:2] == ("done", 20)
+
+        # The gateway dies: its relay ends the calls it holds and exits.
+        with ThreadPoolExecutor(2) as ex:
+            fs = [ex.submit(_stream, stub, 500) for _ in range(2)]
+            time.sleep(1.5)
+            s.procs["gateway"].send_signal(signal.SIGKILL)
+            results = [f.result(timeout=30) for f in fs]
+        assert all(r[0] == "UNAVAILABLE" and "gone" in r[2] for r in results), results
+        second.wait(timeout=10)
+        s.wait_worker_idle(10)
+        s.procs.pop("gateway").wait()
+    finally:
+        s.stop()
+
+
+def test_a_slow_client_costs_the_relay_one_merged_delta(native):
+    """A client that reads nothing while its tokens stream (a 1 KiB flow-control window, straight to the
+    relay): the relay merges what it cannot write into one pending delta, and when the client reads it
+    gets every token, in order, in a handful of messages instead of one per engine step."""
+    md = _md(native["key"])
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    channel = grpc.insecure_channel(native["stack"].config["gateway"]["native_relay"]["listen"], options=options)
+    req = gpb.ExecuteRequest(task="slow", sampling=gpb.SamplingParams(max_tokens=1500, temperature=0))
+    call = gpb_grpc.GatewayStub(channel).Execute(req, metadata=md, timeout=60)
+    assert next(call).HasField("started")
+    time.sleep(2)  # 1,500 tokens at 3,000/s: ~50 engine-paced messages while the client reads nothing
+    rest = list(call)
+    deltas = [r for r in rest if r.HasField("delta")]
+    assert sum(r.delta.tokens for r in deltas) == rest[-1].done.usage.completion_tokens == 1500
+    assert len(deltas) < 20, f"{len(deltas)} messages: the relay queued one per step instead of merging"
+    paced = list(native["gateway"].Execute(req, metadata=md, timeout=60))
+    assert "".join(r.delta.text for r in deltas) == "".join(r.delta.text for r in paced if r.HasField("delta"))
+    assert len(paced) > 3 * len(deltas)  # the same request read at once: the steps, unmerged
+
+
+def test_a_draining_gateway_lets_the_relays_streams_finish(tmp_path):
+    """SIGTERM: Envoy stops sending Execute to the replica (its relay's health follows the gateway's),
+    the relay's open streams complete, then the relay and the gateway exit."""
+    cfg = native_config(drain_notice_s=1.0)
+    cfg["worker"]["synthetic"] = {"tokens_per_s": 40}
+    s = build_stack(tmp_path, cfg)
+    try:
+        s.start_worker()
+        s.start_gateway()
+        s.start_envoy()
+        stub = s.gateway_stub("envoy")
+        wait_answering(stub, "")
+        relay = relay_of(s)
+        with ThreadPoolExecutor(3) as ex:
+            fs = [ex.submit(_stream, stub, 80) for _ in range(3)]
+            time.sleep(1.0)
+            s.procs["gateway"].send_signal(signal.SIGTERM)
+            results = [f.result(timeout=30) for f in fs]
+        assert all(r[:2] == ("done", 80) for r in results), results
+        assert s.procs["gateway"].wait(timeout=20) == 0
+        relay.wait(timeout=10)
+        s.procs.pop("gateway")
+    finally:
+        s.stop()
+
+
+def test_envoy_bootstrap_sends_execute_to_each_replicas_relay_checked_on_its_gateway():
+    from gateway.envoy_bootstrap import render
+    from igw_common import config as config_mod
+
+    gw = {"listen": "127.0.0.1:7000", "processes": 2, "native_relay": {"enabled": True, "listen": "127.0.0.1:7100"}}
+    boot = render(config_mod.parse({"gateway": gw}, "test"))
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    execute = [r for r in routes if r["match"].get("path") == "/gateway.v1.Gateway/Execute"]
+    assert len(execute) == 1 and execute[0]["route"]["cluster"] == "gateway_native"
+    assert routes.index(execute[0]) < next(i for i, r in enumerate(routes) if r["match"].get("prefix") == "/")
+    (cluster,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == "gateway_native"]
+    endpoints = [e["endpoint"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert [e["address"]["socket_address"]["port_value"] for e in endpoints] == [7100, 7101]
+    assert [e["health_check_config"]["port_value"] for e in endpoints] == [7000, 7001]
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == "igw.native_relay"
+    # Relays listed by hand must pair with the replicas.
+    cfg = config_mod.parse({"gateway": gw, "envoy": {"native_upstreams": ["127.0.0.1:7100"]}}, "test")
+    with pytest.raises(ValueError, match="envoy.native_upstreams"):
+        render(cfg)
+
+
+def test_a_missing_relay_binary_stops_the_gateway_naming_the_key(tmp_path):
+    cfg = native_config()
+    cfg["gateway"]["native_relay"]["binary"] = str(tmp_path / "nowhere")
+    s = build_stack(tmp_path, cfg)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.server", "--config", str(s.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "gateway.native_relay.binary" in out.stderr and "nowhere" in out.stderr

@@ -1,0 +1,94 @@
+"""The native relay's process: started by its gateway process, started again when it exits.
+
+Its life is its control link's (it ignores SIGINT and SIGTERM and exits when the link closes), so a drain
+closes the link once the relay's calls are done, and a gateway that dies, however it dies, takes its
+relay with it. Its stderr lines go to the gateway's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from gateway.errors import clip
+from igw_common.config import GatewayConfig
+
+log = logging.getLogger("gateway.native_relay")
+
+BUILT = Path(__file__).resolve().parents[2] / "native" / "relay" / "build" / "native_relay"
+_MAX_BACKOFF_S = 10.0
+# A relay that ran this long before it exited was up: the next one starts after the first backoff again.
+_STABLE_S = 30.0
+
+
+def binary_path(cfg: GatewayConfig) -> Path:
+    """The relay executable, or SystemExit naming the key when there is none."""
+    path = Path(cfg.native_relay.binary) if cfg.native_relay.binary else BUILT
+    if not path.is_file():
+        hint = "`make native` builds it" if path == BUILT else "set it to the relay `make native` builds"
+        raise SystemExit(f"gateway: gateway.native_relay.binary: {path} does not exist ({hint})")
+    return path
+
+
+class RelayProcess:
+    def __init__(self, cfg: GatewayConfig, socket_path: str):
+        self.cmd = [
+            str(binary_path(cfg)),
+            "--listen",
+            cfg.native_relay.listen,
+            "--core-socket",
+            socket_path,
+            "--max-request-bytes",
+            str(cfg.limits.max_request_bytes),
+        ]
+        self.first_backoff_s = cfg.native_relay.restart_backoff_ms / 1000
+        self.exits = 0  # how often a relay exited while the gateway ran
+        self.last_lines: list[str] = []  # its last stderr lines, for a start that fails
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self.exited = asyncio.Event()  # set while no relay runs
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="native relay")
+
+    async def stop(self, timeout_s: float) -> None:
+        """After the link was closed: the relay exits by itself; killed after ``timeout_s``."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = self.first_backoff_s
+        while True:
+            started = loop.time()
+            self.exited.clear()
+            self._proc = proc = await asyncio.create_subprocess_exec(
+                *self.cmd, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+            await self._log_lines(proc.stderr)
+            code = await proc.wait()
+            self.exited.set()
+            if self._stopping:
+                return
+            self.exits += 1
+            if loop.time() - started > _STABLE_S:
+                backoff = self.first_backoff_s
+            log.error("native relay exited (status %s); starting it again in %.1f s", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def _log_lines(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            line = clip(raw.decode(errors="replace").rstrip(), 500)
+            self.last_lines = [*self.last_lines[-4:], line]
+            log.info("native relay: %s", line.removeprefix("native relay: "))
