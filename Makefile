@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 # Debian packages the tests need (real servers, started by the test fixtures).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all install protos model native run test test-fast lint docs bench soak system-deps clean distclean
+.PHONY: all install protos model native run test test-fast test-native lint docs bench soak system-deps clean distclean
 
 all: install protos
 
@@ -84,6 +84,11 @@ test: system-deps install protos model native lint
 test-fast: system-deps install protos model native lint
 	$(BIN)/python -m pytest -v -m 'not vllm' $(PYTEST_ARGS)
 
+# The whole suite with gateway.native_relay on in every stack the tests build (tests/helpers.make_config):
+# Execute through Envoy then reaches the relay. Not part of `make test` (it doubles its time).
+test-native: system-deps install protos model native lint
+	IGW_TEST_NATIVE_RELAY=1 $(BIN)/python -m pytest -v -rfEs $(PYTEST_ARGS)
+
 # ruff: lint rules and formatting (configured in pyproject.toml); `make test` runs it first.
 lint: install
 	$(BIN)/ruff check .
@@ -105,8 +110,8 @@ bench: system-deps install protos model
 
 # Minutes of mixed, partly hostile load with a worker restart; reports RSS over time and anything leaked.
 SOAK_MINUTES ?= 10
-soak: system-deps install protos
-	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
+soak: system-deps install protos native
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 clean:
 	rm -f $(GEN) gateway/v1/*_pb2*.pyi igw_worker_api/v1/*_pb2*.pyi

@@ -47,8 +47,9 @@ RELAY_BIN = Path(__file__).resolve().parent.parent / "native" / "relay" / "build
 
 
 class Procs:
-    def __init__(self, pids: list[int]):
-        self.procs = [psutil.Process(p) for p in pids]
+    def __init__(self, **pids: int):
+        self.names = list(pids)
+        self.procs = [psutil.Process(p) for p in pids.values()]
 
     def cpu(self) -> float:
         return sum(self.each())
@@ -106,7 +107,7 @@ def measure(target: str, procs: Procs, streams: int, max_tokens: int, seconds: f
         "CPU ms per request": cpu / max(1, requests) * 1e3,
         "errors": errors,
         **(
-            {f"CPU us per token, process {i + 1}": c / max(1, tokens) * 1e6 for i, c in enumerate(each)}
+            {f"CPU us per token, {name}": c / max(1, tokens) * 1e6 for name, c in zip(procs.names, each)}
             if len(each) > 1
             else {}
         ),
@@ -143,7 +144,7 @@ def wait_answering(target: str, key: str, timeout_s: float = 60) -> None:
 
 
 def start_paths(log_level: str = "info"):
-    """Start the worker and the three paths; (processes, paths, key, worker, model)."""
+    """Start the worker and the paths; (processes, paths, key, worker, model)."""
     if not RELAY_BIN.exists():
         raise SystemExit(f"{RELAY_BIN} is missing: make native")
     work = Path(tempfile.mkdtemp(prefix="igw-native-"))
@@ -195,9 +196,9 @@ def start_paths(log_level: str = "info"):
         pid = lambda n: procs.procs[n].pid  # noqa: E731
         (relay_proc,) = psutil.Process(pid("gateway-native")).children()  # the gateway starts its relay
         paths = {
-            "gateway": (gw, Procs([pid("gateway")])),
-            "native": (relay, Procs([relay_proc.pid, pid("gateway-native")])),
-            "bare relay": (bare, Procs([pid("bare-relay")])),
+            "gateway": (gw, Procs(gateway=pid("gateway"))),
+            "native": (relay, Procs(relay=relay_proc.pid, gateway=pid("gateway-native"))),
+            "bare relay": (bare, Procs(relay=pid("bare-relay"))),
         }
         return procs, paths, key, worker, model
     except BaseException:
@@ -229,11 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             if max_tokens > 1:
                 figures["direct"] = direct(worker, model, streams, max_tokens)
             g = figures["gateway"]
-            for name in ("native",):
-                figures[f"gateway / {name}"] = {
-                    k: g[k] / max(1e-9, figures[name][k])
-                    for k in ("tokens/s", "TTFT p50 ms", "CPU us per token", "CPU ms per request")
-                }
+            figures["gateway / native"] = {
+                k: g[k] / max(1e-9, figures["native"][k])
+                for k in ("tokens/s", "TTFT p50 ms", "CPU us per token", "CPU ms per request")
+            }
             out[shape] = {name: {k: round(v, 2) for k, v in f.items()} for name, f in figures.items()}
             print(yaml.safe_dump({shape: out[shape]}, sort_keys=False), flush=True)
         if args.json:

@@ -4,7 +4,9 @@ with that worker killed (SIGKILL) once every stream has a few tokens. Reports ho
 text identical to the uninterrupted run, and the longest pause each client saw against the longest gap
 between tokens of the uninterrupted run (same run, same machine).
 
-    python -m bench.resume [--streams 16] [--max-tokens 48] [--json FILE]
+    python -m bench.resume [--streams 16] [--max-tokens 48] [--json FILE] [--native-relay]
+
+``--native-relay``: with ``gateway.native_relay`` on, the streams through the relay (``make native``).
 
 ``tests/e2e/test_resume_vllm.py`` runs the same measurement and asserts on it.
 """
@@ -34,16 +36,18 @@ TOPICS = (
 ).split(",")
 
 
-def config(workdir: Path) -> dict:
+def config(workdir: Path, native_relay: bool = False) -> dict:
     """Two vLLM workers (float32: a continuation's prefill and the uninterrupted run's decode steps then
-    agree to the argmax) and one gateway, on free loopback ports."""
+    agree to the argmax) and one gateway, on free loopback ports (with its native relay on, if asked)."""
     workers = [f"127.0.0.1:{stack.free_port()}" for _ in range(2)]
+    relay = {"enabled": native_relay, "listen": f"127.0.0.1:{stack.free_port()}"}
     return {
         "gateway": {
             "listen": f"127.0.0.1:{stack.free_port()}",
             "metrics_listen": f"127.0.0.1:{stack.free_port()}",
             "http_listen": "",
             "workers": [{"address": a} for a in workers],
+            "native_relay": relay,
         },
         "worker": {
             "listen": workers[0],
@@ -134,10 +138,11 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--native-relay", action="store_true", help="with gateway.native_relay on, through the relay")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="igw-resume-") as tmp:
         work = Path(tmp)
-        cfg = config(work)
+        cfg = config(work, args.native_relay)
         (work / "config.yaml").write_text(yaml.safe_dump(cfg))
         processes = stack.Processes(work / "config.yaml", log_dir=work)
         addrs = [w["address"] for w in cfg["gateway"]["workers"]]
@@ -148,6 +153,8 @@ def main() -> None:
             processes.start_gateway()
             stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["listen"]))
             wait_ready(stub, 2)
+            if args.native_relay:
+                stub = gpb_grpc.GatewayStub(grpc.insecure_channel(cfg["gateway"]["native_relay"]["listen"]))
             figures = measure(processes, stub, names, args.streams, args.max_tokens)
         finally:
             processes.stop()

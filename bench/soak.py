@@ -1,6 +1,6 @@
 """``make soak``: minutes of mixed, partly hostile load, watching for leaks.
 
-    python -m bench.soak [--minutes 10] [--concurrency 24]
+    python -m bench.soak [--minutes 10] [--concurrency 24] [--native-relay]
 
 Runs a synthetic worker, a gateway (API keys, Redis quotas) and Envoy, then
 for ``--minutes`` sends a mix through Envoy: normal streams, streams the
@@ -14,6 +14,9 @@ wrong token count).
 
 A benchmark, not a test: it asserts nothing, it reports (exit code 1 if
 anything leaked or was lost, so a CI job could use it).
+
+``--native-relay``: the same with ``gateway.native_relay`` on (``make native`` first); the relay's RSS
+is printed too.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=24)
+    ap.add_argument("--native-relay", action="store_true", help="with gateway.native_relay on")
     args = ap.parse_args(argv)
     random.seed(7)
 
@@ -164,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             "auth": {"mode": "api_key", "key_file": str(keys_file)},
             "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
             "worker_reconnect_backoff_ms": 200,
+            **(
+                {"native_relay": {"enabled": True, "listen": f"127.0.0.1:{stack.free_port()}"}}
+                if args.native_relay
+                else {}
+            ),
         },
         worker={"synthetic": {"tokens_per_s": 200}},
         envoy={"access_log_path": "/dev/null"},
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         async def drive():
             clients = [asyncio.create_task(load.client(until)) for _ in range(args.concurrency)]
             restarted = False
-            print("  t (s) | gateway MiB | worker MiB | envoy MiB | calls", flush=True)
+            print("  t (s) | gateway MiB | worker MiB | envoy MiB | calls | relay MiB", flush=True)
             next_sample = t0
             while not all(c.done() for c in clients):
                 now = time.monotonic()
@@ -188,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{now - t0:7.0f} | {rss_mib(procs.procs['gateway']):11.1f} | "
                         f"{rss_mib(procs.procs['worker']):10.1f} | {rss_mib(procs.procs['envoy']):9.1f} | "
-                        f"{sum(load.counts.values())}",
+                        f"{sum(load.counts.values())}"
+                        + "".join(
+                            f" | {c.memory_info().rss / 2**20:.1f}"
+                            for c in psutil.Process(procs.procs["gateway"].pid).children()
+                        ),
                         flush=True,
                     )
                     next_sample += 15

@@ -578,13 +578,21 @@ class Processes:
             if self.cfg.gateway.http_listen:
                 extra += ["--http-listen", f"127.0.0.1:{free_port()}"]
             if self.cfg.gateway.native_relay.enabled:
-                extra += ["--native-relay-listen", f"127.0.0.1:{free_port()}"]
+                extra += ["--native-relay-listen", self._relay_of(listen)]
         self.start_process(
             name,
             [sys.executable, "-m", "gateway.server", *self._cfg_args(), *extra],
             listen or self.cfg.gateway.listen,
             60,
         )
+
+    def _relay_of(self, listen: str) -> str:
+        """The native relay of the gateway replica on ``listen``: the one Envoy's config pairs with it
+        (envoy.native_upstreams), else a free port."""
+        e = self.cfg.envoy
+        if listen in e.upstreams and len(e.native_upstreams) == len(e.upstreams):
+            return e.native_upstreams[e.upstreams.index(listen)]
+        return f"127.0.0.1:{free_port()}"
 
     def start_envoy(self, name: str = "envoy") -> None:
         run_dir = self.log_dir

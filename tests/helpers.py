@@ -12,6 +12,7 @@ Fixtures built on these live in ``tests/conftest.py``.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -59,7 +60,11 @@ class Stack(stack.Processes):
     # --- clients -----------------------------------------------------------------
 
     def gateway_stub(self, via: str = "envoy") -> gpb_grpc.GatewayStub:
-        addr = self.envoy if via == "envoy" else self.gateway
+        """Through Envoy, straight to the gateway, or straight to its native relay (Execute only)."""
+        if via == "relay":
+            addr = self.config["gateway"]["native_relay"]["listen"]
+        else:
+            addr = self.envoy if via == "envoy" else self.gateway
         return gpb_grpc.GatewayStub(grpc.insecure_channel(addr))
 
     def worker_load(self, address: str | None = None) -> wpb.WorkerLoad:
@@ -96,9 +101,19 @@ def make_config(engine: str, **overrides) -> dict:
         "envoy": {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"},
     }
     cfg["gateway"]["workers"] = [{"address": cfg["worker"]["listen"]}]
+    if os.environ.get("IGW_TEST_NATIVE_RELAY") == "1":  # `make test-native`: the suite with the switch on
+        cfg["gateway"]["native_relay"] = {"enabled": True, "listen": f"127.0.0.1:{free_port()}"}
     for section, values in overrides.items():
         cfg[section] = _merge(cfg.get(section, {}), values)
     return cfg
+
+
+def set_replicas(cfg: dict, addresses: list[str]) -> None:
+    """Envoy in front of gateway replicas on ``addresses`` (started with ``start_gateway(name, address)``),
+    each with its own native relay when the switch is on."""
+    cfg["envoy"]["upstreams"] = addresses
+    if cfg["gateway"].get("native_relay", {}).get("enabled"):
+        cfg["envoy"]["native_upstreams"] = [f"127.0.0.1:{free_port()}" for _ in addresses]
 
 
 def _merge(a: dict, b: dict) -> dict:

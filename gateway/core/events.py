@@ -27,6 +27,7 @@ class Delta:
     text: str
     tokens: int
     tool_calls: tuple[CallDelta, ...] = ()  # requests with tools: pieces of the calls being made
+    relayed: bool = False  # the native relay wrote it to the client already (gateway.native_relay)
 
 
 @dataclass(slots=True)

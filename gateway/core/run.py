@@ -485,7 +485,7 @@ class Run:
         if self.turn is not None:
             self.turn.answer.append(update.text)
             self.turn.add_calls(update.tool_calls)
-        return Delta(update.text, update.tokens, update.tool_calls)
+        return Delta(update.text, update.tokens, update.tool_calls, stream.relayed)
 
     async def pace(self) -> None:
         """Let the next engine steps merge into one message (only for workers that do not pace)."""

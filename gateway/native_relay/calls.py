@@ -2,8 +2,9 @@
 (``gateway.doors.grpc_service``), fed the raw request the relay received and answering with replies the
 relay writes to the client.
 
-A call's worker deltas are the relay's to write when its request runs on a relayed connection (bound);
-every other event, and a request on another member (vLLM gRPC, OpenAI HTTP), comes back as a reply.
+A call's worker deltas are the relay's to write while its request runs on a relayed connection (the
+Delta says so); every other event, and a request on another member (vLLM gRPC, OpenAI HTTP), comes back
+as a reply.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class RelayCalls:
             events = self.core.run(tuple(opened.metadata.items()), reading, deadline, "grpc")
             async with contextlib.aclosing(events):
                 async for ev in events:
-                    if isinstance(ev, Delta) and call_id in link.bound_calls:
+                    if isinstance(ev, Delta) and ev.relayed:
                         continue  # the relay wrote it
                     done = isinstance(ev, Done)
                     link.reply(call_id, response=execute_wire.response(ev).SerializeToString(), end=done)
@@ -103,4 +104,3 @@ class RelayCalls:
             )
         finally:
             self.tasks.pop(call_id, None)
-            link.bound_calls.discard(call_id)

@@ -28,10 +28,10 @@ class Link:
         self.wake = asyncio.Event()
         self.attached = asyncio.Event()
         self.conns: dict[str, RelayedConnection] = {}  # by address, as the relay names the worker
-        self.bound_calls: set[int] = set()  # calls whose worker deltas the relay writes itself
         self._connects: list[cpb.Connect] = []
         self._binds: list[cpb.Bind] = []
         self._replies: list[cpb.Reply] = []
+        self._pong = 0  # the relay's last ping, to answer
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
         # Set by NativeRelay: what to do with the relay's calls, and when the relay goes away.
@@ -63,21 +63,20 @@ class Link:
     def bind(self, call_id: int, wire_id: str, worker: str) -> None:
         """The request ``wire_id`` (on ``worker``) answers client call ``call_id``: the relay writes its deltas."""
         self._binds.append(cpb.Bind(call_id=call_id, wire_id=wire_id, worker=worker))
-        self.bound_calls.add(call_id)
 
     def reply(self, call_id: int, **fields) -> None:
         self._replies.append(cpb.Reply(call_id=call_id, **fields))
         self.wake.set()
 
     def _take(self) -> cpb.RelayDown | None:
-        msg = cpb.RelayDown(connects=self._connects, binds=self._binds, replies=self._replies)
-        self._connects, self._binds, self._replies = [], [], []
+        msg = cpb.RelayDown(connects=self._connects, binds=self._binds, replies=self._replies, pong=self._pong)
+        self._connects, self._binds, self._replies, self._pong = [], [], [], 0
         for conn in self.conns.values():
             if (message := conn.next_message()) is not None:
                 msg.workers.add(worker=conn.address).message.CopyFrom(message)
                 if conn.has_more:  # more than one message's worth: the rest next time
                     self.wake.set()
-        return msg if (msg.connects or msg.binds or msg.replies or msg.workers) else None
+        return msg if (msg.connects or msg.binds or msg.replies or msg.workers or msg.pong) else None
 
     # --- the socket ------------------------------------------------------------------------------
 
@@ -122,6 +121,9 @@ class Link:
                 log.exception("native relay: a control message could not be handled")
 
     def _dispatch(self, up: cpb.RelayUp) -> None:
+        if up.ping:  # answered by the writer: this loop runs
+            self._pong = up.ping
+            self.wake.set()
         for opened in up.opened:
             self.on_opened(opened)
         for closed in up.closed:
@@ -139,8 +141,7 @@ class Link:
         """The relay is gone: so are its calls and every Session stream it held."""
         self.attached.clear()
         self._writer = None
-        self._connects, self._binds, self._replies = [], [], []
-        self.bound_calls.clear()
+        self._connects, self._binds, self._replies, self._pong = [], [], [], 0
         self.on_detached()
         for conn in self.conns.values():
             conn.relay_lost("the native relay exited")

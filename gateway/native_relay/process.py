@@ -41,6 +41,12 @@ class RelayProcess:
             socket_path,
             "--max-request-bytes",
             str(cfg.limits.max_request_bytes),
+            "--report-interval-ms",
+            str(cfg.native_relay.report_interval_ms),
+            "--min-ping-interval-ms",
+            str(cfg.min_ping_interval_ms),
+            "--core-timeout-ms",
+            str(cfg.native_relay.core_timeout_ms),
         ]
         self.first_backoff_s = cfg.native_relay.restart_backoff_ms / 1000
         self.exits = 0  # how often a relay exited while the gateway ran

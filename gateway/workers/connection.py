@@ -233,6 +233,7 @@ class Connection:
         """Give the stream its wire id and put it on this worker."""
         stream.wire_id = wire_id = str(next(_wire_ids))
         stream.worker, stream.claim, stream.worker_name = self, claim, self.name
+        stream.relayed = False
         stream.dispatched_at = time.monotonic()
         self.streams[wire_id] = stream
         return wire_id

@@ -56,6 +56,7 @@ class RelayedConnection(WorkerConnection):
         call_id = CALL_ID.get()
         if call_id and stream.wire_id in self.streams:
             self.link.bind(call_id, stream.wire_id, self.address)
+            stream.relayed = True
 
     def relay_lost(self, error: str) -> None:
         if self.lost is not None and not self.lost.done():

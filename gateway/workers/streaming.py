@@ -104,6 +104,9 @@ class RequestStream:
         self.worker = None  # the worker connection serving it
         self.claim = None  # the room held for it on that worker
         self.worker_name = ""
+        # The native relay writes this request's deltas to its client itself (gateway.native_relay); set
+        # by each opening, so a request resumed on another kind of worker is written by whoever carries it.
+        self.relayed = False
         self.created = time.monotonic()
         self.dispatched_at: float | None = None
         self.first_token_at: float | None = None

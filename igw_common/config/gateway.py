@@ -525,6 +525,22 @@ class NativeRelayConfig(Section):
     binary: str = Field(
         "", description="the relay executable; empty = native/relay/build/native_relay of this source tree"
     )
+    report_interval_ms: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="how often the relay tells the gateway what a long stream has sent (otherwise: its first "
+        "delta and, at its end, the rest). A request cut short (cancelled, superseded, past its deadline) is "
+        "charged, and reports in its trailers, the tokens the gateway had heard of: up to this much of its tail "
+        "may go uncounted. Lower: exacter counts, more of the gateway's CPU per token",
+    )
+    core_timeout_ms: int = Field(
+        3_000,
+        ge=100,
+        description="the relay pings its gateway every quarter of this; a gateway that leaves a ping unanswered "
+        "this long (frozen, stopped) is taken for gone: the relay ends its calls UNAVAILABLE and exits, as when "
+        "the gateway dies",
+    )
     restart_backoff_ms: int = Field(
         500,
         gt=0,

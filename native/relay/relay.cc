@@ -156,7 +156,8 @@ struct Bound {
   std::string worker;            // as the core named it
   Upstream* upstream = nullptr;  // the session the request was sent on
   bool first_sent = false;  // the first delta went to the core as is
-  wpb::TokenDelta merged;   // the deltas after it, merged, for the core at the end
+  wpb::TokenDelta merged;   // the deltas after it, merged, for the core's next report or the end
+  std::chrono::steady_clock::time_point reported;  // when the core last heard of its deltas
 };
 
 class Relay : public grpc::CallbackGenericService {
@@ -167,6 +168,35 @@ class Relay : public grpc::CallbackGenericService {
   std::unordered_map<std::string, Upstream*> upstreams;  // each deletes itself when its stream ends
   std::unique_ptr<CoreLink> control;
   grpc::Server* server = nullptr;
+  // How often the core hears of a long stream's tokens (the tokens a cancelled or superseded request
+  // is charged for are those the core has heard of).
+  std::chrono::milliseconds report_interval{100};
+  // A core that leaves a ping unanswered this long is taken for gone (frozen, stopped): the calls
+  // would hang on it otherwise.
+  std::chrono::milliseconds core_timeout{3000};
+  uint64_t ping_sent = 0;  // the ping awaiting its pong (0: none)
+  std::chrono::steady_clock::time_point ping_at;
+
+  // The core's liveness: a ping at a quarter of the timeout, answered or the core is gone.
+  void Watch() {
+    auto step = std::max(std::chrono::milliseconds(20), core_timeout / 4);
+    for (uint64_t seq = 1;; ++seq) {
+      std::this_thread::sleep_for(step);
+      bool gone;
+      {
+        std::lock_guard<std::recursive_mutex> lock(mu);
+        auto now = std::chrono::steady_clock::now();
+        gone = ping_sent && now - ping_at > core_timeout;
+        if (!ping_sent) {
+          ping_sent = seq;
+          ping_at = now;
+          control->next().set_ping(seq);
+          control->Flush();
+        }
+      }
+      if (gone) CoreGone("it left a ping unanswered");
+    }
+  }
   uint64_t next_id = 1;
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
@@ -221,6 +251,7 @@ class Relay : public grpc::CallbackGenericService {
   // The core's message: binds, then the worker's part, then replies to clients.
   void FromCore(const ctl::RelayDown& down) {
     std::lock_guard<std::recursive_mutex> lock(mu);
+    if (down.pong() && down.pong() == ping_sent) ping_sent = 0;
     for (const auto& c : down.connects()) {
       auto it = upstreams.find(c.worker());
       if (it != upstreams.end()) it->second->Stop();  // its OnDone reports it lost, as any end
@@ -281,14 +312,20 @@ class Relay : public grpc::CallbackGenericService {
         const auto& d = ev.delta();
         auto c = calls.find(b.call_id);
         if (c != calls.end()) c->second->AddDelta(d);
+        auto now = std::chrono::steady_clock::now();
         if (!b.first_sent) {
           b.first_sent = true;
+          b.reported = now;
           *reduced->add_events() = ev;
         } else {
           b.merged.mutable_text()->append(d.text());
           b.merged.set_tokens(b.merged.tokens() + d.tokens());
           b.merged.mutable_token_ids()->MergeFrom(d.token_ids());
           b.merged.mutable_tool_calls()->MergeFrom(d.tool_calls());
+          if (now - b.reported >= report_interval) {
+            FlushMerged(ev.request_id(), b, reduced);
+            b.reported = now;
+          }
         }
         continue;
       }
@@ -581,15 +618,22 @@ void CoreLink::WriteLoop() {
 
 int main(int argc, char** argv) {
   std::string listen, core_socket;
-  long max_request_bytes = 4 * 1024 * 1024;
+  long max_request_bytes = 4 * 1024 * 1024, report_interval_ms = 100, min_ping_interval_ms = 10000,
+       core_timeout_ms = 3000;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i];
     if (k == "--listen") listen = argv[i + 1];
     else if (k == "--core-socket") core_socket = argv[i + 1];
     else if (k == "--max-request-bytes") max_request_bytes = std::atol(argv[i + 1]);
+    else if (k == "--report-interval-ms") report_interval_ms = std::atol(argv[i + 1]);
+    else if (k == "--min-ping-interval-ms") min_ping_interval_ms = std::atol(argv[i + 1]);
+    else if (k == "--core-timeout-ms") core_timeout_ms = std::atol(argv[i + 1]);
   }
-  if (listen.empty() || core_socket.empty() || max_request_bytes <= 0) {
-    std::fprintf(stderr, "usage: native_relay --listen HOST:PORT --core-socket PATH [--max-request-bytes N]\n");
+  if (listen.empty() || core_socket.empty() || max_request_bytes <= 0 || report_interval_ms <= 0 ||
+      min_ping_interval_ms < 0 || core_timeout_ms <= 0) {
+    std::fprintf(stderr,
+                 "usage: native_relay --listen HOST:PORT --core-socket PATH [--max-request-bytes N]"
+                 " [--report-interval-ms N] [--min-ping-interval-ms N] [--core-timeout-ms N]\n");
     return 2;
   }
   // Its life is its core link's: a signal to the gateway's process group (Ctrl-C, a drain's SIGTERM)
@@ -600,6 +644,8 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
 
   Relay relay;
+  relay.report_interval = std::chrono::milliseconds(report_interval_ms);
+  relay.core_timeout = std::chrono::milliseconds(core_timeout_ms);
   relay.control = std::make_unique<CoreLink>(&relay, core_socket);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials());
@@ -607,6 +653,13 @@ int main(int argc, char** argv) {
   // The gateway's request size budget (gateway.limits.max_request_bytes): larger calls get
   // RESOURCE_EXHAUSTED from gRPC before any work, as on the gateway's own server.
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<long>(max_request_bytes, 1L << 30)));
+  // Envoy and clients keep idle connections alive with pings, as on the gateway's server
+  // (gateway.min_ping_interval_ms); a peer is never sent GOAWAY for pinging (too_many_pings would
+  // cut every stream of Envoy's connection).
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             static_cast<int>(min_ping_interval_ms));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   auto server = builder.BuildAndStart();
   if (!server) {
     std::fprintf(stderr, "native relay: cannot listen on %s\n", listen.c_str());
@@ -614,6 +667,7 @@ int main(int argc, char** argv) {
   }
   relay.server = server.get();
   relay.control->Start();
+  std::thread([&relay] { relay.Watch(); }).detach();
   std::fprintf(stderr, "native relay: listening on %s, core %s\n", listen.c_str(), core_socket.c_str());
   server->Wait();
   return 0;

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -23,11 +24,14 @@ from tests.integration.test_observability import delta, scrape, value
 
 pytestmark = pytest.mark.vllm
 STREAMS = 16
+# `make test-native`: the streams go through the gateway's native relay.
+NATIVE_RELAY = os.environ.get("IGW_TEST_NATIVE_RELAY") == "1"
+EXECUTE_VIA = "relay" if NATIVE_RELAY else "gateway"
 
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    cfg = resume.config(tmp_path_factory.mktemp("resume-vllm-cfg"))
+    cfg = resume.config(tmp_path_factory.mktemp("resume-vllm-cfg"), NATIVE_RELAY)
     s = build_stack(tmp_path_factory.mktemp("resume-vllm"), cfg)
     names = {w["address"]: f"worker{i}" for i, w in enumerate(cfg["gateway"]["workers"])}
     try:
@@ -71,7 +75,7 @@ def test_a_shared_prefix_goes_to_the_worker_whose_engine_holds_it(two_workers):
     session sharing the prefix, goes to Y, where vLLM finds 1024+ of its tokens cached. Affinity (no
     history for B's session) and least-load would both have sent it to the idle X, which holds nothing."""
     s, _ = two_workers
-    stub, metrics = s.gateway_stub("gateway"), s.config["gateway"]["metrics_listen"]
+    stub, metrics = s.gateway_stub(EXECUTE_VIA), s.config["gateway"]["metrics_listen"]
     before = scrape(metrics)
     system = gpb.ChatMessage(role="system", content=kv_placement.system_prompt("fleet-test", 1100))
 
@@ -103,7 +107,7 @@ def test_kill9_of_a_vllm_worker_mid_stream_loses_no_token(two_workers):
     s, names = two_workers
     metrics = s.config["gateway"]["metrics_listen"]
     before = scrape(metrics)
-    figures = resume.measure(s, s.gateway_stub("gateway"), names, STREAMS, 48)
+    figures = resume.measure(s, s.gateway_stub(EXECUTE_VIA), names, STREAMS, 48)
     baseline, resumed = figures.pop("_runs")
     print("\nRESUME", json.dumps(figures))
     assert figures["killed_mid_stream"]

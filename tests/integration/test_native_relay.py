@@ -298,11 +298,39 @@ def _stream(stub, max_tokens: int, md=None, timeout: float = 60):
     return ("no end", got, text)
 
 
+def _exited(proc: psutil.Process, timeout_s: float = 10) -> bool:
+    """Whether ``proc`` exits within ``timeout_s`` (a zombie counts: a stopped gateway cannot reap it)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _new_relay(s, old: psutil.Process) -> psutil.Process:
+    end = time.monotonic() + 30
+    while True:
+        try:
+            relay = relay_of(s)
+            if relay.pid != old.pid:
+                return relay
+        except ValueError:  # none yet
+            pass
+        assert time.monotonic() < end, "the gateway started no new relay"
+        time.sleep(0.2)
+
+
 def test_a_relay_that_dies_is_started_again_and_a_gateway_that_dies_takes_its_relay(tmp_path):
     """kill -9 of the relay: its streams end (UNAVAILABLE, said so), the worker stops generating for
-    them, the gateway starts a new relay that serves. kill -9 of the gateway: its relay ends its open
-    calls UNAVAILABLE and exits, leaving nothing behind."""
+    them, the gateway starts a new relay that serves. A frozen gateway (SIGSTOP) leaves its relay's ping
+    unanswered: the relay ends its calls UNAVAILABLE and exits, and the gateway, continued, starts a new
+    one. kill -9 of the gateway: its relay ends its open calls UNAVAILABLE and exits."""
     cfg = native_config()
+    cfg["gateway"]["native_relay"]["core_timeout_ms"] = 1000
     cfg["worker"]["synthetic"] = {"tokens_per_s": 50}
     s = build_stack(tmp_path, cfg)
     relay_addr = cfg["gateway"]["native_relay"]["listen"]
@@ -318,21 +346,28 @@ def test_a_relay_that_dies_is_started_again_and_a_gateway_that_dies_takes_its_re
             first.kill()
             results = [f.result(timeout=30) for f in fs]
         assert all(r[0] == "UNAVAILABLE" and r[1] > 0 for r in results), results
-        load, _ = s.wait_worker_idle(10)  # the relay's sessions ended: the worker aborted them
-        log = s.log("gateway").read_text()
-        assert "native relay exited" in log
-        end = time.monotonic() + 30
-        while True:  # the new relay
-            try:
-                second = relay_of(s)
-                if second.pid != first.pid:
-                    break
-            except ValueError:
-                pass
-            assert time.monotonic() < end, "no new relay"
-            time.sleep(0.2)
+        s.wait_worker_idle(10)  # the relay's sessions ended: the worker aborted them
+        end = time.monotonic() + 10
+        while "native relay exited" not in s.log("gateway").read_text():  # logged as the gateway sees it
+            assert time.monotonic() < end, "the gateway did not log its relay's exit"
+            time.sleep(0.1)
+        second = _new_relay(s, first)
         wait_answering(stub, "")
         assert _stream(stub, 20)[:2] == ("done", 20)
+
+        with ThreadPoolExecutor(2) as ex:
+            fs = [ex.submit(_stream, stub, 500) for _ in range(2)]
+            time.sleep(1.5)
+            s.procs["gateway"].send_signal(signal.SIGSTOP)
+            t_frozen = time.monotonic()
+            results = [f.result(timeout=30) for f in fs]
+            cut_after = time.monotonic() - t_frozen
+        assert all(r[0] == "UNAVAILABLE" and "gone" in r[2] for r in results), results
+        assert cut_after < 5, f"the calls on a frozen gateway's relay ended only after {cut_after:.1f} s"
+        assert _exited(second), "the relay of a frozen gateway did not exit"
+        s.procs["gateway"].send_signal(signal.SIGCONT)
+        second = _new_relay(s, second)
+        wait_answering(stub, "")
 
         # The gateway dies: its relay ends the calls it holds and exits.
         with ThreadPoolExecutor(2) as ex:
@@ -341,7 +376,7 @@ def test_a_relay_that_dies_is_started_again_and_a_gateway_that_dies_takes_its_re
             s.procs["gateway"].send_signal(signal.SIGKILL)
             results = [f.result(timeout=30) for f in fs]
         assert all(r[0] == "UNAVAILABLE" and "gone" in r[2] for r in results), results
-        second.wait(timeout=10)
+        assert _exited(second), "the relay of a dead gateway did not exit"
         s.wait_worker_idle(10)
         s.procs.pop("gateway").wait()
     finally:

@@ -85,7 +85,8 @@ def test_gateway_and_worker_metrics_move_by_the_right_amounts(synthetic_stack):
     assert value(wafter, "igw_worker_engine_unfinished_requests") == 0
     # Envoy's own stats, from its admin interface.
     envoy = scrape(s.envoy_admin, "/stats/prometheus")
-    assert value(envoy, "envoy_cluster_upstream_rq_total", envoy_cluster_name="gateway") >= 5
+    clusters = ("gateway", "gateway_native")  # gateway_native: Execute through the native relay, when on
+    assert sum(value(envoy, "envoy_cluster_upstream_rq_total", envoy_cluster_name=c) for c in clusters) >= 5
 
 
 def test_one_json_log_line_per_request(synthetic_stack):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gateway.v1 import gateway_pb2 as gpb
-from tests.helpers import build_stack, free_port, make_config
+from tests.helpers import build_stack, free_port, make_config, set_replicas
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def pools(tmp_path):
         },
         envoy={"health_check_interval_ms": 500},
     )
-    cfg["envoy"]["upstreams"] = [cfg["gateway"]["listen"], g2]
+    set_replicas(cfg, [cfg["gateway"]["listen"], g2])
     s = build_stack(tmp_path, cfg)
     try:
         s.start_worker("worker_a", a)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from gateway.v1 import gateway_pb2 as gpb
-from tests.helpers import build_stack, free_port, igw_keys, make_config, wait_ready_workers
+from tests.helpers import build_stack, free_port, igw_keys, make_config, set_replicas, wait_ready_workers
 from tests.integration.test_observability import delta, scrape
 
 
@@ -267,7 +267,7 @@ def test_sigterm_gateway_behind_envoy_loses_no_stream(tmp_path):
         envoy={"health_check_interval_ms": 500},
     )
     g2 = f"127.0.0.1:{free_port()}"
-    cfg["envoy"]["upstreams"] = [cfg["gateway"]["listen"], g2]
+    set_replicas(cfg, [cfg["gateway"]["listen"], g2])
     s = build_stack(tmp_path, cfg)
     try:
         s.start_worker()
