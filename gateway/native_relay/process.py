@@ -3,12 +3,18 @@
 Its life is its control link's (it ignores SIGINT and SIGTERM and exits when the link closes), so a drain
 closes the link once the relay's calls are done, and a gateway that dies, however it dies, takes its
 relay with it. Its stderr lines go to the gateway's log.
+
+It is spawned with ``subprocess`` (posix_spawn or vfork), never a plain fork: a fork of this process runs
+gRPC's fork handlers in the child, which once aborted it (c-ares, ``Check failed: channel_``) before it
+could exec the relay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import threading
 from pathlib import Path
 
 from gateway.errors import clip
@@ -51,7 +57,7 @@ class RelayProcess:
         self.first_backoff_s = cfg.native_relay.restart_backoff_ms / 1000
         self.exits = 0  # how often a relay exited while the gateway ran
         self.last_lines: list[str] = []  # its last stderr lines, for a start that fails
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.exited = asyncio.Event()  # set while no relay runs
@@ -63,12 +69,12 @@ class RelayProcess:
         """After the link was closed: the relay exits by itself; killed after ``timeout_s``."""
         self._stopping = True
         proc = self._proc
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.poll() is None:
             try:
-                await asyncio.wait_for(proc.wait(), timeout_s)
-            except TimeoutError:
+                await asyncio.to_thread(proc.wait, timeout_s)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                await proc.wait()
+                await asyncio.to_thread(proc.wait)
         if self._task is not None:
             self._task.cancel()
 
@@ -78,11 +84,13 @@ class RelayProcess:
         while True:
             started = loop.time()
             self.exited.clear()
-            self._proc = proc = await asyncio.create_subprocess_exec(
-                *self.cmd, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            # close_fds=False lets subprocess use posix_spawn; this process's own descriptors are
+            # close-on-exec (PEP 446), so the relay inherits none of them.
+            self._proc = proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=False
             )
-            await self._log_lines(proc.stderr)
-            code = await proc.wait()
+            threading.Thread(target=self._log_lines, args=(proc.stderr,), daemon=True, name="relay log").start()
+            code = await asyncio.to_thread(proc.wait)
             self.exited.set()
             if self._stopping:
                 return
@@ -93,8 +101,8 @@ class RelayProcess:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
-    async def _log_lines(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
+    def _log_lines(self, stream) -> None:
+        for raw in stream:
             line = clip(raw.decode(errors="replace").rstrip(), 500)
             self.last_lines = [*self.last_lines[-4:], line]
             log.info("native relay: %s", line.removeprefix("native relay: "))
