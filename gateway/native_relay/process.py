@@ -97,7 +97,13 @@ class RelayProcess:
             self.exits += 1
             if loop.time() - started > _STABLE_S:
                 backoff = self.first_backoff_s
-            log.error("native relay exited (status %s); starting it again in %.1f s", code, backoff)
+            log.error(
+                "native relay exited (status %s; its last lines: %s); starting it again in %.1f s",
+                code,
+                " | ".join(self.last_lines) or "none",
+                backoff,
+            )
+            self.last_lines = []
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 

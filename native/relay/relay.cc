@@ -98,6 +98,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   // into one: a slow client costs one string, bounded by its request's max_tokens.
   gpb::ExecuteResponse pending_;
   bool has_pending_ = false;
+  std::vector<std::string> wires_;  // the requests bound to this call (a resumed one has several)
   bool started_ = false;
   bool writing_ = false;
   bool ending_ = false;
@@ -243,9 +244,15 @@ class Relay : public grpc::CallbackGenericService {
     control->Flush();
   }
 
-  void Forget(uint64_t id) {
+  // The call is done. A request bound to it but never submitted (the core cancelled it while its submit
+  // still waited) ends nowhere: forgotten here. A submitted one ends on its worker, or with its session.
+  void Forget(Call* call) {
     std::lock_guard<std::recursive_mutex> lock(mu);
-    calls.erase(id);
+    for (const auto& wire : call->wires_) {
+      auto b = bound.find(wire);
+      if (b != bound.end() && b->second.upstream == nullptr) bound.erase(b);
+    }
+    calls.erase(call->id_);
   }
 
   // The core's message: binds, then the worker's part, then replies to clients.
@@ -263,6 +270,9 @@ class Relay : public grpc::CallbackGenericService {
       }
     }
     for (const auto& b : down.binds()) {
+      auto call = calls.find(b.call_id());
+      if (call == calls.end()) continue;  // the client is gone: the request's events go to the core as is
+      call->second->wires_.push_back(b.wire_id());
       Bound& entry = bound[b.wire_id()];
       entry.call_id = b.call_id();
       entry.worker = b.worker();
@@ -483,11 +493,17 @@ void Call::OnWriteDone(bool ok) {
 
 void Call::OnCancel() {
   std::lock_guard<std::recursive_mutex> lock(relay_->mu);
-  if (!ending_) relay_->Closed(id_);
+  if (ending_) return;
+  relay_->Closed(id_);
+  // A cancelled call is still ours to finish: gRPC calls OnDone (which frees it) only after Finish.
+  // Nothing more is written; a write in flight keeps its buffer until OnWriteDone.
+  out_.erase(writing_ ? out_.begin() + 1 : out_.begin(), out_.end());
+  has_pending_ = false;
+  End(grpc::Status::CANCELLED);
 }
 
 void Call::OnDone() {
-  relay_->Forget(id_);
+  relay_->Forget(this);
   delete this;
 }
 
