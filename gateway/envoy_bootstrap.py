@@ -428,8 +428,7 @@ def _cluster(name: str, upstreams: list[str], e, http2: bool, check: dict, check
 def _endpoint(hostport: str, health_at: str | None) -> dict:
     endpoint: dict = {"address": _socket(hostport)}
     if health_at:
-        host, port = _split(health_at)
-        endpoint["health_check_config"] = {"port_value": port, "address": _socket(health_at)}
+        endpoint["health_check_config"] = {"port_value": _split(health_at)[1], "address": _socket(health_at)}
     return {"endpoint": endpoint}
 
 

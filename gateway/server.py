@@ -25,6 +25,7 @@ from gateway.doors.http_server import HttpApi
 from gateway.doors.job_runner import JobRunner
 from gateway.doors.jobs import JobService
 from gateway.metrics import GatewayMetrics, PoolCollector
+from gateway.native_relay import HEALTH_SERVICE as NATIVE_RELAY_HEALTH
 from gateway.state.cache import ResponseCache
 from gateway.state.jobs import JobQueue
 from gateway.state.quota import Pricing, Quotas
@@ -148,12 +149,10 @@ class GatewayServer:
         log.info("gateway listening on %s, %d workers configured", self.cfg.listen, len(self.workers.workers))
 
     def _relay_health(self, attached: bool) -> None:
-        """Envoy checks the native relay here (gateway.native_relay.HEALTH_SERVICE): a gateway without its relay keeps its other
-        RPCs, while Execute goes to replicas whose relay runs."""
-        from gateway.native_relay import HEALTH_SERVICE
-
+        """Envoy checks the native relay here: a gateway without its relay keeps its other RPCs, while
+        Execute goes to replicas whose relay runs."""
         status = health_pb2.HealthCheckResponse.SERVING if attached else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(self.health.set(HEALTH_SERVICE, status))
+        asyncio.get_running_loop().create_task(self.health.set(NATIVE_RELAY_HEALTH, status))
 
     async def drain(self) -> None:
         """NOT_SERVING first, still accepting calls until Envoy's health checks have

@@ -9,11 +9,21 @@ errors need no renaming on this door.
 from __future__ import annotations
 
 from gateway.core.events import Delta, Done, Event, Started
-from gateway.errors import invalid_argument
+from gateway.doors.grpc_decoding import Undecodable
+from gateway.errors import RpcError, invalid_argument
 from gateway.request import CONSTRAINT_KINDS, Constraint, RequestDraft, ToolUse
 from gateway.v1 import gateway_pb2 as gpb
 from gateway.vocabulary import FINISH_TO_PUBLIC, PRIORITY_FROM_WIRE
 from igw_worker_api.v1 import worker_pb2 as wpb
+
+
+def reading(req: gpb.ExecuteRequest | Undecodable) -> RequestDraft | RpcError:
+    """What the request core is given for a received Execute request: its draft, or the error that
+    explains why it is not one (a body protobuf cannot decode, a field out of range)."""
+    try:
+        return req.error() if isinstance(req, Undecodable) else draft(req)
+    except RpcError as err:
+        return err
 
 
 def draft(req: gpb.ExecuteRequest) -> RequestDraft:

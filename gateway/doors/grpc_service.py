@@ -91,10 +91,7 @@ class GatewayService(gpb_grpc.GatewayServicer):
     async def Execute(self, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
-        try:
-            reading = request.error() if isinstance(request, Undecodable) else execute_wire.draft(request)
-        except RpcError as err:
-            reading = err
+        reading = execute_wire.reading(request)
         try:
             async with contextlib.aclosing(self.core.run(_headers(context), reading, deadline, "grpc")) as events:
                 async for ev in events:

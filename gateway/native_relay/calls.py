@@ -18,7 +18,7 @@ import grpc
 from gateway.core.events import Delta, Done
 from gateway.core.request_core import RequestCore
 from gateway.doors import execute_wire
-from gateway.doors.grpc_decoding import Undecodable, safe_deserializer
+from gateway.doors.grpc_decoding import safe_deserializer
 from gateway.errors import RpcError
 from gateway.native_relay.link import Link
 from gateway.native_relay.v0 import control_pb2 as cpb
@@ -66,11 +66,7 @@ class RelayCalls:
         CALL_ID.set(call_id)
         link = self.link
         deadline = asyncio.get_running_loop().time() + opened.timeout_ms / 1000 if opened.timeout_ms else None
-        request = safe_deserializer(opened.request)
-        try:
-            reading = request.error() if isinstance(request, Undecodable) else execute_wire.draft(request)
-        except RpcError as err:
-            reading = err
+        reading = execute_wire.reading(safe_deserializer(opened.request))
         try:
             events = self.core.run(tuple(opened.metadata.items()), reading, deadline, "grpc")
             async with contextlib.aclosing(events):

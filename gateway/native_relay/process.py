@@ -55,7 +55,6 @@ class RelayProcess:
             str(cfg.native_relay.core_timeout_ms),
         ]
         self.first_backoff_s = cfg.native_relay.restart_backoff_ms / 1000
-        self.exits = 0  # how often a relay exited while the gateway ran
         self.last_lines: list[str] = []  # its last stderr lines, for a start that fails
         self._proc: subprocess.Popen | None = None
         self._task: asyncio.Task | None = None
@@ -94,7 +93,6 @@ class RelayProcess:
             self.exited.set()
             if self._stopping:
                 return
-            self.exits += 1
             if loop.time() - started > _STABLE_S:
                 backoff = self.first_backoff_s
             log.error(

@@ -26,7 +26,7 @@ class NativeRelay:
         self.cfg = cfg
         self.link = link
         self.calls = RelayCalls(core, link)
-        link.on_opened, link.on_closed, link.on_detached = self.calls.opened, self.calls.closed, self.calls.abandon_all
+        link.on_opened, link.on_closed = self.calls.opened, self.calls.closed
         # A directory only this user can enter: nobody else can connect to the socket or replace it.
         self._dir = Path(tempfile.mkdtemp(prefix="igw-relay-"))
         self.process = RelayProcess(cfg, str(self._dir / "core.sock"))
@@ -38,17 +38,16 @@ class NativeRelay:
         self.process.start()
         attached = asyncio.create_task(self.link.attached.wait())
         exited = asyncio.create_task(self.process.exited.wait())
-        done, _ = await asyncio.wait({attached, exited}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({attached, exited}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         attached.cancel()
         exited.cancel()
         if not self.link.attached.is_set():
             await self.process.stop(0)
             words = "; ".join(self.process.last_lines) or f"it did not connect within {START_TIMEOUT_S:.0f} s"
             raise SystemExit(f"gateway: the native relay (gateway.native_relay) did not start: {words}")
-        detached = self.link.on_detached
 
         def on_detached() -> None:
-            detached()
+            self.calls.abandon_all()
             on_health(False)
 
         self.link.on_detached = on_detached
