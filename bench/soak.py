@@ -8,7 +8,8 @@ client cancels mid-way, streams whose deadline passes mid-way or in the
 queue, requests over a quota, oversize and invalid requests; half-way the
 worker is killed (kill -9) and restarted. Every 15 s it prints the RSS of
 each process. At the end it prints what leaked: concurrency leases still in
-use (GetQuota), requests the engine still holds (the worker's Load), and
+use (GetQuota), requests the engine still holds (the worker's Load), calls
+and requests the native relay still holds (with ``--native-relay``), and
 lost streams (a call that hung, ended with INTERNAL/UNKNOWN, or returned a
 wrong token count).
 
@@ -16,7 +17,7 @@ A benchmark, not a test: it asserts nothing, it reports (exit code 1 if
 anything leaked or was lost, so a CI job could use it).
 
 ``--native-relay``: the same with ``gateway.native_relay`` on (``make native`` first); the relay's RSS
-is printed too.
+is printed in its own column (the gateway's column is without it).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.stack_config import synthetic_stack
 from gateway.v1 import gateway_pb2 as gpb
@@ -111,12 +114,27 @@ class Load:
                 await self.one(stub, random.choice(kinds))
 
 
-def rss_mib(proc: subprocess.Popen) -> float:
+def rss_mib(proc: subprocess.Popen, relay: bool | None = None) -> float:
+    """The RSS of ``proc`` and its children; ``relay`` True: of its native relay alone, False: without it."""
     try:
         p = psutil.Process(proc.pid)
-        return sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20
+        procs = [p, *p.children(recursive=True)]
+        if relay is not None:
+            procs = [c for c in procs if (c.name() == "native_relay") == relay]
+        return sum(c.memory_info().rss for c in procs) / 2**20
     except psutil.NoSuchProcess:
         return float("nan")
+
+
+def relay_tables(metrics_listen: str) -> dict[str, float]:
+    """What the native relay holds, as the gateway's metrics have it (igw_native_relay_*)."""
+    text = urllib.request.urlopen(f"http://{metrics_listen}/metrics", timeout=5).read().decode()
+    return {
+        s.name.removeprefix("igw_native_relay_"): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name.startswith("igw_native_relay_") and s.name != "igw_native_relay_resident_memory_bytes"
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "auth": {"mode": "api_key", "key_file": str(keys_file)},
             "quota": {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
             "worker_reconnect_backoff_ms": 200,
+            "metrics_listen": f"127.0.0.1:{stack.free_port()}",
             **(
                 {"native_relay": {"enabled": True, "listen": f"127.0.0.1:{stack.free_port()}"}}
                 if args.native_relay
@@ -189,19 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         async def drive():
             clients = [asyncio.create_task(load.client(until)) for _ in range(args.concurrency)]
             restarted = False
-            print("  t (s) | gateway MiB | worker MiB | envoy MiB | calls | relay MiB", flush=True)
+            print(
+                "  t (s) | gateway MiB | worker MiB | envoy MiB | calls" + (" | relay MiB" * args.native_relay),
+                flush=True,
+            )
             next_sample = t0
             while not all(c.done() for c in clients):
                 now = time.monotonic()
                 if now >= next_sample:
                     print(
-                        f"{now - t0:7.0f} | {rss_mib(procs.procs['gateway']):11.1f} | "
+                        f"{now - t0:7.0f} | {rss_mib(procs.procs['gateway'], relay=False):11.1f} | "
                         f"{rss_mib(procs.procs['worker']):10.1f} | {rss_mib(procs.procs['envoy']):9.1f} | "
                         f"{sum(load.counts.values())}"
-                        + "".join(
-                            f" | {c.memory_info().rss / 2**20:.1f}"
-                            for c in psutil.Process(procs.procs["gateway"].pid).children()
-                        ),
+                        + (f" | {rss_mib(procs.procs['gateway'], relay=True):.1f}" if args.native_relay else ""),
                         flush=True,
                     )
                     next_sample += 15
@@ -231,12 +250,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {kind:>10} {code:<20} {n}")
         print(f"leases in use at the end: {leases}")
         print(f"engine at the end: {w.active_requests} active, {w.engine_unfinished_requests} unfinished")
+        relay_held = {}
+        if args.native_relay:
+            time.sleep(1)  # the relay reports what it holds with each ping (every core_timeout_ms / 4)
+            tables = relay_tables(cfg["gateway"]["metrics_listen"])
+            print(f"native relay at the end: {tables}")
+            relay_held = {k: v for k, v in tables.items() if k in ("calls", "bound_requests") and v}
         print(f"lost streams: {len(load.lost)} of {sum(load.counts.values())}")
         for line in load.lost[:20]:
             print(f"  {line}")
         alive = procs.exited()
         print(f"processes alive: {'all' if alive is None else f'{alive} exited'}")
-        if any(leases.values()) or w.active_requests or w.engine_unfinished_requests or load.lost or alive:
+        if (
+            any(leases.values())
+            or w.active_requests
+            or w.engine_unfinished_requests
+            or load.lost
+            or alive
+            or relay_held
+        ):
             status = 1
     finally:
         procs.stop()

@@ -86,6 +86,22 @@ class GatewayMetrics:
         )
         self.queue_depth = Gauge("igw_queue_depth", "Requests waiting for a worker.", ["priority"], registry=r)
         self.queue_limit = Gauge("igw_queue_limit", "Requests that may wait (gateway.queue.max_queued).", registry=r)
+        # gateway.native_relay: what this process's relay holds, as of its last ping (every
+        # core_timeout_ms / 4). Each table goes back to 0 with the load; one that does not is a leak.
+        self.relay_calls = Gauge(
+            "igw_native_relay_calls", "Client Execute calls the native relay holds open.", registry=r
+        )
+        self.relay_bound_requests = Gauge(
+            "igw_native_relay_bound_requests",
+            "Requests whose tokens the native relay writes to a client call now.",
+            registry=r,
+        )
+        self.relay_worker_streams = Gauge(
+            "igw_native_relay_worker_streams", "Session streams the native relay holds to workers.", registry=r
+        )
+        self.relay_resident_bytes = Gauge(
+            "igw_native_relay_resident_memory_bytes", "The native relay process's resident memory.", registry=r
+        )
         self.rejections = Counter(
             "igw_rejections",
             "Requests refused before reaching a worker, by reason "

@@ -39,6 +39,7 @@ class Link:
         self.on_closed: Callable[[int], None] = lambda call_id: None
         self.on_attached: Callable[[], None] = lambda: None
         self.on_detached: Callable[[], None] = lambda: None
+        self.on_stats: Callable[[cpb.RelayStats], None] = lambda stats: None
 
     async def listen(self, path: str) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path)
@@ -124,6 +125,8 @@ class Link:
         if up.ping:  # answered by the writer: this loop runs
             self._pong = up.ping
             self.wake.set()
+        if up.HasField("stats"):
+            self.on_stats(up.stats)
         for opened in up.opened:
             self.on_opened(opened)
         for closed in up.closed:
@@ -143,6 +146,7 @@ class Link:
         self._writer = None
         self._connects, self._binds, self._replies, self._pong = [], [], [], 0
         self.on_detached()
+        self.on_stats(cpb.RelayStats())  # nothing is held by a relay that is gone
         for conn in self.conns.values():
             conn.relay_lost("the native relay exited")
         log.warning("native relay detached")

@@ -13,6 +13,7 @@ from gateway.core.request_core import RequestCore
 from gateway.native_relay.calls import RelayCalls
 from gateway.native_relay.link import Link
 from gateway.native_relay.process import RelayProcess
+from gateway.native_relay.v0 import control_pb2 as cpb
 from igw_common.config import GatewayConfig
 
 log = logging.getLogger("gateway.native_relay")
@@ -27,6 +28,8 @@ class NativeRelay:
         self.link = link
         self.calls = RelayCalls(core, link)
         link.on_opened, link.on_closed = self.calls.opened, self.calls.closed
+        link.on_stats = self._on_stats
+        self._metrics = core.metrics
         # A directory only this user can enter: nobody else can connect to the socket or replace it.
         self._dir = Path(tempfile.mkdtemp(prefix="igw-relay-"))
         self.process = RelayProcess(cfg, str(self._dir / "core.sock"))
@@ -54,6 +57,13 @@ class NativeRelay:
         self.link.on_attached = lambda: on_health(True)
         on_health(True)
         log.info("native relay serving Execute on %s", self.cfg.native_relay.listen)
+
+    def _on_stats(self, stats: cpb.RelayStats) -> None:
+        m = self._metrics
+        m.relay_calls.set(stats.calls)
+        m.relay_bound_requests.set(stats.bound_requests)
+        m.relay_worker_streams.set(stats.worker_streams)
+        m.relay_resident_bytes.set(stats.resident_bytes)
 
     async def drain(self, grace_s: float) -> None:
         """New calls are refused (UNAVAILABLE: Envoy tries another replica); open ones get ``grace_s``;

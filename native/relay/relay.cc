@@ -59,6 +59,16 @@ static grpc::ByteBuffer Buffer(const std::string& bytes) {
   return grpc::ByteBuffer(&slice, 1);
 }
 
+// This process's resident memory (/proc/self/statm's second field, in pages); 0 if unreadable.
+static uint64_t ResidentBytes() {
+  unsigned long long size = 0, resident = 0;
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  int got = std::fscanf(f, "%llu %llu", &size, &resident);
+  std::fclose(f);
+  return got == 2 ? resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE)) : 0;
+}
+
 static bool Printable(const std::string& s) {
   for (unsigned char c : s) {
     if (c < 0x20 || c > 0x7e) return false;
@@ -178,7 +188,8 @@ class Relay : public grpc::CallbackGenericService {
   uint64_t ping_sent = 0;  // the ping awaiting its pong (0: none)
   std::chrono::steady_clock::time_point ping_at;
 
-  // The core's liveness: a ping at a quarter of the timeout, answered or the core is gone.
+  // The core's liveness: a ping at a quarter of the timeout, answered or the core is gone. Each ping
+  // carries what the relay holds (RelayStats), for the gateway's metrics.
   void Watch() {
     auto step = std::max(std::chrono::milliseconds(20), core_timeout / 4);
     for (uint64_t seq = 1;; ++seq) {
@@ -191,7 +202,13 @@ class Relay : public grpc::CallbackGenericService {
         if (!ping_sent) {
           ping_sent = seq;
           ping_at = now;
-          control->next().set_ping(seq);
+          auto& up = control->next();
+          up.set_ping(seq);
+          auto* stats = up.mutable_stats();
+          stats->set_calls(static_cast<uint32_t>(calls.size()));
+          stats->set_bound_requests(static_cast<uint32_t>(bound.size()));
+          stats->set_worker_streams(static_cast<uint32_t>(upstreams.size()));
+          stats->set_resident_bytes(ResidentBytes());
           control->Flush();
         }
       }

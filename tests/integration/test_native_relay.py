@@ -37,6 +37,7 @@ from tests.adversarial import (
     timeouts,
 )
 from tests.helpers import build_stack, free_port, make_config, new_key, wait_ready_workers
+from tests.state_helpers import scrape, value
 
 
 def native_config(**gateway) -> dict:
@@ -221,6 +222,21 @@ def test_after_the_storm_the_relay_and_worker_hold_nothing(native):
     assert s.exited() is None, f"{s.exited()} died"
     req = gpb.ExecuteRequest(task="after", sampling=gpb.SamplingParams(max_tokens=5))
     assert list(stub.Execute(req, metadata=md, timeout=30))[-1].done.usage.completion_tokens == 5
+    # The relay's own tables, as its pings report them (igw_native_relay_*): nothing held for the storm's
+    # callers; one Session stream to the one worker, and its memory, show the reports arrive at all.
+    held = {}
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        m = scrape(s.config["gateway"]["metrics_listen"])
+        held = {
+            name: value(m, f"igw_native_relay_{name}")
+            for name in ("calls", "bound_requests", "worker_streams", "resident_memory_bytes")
+        }
+        if held["calls"] == 0 and held["bound_requests"] == 0 and held["worker_streams"] == 1:
+            break
+        time.sleep(0.5)
+    assert held["calls"] == 0 and held["bound_requests"] == 0, f"the relay still holds {held}"
+    assert held["worker_streams"] == 1 and held["resident_memory_bytes"] > 1 << 20, held
 
 
 def test_the_bench_runs(tmp_path):
