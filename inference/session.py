@@ -110,7 +110,8 @@ class Session:
             return
         if sub.stream_interval_ms:
             self._intervals[rid] = min(sub.stream_interval_ms, pacing.MAX_STREAM_INTERVAL_MS) / 1000
-        self.tasks[rid] = asyncio.create_task(self._run(sub), name=f"request {rid}")
+        task = self.tasks[rid] = asyncio.create_task(self._run(sub), name=f"request {rid}")
+        task.add_done_callback(lambda t: self._cancelled_unstarted(rid, t))
 
     def abort(self, request_id: str, reason: str) -> None:
         task = self.tasks.get(request_id)
@@ -247,12 +248,25 @@ class Session:
             )
         finally:
             self.counters.active_requests -= 1
-            self.tasks.pop(rid, None)
-            self.abort_reasons.pop(rid, None)
-            self.abort_started.pop(rid, None)
-            self._intervals.pop(rid, None)
-            self._last_delta_at.pop(rid, None)
-            self._wake.set()
+            self._forget(rid)
+
+    def _cancelled_unstarted(self, rid: str, task: asyncio.Task) -> None:
+        """A request cancelled before its task ran at all (its cancel came in the same message as its
+        submit, or before the loop got to it): asyncio never enters a coroutine cancelled that early, so its
+        ``finally`` did not run. It still gets its one end event, and is forgotten as any other."""
+        if self.tasks.get(rid) is not task:
+            return  # it ran, and its finally forgot it
+        self.counters.requests_total += 1
+        self._aborted(rid, 0, self.abort_reasons.get(rid, "cancelled"))
+        self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        self.tasks.pop(rid, None)
+        self.abort_reasons.pop(rid, None)
+        self.abort_started.pop(rid, None)
+        self._intervals.pop(rid, None)
+        self._last_delta_at.pop(rid, None)
+        self._wake.set()
 
     def _aborted(self, rid: str, completion: int, reason: str) -> None:
         self.counters.requests_aborted_total += 1

@@ -143,3 +143,39 @@ async def test_token_ids_are_reported_and_a_resumed_request_goes_on_after_them()
     assert got["r"][-1].finished.completion_tokens == 4
     assert all(not d.token_ids for d in deltas("s"))  # not asked for: not sent
     assert got["t"][-1].failed.field == "resume_token_ids"
+
+
+async def test_a_request_cancelled_in_its_own_submits_message_still_ends_once():
+    """A submit and its cancel in one message (a relay batches what waits behind a write in flight): the
+    request's task is cancelled before it ever runs. It still ends with one Aborted, and is forgotten; the
+    request beside it is untouched."""
+    counters = Counters()
+    session = Session(1, SyntheticEngine(MODEL, SyntheticConfig(tokens_per_s=1000, text="a b")), counters)
+    hi = [pb.ChatMessage(role="user", content="hi")]
+
+    async def gateway():
+        yield pb.GatewayMessage(
+            submits=[
+                pb.Submit(request_id="gone", model=MODEL, messages=hi, sampling=pb.Sampling(max_tokens=50)),
+                pb.Submit(request_id="kept", model=MODEL, messages=hi, sampling=pb.Sampling(max_tokens=3)),
+            ],
+            cancels=[pb.Cancel(request_id="gone")],
+        )
+
+    reader = asyncio.ensure_future(session.read(gateway()))
+    got: dict[str, list[str]] = {}
+
+    async def until_both_end():
+        async for frame in session.frames():
+            for ev in frame.events:
+                got.setdefault(ev.request_id, []).append(ev.WhichOneof("kind"))
+            if all(k and k[-1] in ("finished", "aborted") for k in (got.get("gone"), got.get("kept"))):
+                return
+
+    await asyncio.wait_for(until_both_end(), 5)
+    await reader
+    assert got["gone"] == ["aborted"], got
+    assert got["kept"][-1] == "finished" and "aborted" not in got["kept"], got
+    assert session.tasks == {} and session.abort_reasons == {}
+    assert counters.requests_total == 2 and counters.requests_aborted_total == 1
+    assert counters.active_requests == 0
